@@ -1,0 +1,25 @@
+"""The attention modules, one file per family; importing this package registers them all."""
+from .bam import BAM
+from .cbam import CBAM
+from .coord import CoordAttention
+from .eca import ECA, eca_kernel_size
+from .gc import GlobalContext
+from .ge import GatherExcite
+from .se import SqueezeExcite
+from .sk import SelectiveKernel
+from .srm import SRM
+from .triplet import TripletAttention
+
+__all__ = [
+    "BAM",
+    "CBAM",
+    "CoordAttention",
+    "ECA",
+    "GatherExcite",
+    "GlobalContext",
+    "SRM",
+    "SelectiveKernel",
+    "SqueezeExcite",
+    "TripletAttention",
+    "eca_kernel_size",
+]

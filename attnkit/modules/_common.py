@@ -1,0 +1,178 @@
+"""What every attention module shares: input checks, argument checks, activations and pooled statistics.
+
+Numerics convention: statistics pooled from the feature map are computed in at least float32, the small
+gate networks run with autocast off in their parameters' dtype, and the gate is cast to the input's dtype
+only for the final product, so fp16/bf16 autocast cannot overflow inside the attention branch.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionModule",
+    "check_feature_map",
+    "make_activation",
+    "make_gate",
+    "reduced_width",
+    "positive_int",
+    "odd_kernel",
+    "one_of",
+    "stat_dtype",
+    "gate_math",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "hard_swish": nn.Hardswish,
+    "gelu": nn.GELU,
+    "mish": nn.Mish,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+GATES: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "hard_sigmoid": nn.Hardsigmoid,
+}
+
+
+def _closest(value: str, valid: Iterable[str]) -> str:
+    match = difflib.get_close_matches(value, list(valid), n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def one_of(owner: str, name: str, value: object, valid: Sequence[str]) -> str:
+    """Return `value` if it is one of `valid`, else raise a ValueError that lists them."""
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: `{name}` must be one of {list(valid)}, got {value!r} ({type(value).__name__}).")
+    if value not in valid:
+        raise ValueError(f"{owner}: `{name}` must be one of {list(valid)}, got {value!r}.{_closest(value, valid)}")
+    return value
+
+
+def positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
+    """Return `value` as an int if it is an integer >= minimum, else raise naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value}.")
+    return value
+
+
+def odd_kernel(owner: str, name: str, value: object) -> int:
+    """A positive odd kernel size (odd so that 'same' padding is symmetric)."""
+    value = positive_int(owner, name, value)
+    if value % 2 == 0:
+        raise ValueError(f"{owner}: `{name}` must be odd so the padding is symmetric, got {value}.")
+    return value
+
+
+def reduced_width(owner: str, channels: int, reduction: object, hidden_channels: object = None, minimum: int = 1) -> int:
+    """Width of a bottleneck: `hidden_channels` if given, else max(minimum, channels // reduction) as in the papers."""
+    if hidden_channels is not None:
+        return positive_int(owner, "hidden_channels", hidden_channels)
+    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not math.isfinite(reduction):
+        raise TypeError(f"{owner}: `reduction` must be a positive number, got {reduction!r}.")
+    if reduction <= 0:
+        raise ValueError(f"{owner}: `reduction` must be > 0, got {reduction}.")
+    return max(minimum, int(channels // reduction))
+
+
+def _make_layer(owner: str, name: str, spec: object, table: dict[str, Callable[[], nn.Module]]) -> nn.Module:
+    if isinstance(spec, str):
+        return table[one_of(owner, name, spec, sorted(table))]()
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec()
+    raise TypeError(
+        f"{owner}: `{name}` must be a name from {sorted(table)} or an nn.Module class, got {spec!r}."
+    )
+
+
+def make_activation(owner: str, spec: object) -> nn.Module:
+    """The hidden activation: a name ('relu', 'silu', 'hard_swish', ...) or an nn.Module class."""
+    return _make_layer(owner, "act", spec, ACTIVATIONS)
+
+
+def make_gate(owner: str, spec: object) -> nn.Module:
+    """The gating function: 'sigmoid' (the papers'), 'hard_sigmoid', or an nn.Module class."""
+    return _make_layer(owner, "gate", spec, GATES)
+
+
+@torch.fx.wrap
+def check_feature_map(x: Tensor, channels: int, owner: str, batchnorm_stride: int | None) -> Tensor:
+    """Check that `x` is an N×C×H×W floating tensor with the expected C; return it unchanged.
+
+    `batchnorm_stride` says how many values a BatchNorm inside the module sees per channel while training:
+    None: the module has no such BatchNorm; 0: one per sample (BatchNorm over pooled statistics);
+    s >= 1: N·ceil(H/s)·ceil(W/s). Training on a single value per channel is impossible and says so.
+    Wrapped for torch.fx, so that symbolic tracing records it as one call instead of failing on shapes.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}.")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{owner} expects a 4-D feature map (N, C={channels}, H, W), got a {x.dim()}-D tensor of shape "
+            f"{tuple(x.shape)}. Add the missing dimensions, e.g. x.unsqueeze(0) for a single image."
+        )
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{owner} was built for {channels} channels but the input has {x.shape[1]} "
+            f"(shape {tuple(x.shape)}). Build the module with channels={x.shape[1]}."
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{owner} expects a floating-point tensor, got dtype {x.dtype}.")
+    if x.numel() == 0:
+        raise ValueError(f"{owner} got an empty tensor of shape {tuple(x.shape)}; every dimension must be >= 1.")
+    if batchnorm_stride is not None:
+        n, _, h, w = x.shape
+        values = n if batchnorm_stride == 0 else n * -(-h // batchnorm_stride) * -(-w // batchnorm_stride)
+        if values < 2:
+            raise ValueError(
+                f"{owner} contains a BatchNorm that would see a single value per channel for an input of shape "
+                f"{tuple(x.shape)}, and BatchNorm cannot train on one value. Train with a batch of 2 or more "
+                f"(or a larger map), or call .eval() for inference, which works for any shape."
+            )
+    return x
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype pooled statistics are computed in: float32 for half types, else x's own (float64 stays)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def gate_math(x: Tensor) -> contextlib.AbstractContextManager:
+    """A context in which the small gate networks run with autocast off (in their parameters' dtype)."""
+    if isinstance(x, Tensor):  # a torch.fx Proxy while tracing: nothing to switch
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class AttentionModule(nn.Module):
+    """Base of attnkit's modules: records `channels` and validates the input of `forward`.
+
+    Subclasses set `batchnorm_stride` (see `check_feature_map`) when they contain a BatchNorm that may see
+    too few values to train.
+    """
+
+    batchnorm_stride: int | None = None
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = positive_int(type(self).__name__, "channels", channels)
+
+    def check_input(self, x: Tensor) -> Tensor:
+        stride = self.batchnorm_stride if self.training else None
+        return check_feature_map(x, self.channels, type(self).__name__, stride)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"

@@ -1,0 +1,69 @@
+"""Coordinate Attention."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_activation, make_gate, positive_int, reduced_width, stat_dtype
+
+
+@register("coord")
+class CoordAttention(AttentionModule):
+    """Coordinate Attention (Hou et al., "Coordinate Attention for Efficient Mobile Network Design", CVPR 2021).
+
+    Official code: https://github.com/houqb/CoordAttention
+
+        zʰ = mean_W(x) (N×C×H×1),   zʷ = mean_H(x) (N×C×1×W)
+        f  = h_swish(BN(conv1×1([zʰ; zʷ])))          C → mip = max(8, C // 32), along the joined spatial axis
+        aʰ = σ(conv1×1(fʰ)),  aʷ = σ(conv1×1(fʷ))    mip → C each
+        y  = x · aʰ · aʷ
+
+    All three 1×1 convolutions have biases (official code; timm's CoordAttn drops them: `bias=False`).
+    The README of the official repository says SiLU; its code uses h_swish, which is the default here.
+
+    Args:
+        channels: C.
+        reduction: 32; mip = max(min_hidden, C // reduction) unless `hidden_channels` is given.
+        min_hidden: lower bound of mip (8).
+        hidden_channels: explicit mip.
+        bias: biases on the 1×1 convolutions.
+        act: activation after the BN ('hard_swish'); gate: the gating function.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: float = 32,
+        *,
+        min_hidden: int = 8,
+        hidden_channels: int | None = None,
+        bias: bool = True,
+        act: str | type[nn.Module] = "hard_swish",
+        gate: str | type[nn.Module] = "sigmoid",
+    ) -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        min_hidden = positive_int(owner, "min_hidden", min_hidden)
+        mip = reduced_width(owner, channels, reduction, hidden_channels, minimum=min_hidden)
+        self.conv1 = nn.Conv2d(channels, mip, 1, bias=bool(bias))
+        self.bn1 = nn.BatchNorm2d(mip)
+        self.act = make_activation(owner, act)
+        self.conv_h = nn.Conv2d(mip, channels, 1, bias=bool(bias))
+        self.conv_w = nn.Conv2d(mip, channels, 1, bias=bool(bias))
+        self.gate = make_gate(owner, gate)
+
+    def attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(aʰ, aʷ): N×C×H×1 and N×C×1×W."""
+        h, w = x.shape[2], x.shape[3]
+        dtype = stat_dtype(x)
+        z = torch.cat([x.mean(3, keepdim=True, dtype=dtype), x.mean(2, keepdim=True, dtype=dtype).transpose(2, 3)], dim=2)
+        with gate_math(x):
+            f = self.act(self.bn1(self.conv1(z.to(self.conv1.weight.dtype))))
+            f_h, f_w = torch.split(f, [h, w], dim=2)
+            return self.gate(self.conv_h(f_h)), self.gate(self.conv_w(f_w.transpose(2, 3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        a_h, a_w = self.attention(x)
+        return x * a_w.to(x.dtype) * a_h.to(x.dtype)

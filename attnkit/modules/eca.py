@@ -1,0 +1,71 @@
+"""Efficient Channel Attention."""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+    """ECA's adaptive kernel size: t = int(|log₂(C)/γ + b/γ|); k = t if t is odd else t + 1."""
+    t = int(abs((math.log2(channels) + beta) / gamma))
+    return t if t % 2 else t + 1
+
+
+@register("eca")
+class ECA(AttentionModule):
+    """Efficient Channel Attention (Wang et al., "ECA-Net", CVPR 2020).
+
+    Official code: https://github.com/BangguWu/ECANet
+
+        s = σ(conv1d_k(GAP(x))),    y = x · s
+
+    a 1-D convolution across the channel axis (one input and output channel, padding (k−1)/2, no bias).
+    k follows the paper's formula (`eca_kernel_size`) unless `kernel_size` is given: the released
+    ResNet checkpoints pass per-stage kernels (ResNet-50: 3, 5, 5, 7), and a fixed k=3 is the common zoo
+    variant.
+
+    Args:
+        channels: C.
+        kernel_size: odd k; None for the adaptive formula.
+        gamma, beta: γ and b of the formula.
+        gate: 'sigmoid' or 'hard_sigmoid'.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | None = None,
+        *,
+        gamma: float = 2,
+        beta: float = 1,
+        gate: str | type[nn.Module] = "sigmoid",
+    ) -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        if kernel_size is None:
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
+                raise ValueError(f"{owner}: `gamma` must be a positive number, got {gamma!r}.")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+                raise TypeError(f"{owner}: `beta` must be a number, got {beta!r}.")
+            kernel_size = eca_kernel_size(channels, gamma, beta)
+        self.kernel_size = odd_kernel(owner, "kernel_size", kernel_size)
+        self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=False)
+        self.gate = make_gate(owner, gate)
+
+    def excitation(self, x: Tensor) -> Tensor:
+        """The channel weights s, N×C×1×1."""
+        pooled = x.mean((2, 3), dtype=stat_dtype(x))  # N×C
+        with gate_math(x):
+            s = self.conv(pooled.to(self.conv.weight.dtype).unsqueeze(1))  # N×1×C
+            return self.gate(s).squeeze(1)[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return x * self.excitation(x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}"

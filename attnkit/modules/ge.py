@@ -1,0 +1,136 @@
+"""Gather-Excite."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+
+VARIANTS = ("minus", "theta", "plus")
+
+
+@torch.fx.wrap
+def check_gather_size(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """A global-extent θ gather is a convolution whose kernel covers the map: the map must have that size."""
+    if tuple(x.shape[2:]) != size:
+        raise ValueError(
+            f"GatherExcite(variant θ/θ⁺, extent=0) was built for {size[0]}×{size[1]} maps (its gather kernel covers "
+            f"the whole map), got {x.shape[2]}×{x.shape[3]}. Build it with spatial_size={tuple(x.shape[2:])}, or "
+            f"use a strided extent (2, 4, 8), which takes any size."
+        )
+    return x
+
+
+def _spatial_size(owner: str, value: object) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(
+            f"{owner}: variants 'theta' and 'plus' with extent=0 need `spatial_size` (H, W) of the feature map their "
+            f"gather covers, got {value!r}."
+        )
+    return (positive_int(owner, "spatial_size", value[0]), positive_int(owner, "spatial_size", value[1]))
+
+
+@register("ge")
+class GatherExcite(AttentionModule):
+    """Gather-Excite (Hu et al., "Gather-Excite: Exploiting Feature Context in CNNs", NeurIPS 2018).
+
+    Official code: https://github.com/hujie-frank/GENet
+
+        y = x · σ(upsample(ξ_E(ξ_G(x))))
+
+    Variants (`variant`):
+      'minus' (θ⁻): ξ_G averages over the extent, ξ_E is the identity; no parameters.
+      'theta' (θ):  ξ_G is depthwise convolution + BN: one kernel covering the map for the global extent
+                    (needs `spatial_size`), or log₂(e) stride-2 3×3 depthwise convolutions (BN, ReLU between).
+      'plus'  (θ⁺): θ's gather, BN, ReLU, then ξ_E = conv1×1 (C → C/16, bias), ReLU, conv1×1 (C/16 → C).
+    `extent` 0 is global; 2, 4, 8 gather over local windows with stride e (θ⁻: average pooling with kernel
+    2e−1 and padding e−1, excluding padding) and the gate is upsampled back by nearest neighbour.
+
+    Args:
+        channels: C.
+        extent: 0 (global) or a power of two.
+        variant: 'minus', 'theta' or 'plus'.
+        spatial_size: (H, W) of the maps, for 'theta'/'plus' with extent 0.
+        reduction: r of θ⁺'s excite MLP (16); hidden_channels: its explicit width.
+        act: θ⁺'s activation; gate: the gating function.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        extent: int = 0,
+        *,
+        variant: str = "minus",
+        spatial_size: int | tuple[int, int] | None = None,
+        reduction: float = 16,
+        hidden_channels: int | None = None,
+        act: str | type[nn.Module] = "relu",
+        gate: str | type[nn.Module] = "sigmoid",
+    ) -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        self.variant = one_of(owner, "variant", variant, VARIANTS)
+        self.extent = positive_int(owner, "extent", extent, minimum=0)
+        if self.extent and self.extent & (self.extent - 1):
+            raise ValueError(f"{owner}: `extent` must be 0 (global) or a power of two (2, 4, 8, ...), got {extent}.")
+        self.spatial_size: tuple[int, int] | None = None
+        self.gather: nn.Module | None = None
+        if self.variant != "minus":
+            self.batchnorm_stride = self.extent
+            if self.extent == 0:
+                self.spatial_size = _spatial_size(owner, spatial_size)
+                self.gather = nn.Sequential(
+                    nn.Conv2d(channels, channels, self.spatial_size, groups=channels, bias=False),
+                    nn.BatchNorm2d(channels),
+                )
+            else:
+                layers: list[nn.Module] = []
+                for i in range(int(math.log2(self.extent))):
+                    if i:
+                        layers.append(make_activation(owner, act))
+                    layers += [nn.Conv2d(channels, channels, 3, 2, 1, groups=channels, bias=False), nn.BatchNorm2d(channels)]
+                self.gather = nn.Sequential(*layers)
+        elif spatial_size is not None:
+            raise ValueError(f"{owner}: `spatial_size` is only used by variants 'theta' and 'plus', got it with 'minus'.")
+        self.excite: nn.Module = nn.Identity()
+        if self.variant == "plus":
+            hidden = reduced_width(owner, channels, reduction, hidden_channels)
+            self.excite = nn.Sequential(
+                make_activation(owner, act),
+                nn.Conv2d(channels, hidden, 1),
+                make_activation(owner, act),
+                nn.Conv2d(hidden, channels, 1),
+            )
+        self.gate = make_gate(owner, gate)
+
+    def gathered(self, x: Tensor) -> Tensor:
+        """ξ_G(x): N×C×1×1 for the global extent, N×C×⌈H/e⌉×⌈W/e⌉ otherwise."""
+        if self.gather is None:
+            if self.extent == 0:
+                return x.mean((2, 3), keepdim=True, dtype=stat_dtype(x))
+            e = self.extent
+            return F.avg_pool2d(x.to(stat_dtype(x)), 2 * e - 1, e, e - 1, count_include_pad=False)
+        if self.spatial_size is not None:
+            x = check_gather_size(x, self.spatial_size)
+        return self.gather(x.to(self.gather[0].weight.dtype))
+
+    def attention(self, x: Tensor) -> Tensor:
+        """The gate σ(ξ_E(ξ_G(x))) before upsampling."""
+        with gate_math(x):
+            return self.gate(self.excite(self.gathered(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        g = self.attention(x)
+        if self.extent:
+            g = F.interpolate(g, size=x.shape[2:], mode="nearest")
+        return x * g.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, extent={self.extent}, variant={self.variant!r}"

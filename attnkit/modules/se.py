@@ -1,0 +1,57 @@
+"""Squeeze-and-Excitation."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_activation, make_gate, reduced_width, stat_dtype
+
+
+@register("se")
+class SqueezeExcite(AttentionModule):
+    """Squeeze-and-Excitation block (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018 / TPAMI 2019).
+
+    Official code: https://github.com/hujie-frank/SENet
+
+        s = σ(W₂ δ(W₁ GAP(x) + b₁) + b₂),    y = x · s
+
+    with W₁: C → C/r, δ = ReLU, r = 16. The released models have biases on both FCs (`bias=True`); the
+    TPAMI ablations drop them (`bias=False`). The FCs are 1×1 convolutions named `fc1`/`fc2`, as in
+    torchvision and timm, so their weights load directly.
+
+    Args:
+        channels: C, the input's channel count.
+        reduction: r; the hidden width is max(1, C // r) unless `hidden_channels` is given.
+        hidden_channels: explicit hidden width (overrides `reduction`).
+        bias: biases on the two FCs.
+        act: hidden activation (name or nn.Module class).
+        gate: 'sigmoid' or 'hard_sigmoid' (or an nn.Module class).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: float = 16,
+        *,
+        hidden_channels: int | None = None,
+        bias: bool = True,
+        act: str | type[nn.Module] = "relu",
+        gate: str | type[nn.Module] = "sigmoid",
+    ) -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        hidden = reduced_width(owner, channels, reduction, hidden_channels)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bool(bias))
+        self.act = make_activation(owner, act)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bool(bias))
+        self.gate = make_gate(owner, gate)
+
+    def excitation(self, x: Tensor) -> Tensor:
+        """The channel weights s, N×C×1×1, in the parameters' dtype."""
+        pooled = x.mean((2, 3), keepdim=True, dtype=stat_dtype(x))
+        with gate_math(x):
+            return self.gate(self.fc2(self.act(self.fc1(pooled.to(self.fc1.weight.dtype)))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return x * self.excitation(x).to(x.dtype)

@@ -1,0 +1,64 @@
+"""Style-based Recalibration Module."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_gate, stat_dtype
+
+
+@torch.fx.wrap
+def style_pool(x: Tensor, eps: float) -> Tensor:
+    """SRM's style pooling t = [μ, σ], N×C×2, in at least float32 (fx-wrapped: it branches on H·W)."""
+    flat = x.flatten(2).to(stat_dtype(x))
+    var, mean = torch.var_mean(flat, dim=2, correction=1 if flat.shape[2] > 1 else 0)
+    return torch.stack([mean, (var + eps).sqrt()], dim=2)
+
+
+@register("srm")
+class SRM(AttentionModule):
+    """Style-based Recalibration Module (Lee et al., "SRM", ICCV 2019).
+
+    Official code: https://github.com/hyunjaelee410/style-based-recalibration-module
+
+        t = [μ, σ],  μ = mean_HW(x),  σ = sqrt(Var_HW(x) + ε)   (unbiased variance, ε = 1e-5)
+        g = σ(BN(w_μ μ + w_σ σ))                                 (channel-wise FC: a C×2 weight, no bias)
+        y = x · g
+
+    The channel-wise FC is zero-initialised, as in the official code. The released training script
+    excludes SRM's own parameters (the FC and its BN) from weight decay; `no_weight_decay()` names them.
+    A 1×1 map has no unbiased variance; there the biased one (0) is used.
+
+    Args:
+        channels: C.
+        eps: ε inside the square root.
+        gate: the gating function.
+    """
+
+    batchnorm_stride = 0  # BatchNorm over the per-sample style integration
+
+    def __init__(self, channels: int, *, eps: float = 1e-5, gate: str | type[nn.Module] = "sigmoid") -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{owner}: `eps` must be a number >= 0, got {eps!r}.")
+        self.eps = float(eps)
+        self.cfc = nn.Parameter(torch.zeros(channels, 2))
+        self.bn = nn.BatchNorm2d(channels)
+        self.gate = make_gate(owner, gate)
+
+    def excitation(self, x: Tensor) -> Tensor:
+        """The channel weights g, N×C×1×1."""
+        t = style_pool(x, self.eps)
+        with gate_math(x):
+            z = (t.to(self.cfc.dtype) * self.cfc).sum(2)[:, :, None, None]
+            return self.gate(self.bn(z))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        return x * self.excitation(x).to(x.dtype)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters the SRM paper trains without weight decay."""
+        return {name for name, _ in self.named_parameters()}

@@ -1,0 +1,76 @@
+"""Triplet Attention."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import register
+from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
+
+
+def z_pool(x: Tensor, dim: int) -> Tensor:
+    """Z-pool: [max; mean] over `dim`, stacked as a new axis 1, in at least float32."""
+    return torch.stack([x.amax(dim).to(stat_dtype(x)), x.mean(dim, dtype=stat_dtype(x))], dim=1)
+
+
+class AttentionGate(nn.Module):
+    """One branch's gate: σ(BN(conv_k(Z-pool))), conv without bias, BN momentum 0.01 (official BasicConv)."""
+
+    def __init__(self, kernel_size: int, gate: str | type[nn.Module]) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)
+        self.gate = make_gate("TripletAttention", gate)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.gate(self.bn(self.conv(pooled.to(self.conv.weight.dtype))))
+
+
+@register("triplet")
+class TripletAttention(AttentionModule):
+    """Triplet Attention (Misra et al., "Rotate to Attend: Convolutional Triplet Attention Module", WACV 2021).
+
+    Official code: https://github.com/landskape-ai/triplet-attention
+
+    Three branches, each a gate σ(BN(conv7×7(Z-pool))) with Z-pool = [max; mean] over one axis:
+        (C, W) plane, pooled over H -> a_cw, N×C×1×W   (official: permute so H is the channel axis)
+        (H, C) plane, pooled over W -> a_hc, N×C×H×1
+        (H, W) plane, pooled over C -> a_hw, N×1×H×W
+        y = x · (a_cw + a_hc + a_hw) / 3             (the mean of the three gated tensors)
+
+    `no_spatial=True` drops the (H, W) branch and averages the other two. The module has 2·(2k² + 2)
+    or 3·(2k² + 2) parameters whatever C is.
+
+    Args:
+        channels: C (checked against the input; the parameters do not depend on it).
+        kernel_size: k (7).
+        no_spatial: drop the (H, W) branch.
+        gate: the gating function.
+    """
+
+    def __init__(
+        self, channels: int, kernel_size: int = 7, *, no_spatial: bool = False, gate: str | type[nn.Module] = "sigmoid"
+    ) -> None:
+        super().__init__(channels)
+        owner = type(self).__name__
+        kernel_size = odd_kernel(owner, "kernel_size", kernel_size)
+        self.cw = AttentionGate(kernel_size, gate)
+        self.hc = AttentionGate(kernel_size, gate)
+        self.hw = None if no_spatial else AttentionGate(kernel_size, gate)
+        self.batchnorm_stride = None if no_spatial else 1
+
+    def attention(self, x: Tensor) -> list[Tensor]:
+        """The branch gates [a_cw (N×C×1×W), a_hc (N×C×H×1), a_hw (N×1×H×W)], without a_hw if no_spatial."""
+        with gate_math(x):
+            gates = [
+                self.cw(z_pool(x, 2)).transpose(1, 2),  # conv over (C, W): N×1×C×W -> N×C×1×W
+                self.hc(z_pool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1),  # conv over (H, C): N×1×H×C -> N×C×H×1
+            ]
+            if self.hw is not None:
+                gates.append(self.hw(z_pool(x, 1)))  # conv over (H, W)
+        return gates
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.check_input(x)
+        gates = self.attention(x)
+        return x * (sum(gates) / len(gates)).to(x.dtype)

@@ -1,0 +1,130 @@
+"""Name -> module class: registration by decorator, spec-string parsing, list_modules(), create().
+
+A spec is a registered name, optionally called with keyword arguments written as Python literals:
+``"se"``, ``"cbam(reduction=8, kernel_size=3)"``, ``"ge(variant='theta', extent=4)"``.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+from typing import Any, Callable, TypeVar
+
+from torch import nn
+
+__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def register(name: str, *, override: bool = False) -> Callable[[F], F]:
+    """Class decorator that registers an attention module under `name`.
+
+    The class (or factory) must take the channel count as its first positional argument::
+
+        @attnkit.register("my_gate")
+        class MyGate(nn.Module):
+            def __init__(self, channels: int, reduction: int = 16): ...
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"register: the name must be a Python identifier such as 'my_gate', got {name!r}.")
+
+    def decorator(factory: F) -> F:
+        if not callable(factory):
+            raise TypeError(f"register({name!r}): expected a class or callable, got {factory!r}.")
+        if name in _REGISTRY and _REGISTRY[name] is not factory and not override:
+            raise ValueError(
+                f"register: {name!r} is already registered to {_REGISTRY[name].__qualname__}; "
+                f"pass override=True to replace it."
+            )
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_modules() -> list[str]:
+    """The registered module names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_module_class(name: str) -> Callable[..., nn.Module]:
+    """The class (or factory) registered under `name`; ValueError listing the names if there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown attention module {name!r}. Registered modules: {', '.join(list_modules())}."
+            f"{_suggest(name, list_modules())}"
+        ) from None
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"name(key=value, ...)"`` into the name and a dict of literal keyword arguments."""
+    if not isinstance(spec, str):
+        raise TypeError(f"An attention spec must be a string such as 'se' or 'cbam(reduction=8)', got {spec!r}.")
+    text = spec.strip()
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError(
+            f"Cannot parse attention spec {spec!r}: expected a name or name(key=value, ...), "
+            f"e.g. 'cbam(reduction=8, kernel_size=3)'."
+        ) from None
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"Cannot parse attention spec {spec!r}: expected a name or name(key=value, ...).")
+    if node.args:
+        raise ValueError(
+            f"Attention spec {spec!r} has positional arguments; use keywords (the channel count is given "
+            f"separately), e.g. '{node.func.id}(reduction=8)'."
+        )
+    kwargs: dict[str, Any] = {}
+    for keyword in node.keywords:
+        if keyword.arg is None:
+            raise ValueError(f"Attention spec {spec!r}: '**' is not allowed; write each key=value.")
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise ValueError(
+                f"Attention spec {spec!r}: the value of {keyword.arg!r} must be a Python literal "
+                f"(a number, a quoted string, True/False/None, a tuple or list), got "
+                f"{ast.unparse(keyword.value)!r}. Quote strings: {keyword.arg}='{ast.unparse(keyword.value)}'."
+            ) from None
+    return node.func.id, kwargs
+
+
+def _check_kwargs(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    params = list(inspect.signature(factory).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in valid:
+            raise ValueError(
+                f"{name!r} has no argument {key!r}. Valid arguments: {', '.join(valid) or '(none)'}."
+                f"{_suggest(key, valid)}"
+            )
+
+
+def create(spec: str, channels: int, **kwargs: Any) -> nn.Module:
+    """Build the attention module that `spec` names for a feature map of `channels` channels.
+
+    Keyword arguments are merged with those in the spec; giving one in both places is an error.
+    """
+    name, spec_kwargs = parse_spec(spec)
+    factory = get_module_class(name)
+    both = sorted(set(spec_kwargs) & set(kwargs))
+    if both:
+        raise ValueError(f"Attention spec {spec!r}: {', '.join(both)} given both in the spec and as keywords.")
+    merged = {**spec_kwargs, **kwargs}
+    _check_kwargs(name, factory, merged)
+    return factory(channels, **merged)
