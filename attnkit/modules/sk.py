@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..registry import register
@@ -82,18 +81,20 @@ class SelectiveKernel(AttentionModule):
         self.act = make_activation(owner, act)
         self.fc_select = nn.Conv2d(hidden, out_channels * len(dilations), 1, bias=bool(bias))
 
-    def selection(self, feats: Tensor) -> Tensor:
-        """The path weights a, N×M×C_out×1×1 (softmax over M), from the stacked path outputs N×M×C_out×H×W."""
-        pooled = feats.sum(1).mean((2, 3), keepdim=True, dtype=stat_dtype(feats))
-        with gate_math(feats):
+    def selection(self, feats: list[Tensor]) -> Tensor:
+        """The path weights a, N×M×C_out×1×1 (softmax over M), from the M path outputs."""
+        fused = sum(feats)
+        pooled = fused.mean((2, 3), keepdim=True, dtype=stat_dtype(fused))
+        with gate_math(fused):
             z = self.act(self.bn(self.fc_reduce(pooled.to(self.fc_reduce.weight.dtype))))
             logits = self.fc_select(z)
             return logits.unflatten(1, (len(self.paths), self.out_channels)).softmax(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        feats = torch.stack([path(x) for path in self.paths], dim=1)
-        return (feats * self.selection(feats).to(feats.dtype)).sum(1)
+        feats = [path(x) for path in self.paths]
+        weights = self.selection(feats).to(feats[0].dtype)
+        return sum(f * weights[:, m] for m, f in enumerate(feats))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, out_channels={self.out_channels}"

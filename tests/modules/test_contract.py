@@ -1,0 +1,190 @@
+"""The contract every registered module keeps (design.md, issue 'Foundation'): shapes and dtypes across odd
+sizes, memory format, gradients (float64 gradcheck), torch.compile(fullgraph=True), torch.fx, autocast
+numerics, and clear errors for wrong input."""
+from __future__ import annotations
+
+import attnkit
+import pytest
+import torch
+
+from .cases import CASES, DEFAULT_CASES, build, case_id, randomize
+
+C = 16
+SIZES = [(1, 1), (7, 5), (13, 17)]
+CASE_IDS = [case_id(c) for c in CASES]
+DEFAULT_IDS = [case_id(c) for c in DEFAULT_CASES]
+
+
+def out_channels(kwargs: dict) -> int:
+    return kwargs.get("out_channels", C)
+
+
+def out_size(kwargs: dict, size: tuple[int, int]) -> tuple[int, int]:
+    stride = kwargs.get("stride", 1)
+    return tuple(-(-s // stride) for s in size)
+
+
+def test_every_registered_module_has_cases():
+    assert sorted({name for name, _ in CASES}) == attnkit.list_modules()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_shape_dtype_and_batch_sizes(case, size):
+    name, kwargs = case
+    module = randomize(build(name, kwargs, C, size))
+    expected = (out_channels(kwargs), *out_size(kwargs, size))
+    module.train()
+    y = module(torch.randn(2, C, *size))
+    assert y.shape == (2, *expected) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    module.eval()
+    y1 = module(torch.randn(1, C, *size))  # evaluation works for any batch size and map size
+    assert y1.shape == (1, *expected) and torch.isfinite(y1).all()
+    assert module(torch.randn(3, C, *size, dtype=torch.float64).to(torch.float32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_channels_last_in_channels_last_out(case):
+    name, kwargs = case
+    module = randomize(build(name, kwargs, C, (6, 5))).eval()
+    x = torch.randn(2, C, 6, 5)
+    y_ref = module(x)
+    y = module(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradcheck_float64(case):
+    name, kwargs = case
+    if name == "sk":
+        kwargs = {**kwargs, "groups": 4, "out_channels": 8}
+    module = randomize(build(name, kwargs, 8, (5, 4))).double()
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fx_symbolic_trace(case):
+    name, kwargs = case
+    module = randomize(build(name, kwargs, C, (7, 5))).eval()
+    traced = torch.fx.symbolic_trace(module)
+    x = torch.randn(2, C, 7, 5)
+    torch.testing.assert_close(traced(x), module(x))
+    with pytest.raises(ValueError, match=f"built for {C} channels"):
+        traced(torch.randn(2, C + 1, 7, 5))  # the input check survives tracing
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compile_fullgraph_graph_capture(case):
+    """Dynamo captures forward and backward without a graph break (aot_eager: no code generation)."""
+    name, kwargs = case
+    torch._dynamo.reset()
+    module = randomize(build(name, kwargs, C, (7, 5)))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, C, 7, 5, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = module(x_ref)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=DEFAULT_IDS)
+def test_compile_fullgraph_inductor(case):
+    """Each module at its defaults compiles end to end with the default (inductor) backend."""
+    name, kwargs = case
+    torch._dynamo.reset()
+    module = randomize(build(name, kwargs, C, (7, 5)))
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(4, C, 7, 5, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = module(x_ref)
+    y_ref.square().sum().backward()
+    # inductor reorders float32 sums: agreement to float32 rounding, amplified a little by batch statistics
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_autocast_large_inputs_stay_finite(case, autocast_dtype, input_dtype):
+    """Under autocast, inputs up to 1e4 in magnitude give finite outputs in the input's dtype; the gate is
+    close to the float64 one, because pooled statistics and gate math run in float32."""
+    name, kwargs = case
+    module = build(name, kwargs, C, (9, 8)).eval()
+    if name != "sk":  # SK's path convolutions follow autocast like any nn.Conv2d: keep their initial scale
+        randomize(module)
+    x = ((torch.rand(2, C, 9, 8) * 2 - 1) * 1e4).to(input_dtype)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = module(x)
+    assert torch.isfinite(y).all()
+    if name == "sk":  # a convolution layer, not a gate: autocast runs its convolutions in autocast_dtype
+        assert y.dtype == autocast_dtype
+        return
+    assert y.dtype == input_dtype
+    reference = module.double()(x.double())
+    torch.testing.assert_close(y.double(), reference, rtol=2e-2, atol=2e-2 * 1e4)
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=DEFAULT_IDS)
+def test_wrong_channel_count_names_both_numbers(case):
+    name, kwargs = case
+    module = build(name, kwargs, C, (5, 5))
+    with pytest.raises(ValueError, match=rf"built for {C} channels but the input has {C + 8}"):
+        module(torch.randn(2, C + 8, 5, 5))
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=DEFAULT_IDS)
+def test_non_4d_and_non_float_input(case):
+    name, kwargs = case
+    module = build(name, kwargs, C, (5, 5))
+    with pytest.raises(ValueError, match=r"4-D feature map .* got a 3-D tensor of shape \(16, 5, 5\)"):
+        module(torch.randn(C, 5, 5))
+    with pytest.raises(ValueError, match="got a 5-D tensor"):
+        module(torch.randn(1, 2, C, 5, 5))
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        module(torch.ones(2, C, 5, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        module([[1.0]])
+    with pytest.raises(ValueError, match="empty tensor"):
+        module(torch.randn(0, C, 5, 5))
+
+
+def _cannot_train_on_one_pixel(name: str, kwargs: dict) -> bool:
+    """Whether, for a 1×1 map and batch 1, some BatchNorm of the module sees a single value per channel."""
+    if name in ("srm", "bam", "sk"):
+        return True  # BatchNorm over per-sample pooled statistics
+    if name == "ge":
+        return kwargs.get("variant", "minus") != "minus"
+    if name == "cbam":
+        return not kwargs.get("no_spatial") and kwargs.get("spatial_norm", True)
+    if name == "triplet":
+        return not kwargs.get("no_spatial")  # the (H, W) branch normalises N·H·W values
+    return False  # coord normalises N·(H+W) >= 2 values; the rest have no BatchNorm
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_single_value_batchnorm_says_so_and_eval_works(case):
+    name, kwargs = case
+    module = build(name, kwargs, C, (1, 1)).train()
+    x = torch.randn(1, C, 1, 1)
+    if _cannot_train_on_one_pixel(name, kwargs):
+        with pytest.raises(ValueError, match="BatchNorm cannot train on one value.*call .eval\\(\\)"):
+            module(x)
+    else:
+        assert torch.isfinite(module(x)).all()
+    assert torch.isfinite(module.eval()(x)).all()
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=DEFAULT_IDS)
+def test_docstring_cites_paper_and_code(case):
+    cls = type(build(*case, C, (5, 5)))
+    doc = cls.__doc__ or ""
+    assert "github.com" in doc and any(str(year) in doc for year in range(2017, 2022))

@@ -1,0 +1,102 @@
+"""Squeeze-and-Excitation: the module against its equations (outputs and gradients, float64), the `bias` and
+`gate` options, closed-form parameter counts including the SE-ResNet-50 total, and the error messages."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from attnkit.modules import SqueezeExcite
+
+from ._helpers_a import assert_same_function, feature_map, n_params, randomize_
+
+C = 48  # hidden width C // 16 = 3
+SHAPE = (3, C, 7, 5)
+
+
+def se_logits(x, m):
+    """W₂ δ(W₁ GAP(x) + b₁) + b₂, N×C, with the module's weights read from its parameters."""
+    w1, w2 = m.fc1.weight[:, :, 0, 0], m.fc2.weight[:, :, 0, 0]
+    h = x.mean((2, 3)) @ w1.T
+    if m.fc1.bias is not None:
+        h = h + m.fc1.bias
+    e = torch.relu(h) @ w2.T
+    return e if m.fc2.bias is None else e + m.fc2.bias
+
+
+def sigmoid(z):
+    return 1 / (1 + torch.exp(-z))
+
+
+def hard_sigmoid(z):
+    return torch.clamp(z / 6 + 0.5, 0, 1)
+
+
+def se_reference(m, gate=sigmoid):
+    return lambda x: x * gate(se_logits(x, m))[:, :, None, None]
+
+
+def test_matches_equations():
+    m = randomize_(SqueezeExcite(C))
+    assert_same_function(m, se_reference(m), feature_map(*SHAPE))
+
+
+def test_no_bias_matches_equations():
+    m = randomize_(SqueezeExcite(C, bias=False))
+    assert m.fc1.bias is None and m.fc2.bias is None
+    assert [name for name, _ in m.named_parameters()] == ["fc1.weight", "fc2.weight"]
+    assert_same_function(m, se_reference(m), feature_map(*SHAPE))
+
+
+def test_hard_sigmoid_gate_matches_equations():
+    m = randomize_(SqueezeExcite(C, gate="hard_sigmoid"))
+    x = feature_map(*SHAPE, scale=12.0)
+    logits = se_logits(x, m)
+    assert (logits.abs() > 3).any() and (logits.abs() < 3).any(), "want both saturated and linear gates"
+    # PyTorch's Hardsigmoid backward multiplies by 1/6 rounded to float32 even in float64 (relative error 3e-8).
+    assert_same_function(m, se_reference(m, hard_sigmoid), x, grad_tol=1e-6)
+
+
+def test_hidden_width_is_c_floor_r():
+    expected = {(64, 16): 4, (72, 16): 4, (64, 4): 16, (8, 16): 1}  # max(1, C // r)
+    assert {(c, r): SqueezeExcite(c, r).fc1.out_channels for c, r in expected} == expected
+    assert SqueezeExcite(64, hidden_channels=10).fc1.out_channels == 10
+
+
+@pytest.mark.parametrize("c", [16, 64, 256, 2048])
+@pytest.mark.parametrize("r", [4, 16])
+def test_parameter_count(c, r):
+    h = c // r
+    assert n_params(SqueezeExcite(c, r)) == 2 * c * h + h + c  # W1, b1, W2, b2
+    assert n_params(SqueezeExcite(c, r, bias=False)) == 2 * c * h
+
+
+def test_se_resnet50_added_parameters():
+    # One SE per ResNet-50 bottleneck, on the block's output width, r = 16.
+    widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+    closed_form = sum(2 * c * (c // 16) + c // 16 + c for c in widths)
+    assert sum(n_params(SqueezeExcite(c)) for c in widths) == closed_form
+    # 2,530,992 ≈ 2.53M: the "about 2.5M" SE adds to ResNet-50's 25.56M (SE-ResNet-50: 28.09M).
+    assert closed_form == 2_530_992
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"SqueezeExcite was built for 48 channels but the input has 32"):
+        SqueezeExcite(C)(torch.randn(2, 32, 7, 5))
+
+
+def test_3d_input():
+    with pytest.raises(ValueError, match=r"expects a 4-D feature map .* got a 3-D tensor of shape \(48, 7, 5\)"):
+        SqueezeExcite(C)(torch.randn(C, 7, 5))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match=re.escape("`gate` must be one of ['hard_sigmoid', 'sigmoid'], got 'bogus'")):
+        SqueezeExcite(C, gate="bogus")
+    with pytest.raises(ValueError, match=r"`act` must be one of \[.*'relu'.*\], got 'rleu'\. Did you mean 'relu'\?"):
+        SqueezeExcite(C, act="rleu")
+    with pytest.raises(ValueError, match=r"`reduction` must be > 0, got 0"):
+        SqueezeExcite(C, reduction=0)
+    with pytest.raises(ValueError, match=r"`hidden_channels` must be an integer >= 1, got 0"):
+        SqueezeExcite(C, hidden_channels=0)

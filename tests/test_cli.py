@@ -1,0 +1,28 @@
+"""The command line: `attnkit list` and the `attnkit smoke` run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import attnkit
+from attnkit import cli
+
+
+def test_smoke_runs_every_module_forward_and_backward(capsys):
+    assert cli.main(["smoke", "--channels", "32"]) == 0
+    out = capsys.readouterr().out
+    for name in attnkit.list_modules():
+        assert f"\n{name} " in out
+    assert f"{len(attnkit.list_modules())} modules built and ran forward and backward." in out
+
+
+def test_smoke_rows_report_real_parameter_counts():
+    rows = {row["module"]: row for row in cli.smoke(channels=32)}
+    assert rows["se"]["params"] == sum(p.numel() for p in attnkit.create("se", 32).parameters())
+    assert rows["ge"]["params"] == 0 and rows["triplet"]["params"] == 300
+    assert all(row["finite"] and row["output"] == "4×32×9×7" for row in rows.values())
+
+
+def test_python_dash_m_list():
+    result = subprocess.run([sys.executable, "-m", "attnkit", "list"], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == attnkit.list_modules()
