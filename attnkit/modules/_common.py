@@ -108,13 +108,16 @@ def make_gate(owner: str, spec: object) -> nn.Module:
     return _make_layer(owner, "gate", spec, GATES)
 
 
+BatchNormViews = tuple[tuple[tuple[int, ...], int], ...]
+
+
 @torch.fx.wrap
-def check_feature_map(x: Tensor, channels: int, owner: str, batchnorm_stride: int | None) -> Tensor:
+def check_feature_map(x: Tensor, channels: int, owner: str, batchnorm_views: BatchNormViews) -> Tensor:
     """Check that `x` is an N×C×H×W floating tensor with the expected C; return it unchanged.
 
-    `batchnorm_stride` says how many values a BatchNorm inside the module sees per channel while training:
-    None: the module has no such BatchNorm; 0: one per sample (BatchNorm over pooled statistics);
-    s >= 1: N·ceil(H/s)·ceil(W/s). Training on a single value per channel is impossible and says so.
+    `batchnorm_views` describes, for each BatchNorm inside the module, how many values it sees per channel
+    while training: a view (dims, stride) sees N·∏_d ⌈x.shape[d] / stride⌉ values (dims () for a BatchNorm
+    over pooled per-sample statistics). BatchNorm cannot train on a single value, and the error says so.
     Wrapped for torch.fx, so that symbolic tracing records it as one call instead of failing on shapes.
     """
     if not isinstance(x, Tensor):
@@ -133,9 +136,10 @@ def check_feature_map(x: Tensor, channels: int, owner: str, batchnorm_stride: in
         raise TypeError(f"{owner} expects a floating-point tensor, got dtype {x.dtype}.")
     if x.numel() == 0:
         raise ValueError(f"{owner} got an empty tensor of shape {tuple(x.shape)}; every dimension must be >= 1.")
-    if batchnorm_stride is not None:
-        n, _, h, w = x.shape
-        values = n if batchnorm_stride == 0 else n * -(-h // batchnorm_stride) * -(-w // batchnorm_stride)
+    for dims, stride in batchnorm_views:
+        values = x.shape[0]
+        for d in dims:
+            values *= -(-x.shape[d] // stride)
         if values < 2:
             raise ValueError(
                 f"{owner} contains a BatchNorm that would see a single value per channel for an input of shape "
@@ -160,19 +164,19 @@ def gate_math(x: Tensor) -> contextlib.AbstractContextManager:
 class AttentionModule(nn.Module):
     """Base of attnkit's modules: records `channels` and validates the input of `forward`.
 
-    Subclasses set `batchnorm_stride` (see `check_feature_map`) when they contain a BatchNorm that may see
-    too few values to train.
+    Subclasses that contain a BatchNorm which may see too few values to train list what it sees in
+    `batchnorm_views` (see `check_feature_map`).
     """
 
-    batchnorm_stride: int | None = None
+    batchnorm_views: BatchNormViews = ()
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = positive_int(type(self).__name__, "channels", channels)
 
     def check_input(self, x: Tensor) -> Tensor:
-        stride = self.batchnorm_stride if self.training else None
-        return check_feature_map(x, self.channels, type(self).__name__, stride)
+        views = self.batchnorm_views if self.training else ()
+        return check_feature_map(x, self.channels, type(self).__name__, views)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

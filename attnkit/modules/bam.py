@@ -30,7 +30,7 @@ class BAM(AttentionModule):
         act: activation inside both branches; gate: the gating function.
     """
 
-    batchnorm_stride = 0  # BatchNorm1d over the pooled channel descriptor
+    batchnorm_views = (((), 1),)  # BatchNorm1d over the pooled channel descriptor
 
     def __init__(
         self,

@@ -148,7 +148,7 @@ class CBAM(AttentionModule):
             kernel_size = odd_kernel(owner, "kernel_size", kernel_size)
             self.spatial_gate = SpatialGate(kernel_size, spatial_pools, bool(spatial_norm), gate)
             if spatial_norm:
-                self.batchnorm_stride = 1
+                self.batchnorm_views = (((2, 3), 1),)
 
     @staticmethod
     def _pool_list(owner: str, name: str, value: object, valid: Sequence[str]) -> tuple[str, ...]:

@@ -77,12 +77,12 @@ class GatherExcite(AttentionModule):
         owner = type(self).__name__
         self.variant = one_of(owner, "variant", variant, VARIANTS)
         self.extent = positive_int(owner, "extent", extent, minimum=0)
-        if self.extent and self.extent & (self.extent - 1):
+        if self.extent == 1 or self.extent & (self.extent - 1):
             raise ValueError(f"{owner}: `extent` must be 0 (global) or a power of two (2, 4, 8, ...), got {extent}.")
         self.spatial_size: tuple[int, int] | None = None
         self.gather: nn.Module | None = None
         if self.variant != "minus":
-            self.batchnorm_stride = self.extent
+            self.batchnorm_views = (((2, 3), self.extent),) if self.extent else (((), 1),)
             if self.extent == 0:
                 self.spatial_size = _spatial_size(owner, spatial_size)
                 self.gather = nn.Sequential(

@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, positive_int, reduced_width, stat_dtype
+from ._common import AttentionModule, gate_math, make_activation, odd_kernel, positive_int, reduced_width, stat_dtype
 
 
 @register("sk")
@@ -32,7 +32,7 @@ class SelectiveKernel(AttentionModule):
         act: activation of the paths and of z.
     """
 
-    batchnorm_stride = 0  # BatchNorm over z = W_z GAP(U)
+    batchnorm_views = (((), 1),)  # BatchNorm over z = W_z GAP(U)
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class SelectiveKernel(AttentionModule):
         owner = type(self).__name__
         out_channels = channels if out_channels is None else positive_int(owner, "out_channels", out_channels)
         stride = positive_int(owner, "stride", stride)
-        kernel_size = positive_int(owner, "kernel_size", kernel_size)
+        kernel_size = odd_kernel(owner, "kernel_size", kernel_size)
         groups = positive_int(owner, "groups", groups)
         if channels % groups or out_channels % groups:
             raise ValueError(

@@ -36,7 +36,7 @@ class SRM(AttentionModule):
         gate: the gating function.
     """
 
-    batchnorm_stride = 0  # BatchNorm over the per-sample style integration
+    batchnorm_views = (((), 1),)  # BatchNorm over the per-sample style integration
 
     def __init__(self, channels: int, *, eps: float = 1e-5, gate: str | type[nn.Module] = "sigmoid") -> None:
         super().__init__(channels)

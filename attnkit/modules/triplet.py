@@ -57,7 +57,8 @@ class TripletAttention(AttentionModule):
         self.cw = AttentionGate(kernel_size, gate)
         self.hc = AttentionGate(kernel_size, gate)
         self.hw = None if no_spatial else AttentionGate(kernel_size, gate)
-        self.batchnorm_stride = None if no_spatial else 1
+        # the BatchNorms see N·C·W, N·H·C and N·H·W values
+        self.batchnorm_views = (((1, 3), 1), ((2, 1), 1)) + ((((2, 3), 1),) if self.hw is not None else ())
 
     def attention(self, x: Tensor) -> list[Tensor]:
         """The branch gates [a_cw (N×C×1×W), a_hc (N×C×H×1), a_hw (N×1×H×W)], without a_hw if no_spatial."""
