@@ -11,7 +11,9 @@ from .modules import (
     SqueezeExcite,
     TripletAttention,
 )
+from .models import create_model, list_models
 from .registry import create, get_module_class, list_modules, parse_spec, register
+from .surgery import AttachReport, IdentityStart, LoadReport, attach, load_pretrained
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,14 @@ __all__ = [
     "SelectiveKernel",
     "SqueezeExcite",
     "TripletAttention",
+    "AttachReport",
+    "IdentityStart",
+    "LoadReport",
+    "attach",
     "create",
+    "create_model",
+    "list_models",
+    "load_pretrained",
     "get_module_class",
     "list_modules",
     "parse_spec",

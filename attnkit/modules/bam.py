@@ -31,6 +31,7 @@ class BAM(AttentionModule):
     """
 
     batchnorm_views = (((), 1),)  # BatchNorm1d over the pooled channel descriptor
+    placement = "stage"  # attach(): one per network bottleneck, before each downsampling
 
     def __init__(
         self,

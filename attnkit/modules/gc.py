@@ -34,6 +34,8 @@ class GlobalContext(AttentionModule):
         act: the transform's activation.
     """
 
+    first_stage = 2  # attach(): stages c3-c5 of a ResNet, as in the paper
+
     def __init__(
         self,
         channels: int,

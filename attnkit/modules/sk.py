@@ -33,6 +33,7 @@ class SelectiveKernel(AttentionModule):
     """
 
     batchnorm_views = (((), 1),)  # BatchNorm over z = W_z GAP(U)
+    placement = "conv"  # attach(): in place of each block's 3×3 convolution
 
     def __init__(
         self,

@@ -1,0 +1,58 @@
+"""Backbones and create_model(): the networks the papers use, with attention placed as each paper places it."""
+from __future__ import annotations
+
+import difflib
+from functools import partial
+from typing import Any, Callable
+
+from torch import nn
+
+from ..surgery import attach
+from .cifar_resnet import CifarResNet
+from .lenet import LeNet
+from .mobilenet import MobileNetV2, mobilenet_v2
+from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+
+__all__ = ["create_model", "list_models", "CifarResNet", "LeNet", "MobileNetV2", "ResNet"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": LeNet,
+    **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+    "mobilenet_v2": mobilenet_v2,
+}
+
+
+def list_models() -> list[str]:
+    """The names create_model() accepts."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    attn: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    *,
+    identity_init: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build backbone `name`, with the attention module `attn` (a registry spec) placed as its paper says.
+
+    `kwargs` go to the backbone (e.g. `input_size` for lenet); attention options go in the spec string,
+    e.g. create_model("resnet50", attn="cbam(reduction=8)").
+    """
+    if name not in _MODELS:
+        match = difflib.get_close_matches(name, list(_MODELS), n=1)
+        raise ValueError(
+            f"Unknown model {name!r}. Available: {', '.join(list_models())}." + (f" Did you mean {match[0]!r}?" if match else "")
+        )
+    options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    model = _MODELS[name](**options, **kwargs)
+    if attn is not None:
+        attach(model, attn, identity_init=identity_init)
+    return model
