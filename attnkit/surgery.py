@@ -62,16 +62,41 @@ def _downsamples(block: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in block.modules())
 
 
-def _channels(module: nn.Module) -> int:
-    """The channel count of a module's output: its own, or that of its last BatchNorm or convolution."""
+def _own_channels(module: nn.Module) -> int | None:
     for m in [module, *reversed(list(module.modules()))]:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return m.num_features
         if isinstance(m, nn.Conv2d):
             return m.out_channels
-    raise ValueError(
-        f"attach: cannot tell the channel count of {type(module).__name__} (no BatchNorm or Conv2d inside)."
-    )
+    return None
+
+
+def _channels(module: nn.Module) -> int:
+    """The channel count of a module's output: its own, or that of its last BatchNorm or convolution."""
+    channels = _own_channels(module)
+    if channels is None:
+        raise ValueError(f"attach: cannot tell the channel count of {type(module).__name__} (no BatchNorm or Conv2d inside).")
+    return channels
+
+
+def _channels_at(model: nn.Module, path: str) -> int:
+    """Channels at a named site; for a parameter-free layer (ReLU, pooling) in a Sequential, those of the
+    nearest layer before it that has them."""
+    channels = _own_channels(model.get_submodule(path))
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if channels is None and isinstance(parent, nn.Sequential):
+        names = [name for name, _ in parent.named_children()]
+        for name in reversed(names[: names.index(leaf)]):
+            channels = _own_channels(parent.get_submodule(name))
+            if channels is not None:
+                break
+    if channels is None:
+        raise ValueError(
+            f"attach: cannot tell how many channels {path!r} ({type(model.get_submodule(path)).__name__}) outputs; "
+            f"name a convolution or BatchNorm instead."
+        )
+    return channels
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -173,7 +198,7 @@ def _named_sites(model: nn.Module, where: str | Sequence[str], position: str) ->
                 raise ValueError(f"attach: {path!r} has no expansion, so no place before its residual addition.")
             sites.append(_Site(site, path, _channels(model.get_submodule(site)), 0))
         else:
-            sites.append(_Site(path, _holder_of(model, path), _channels(module), 0))
+            sites.append(_Site(path, _holder_of(model, path), _channels_at(model, path), 0))
     return sites
 
 

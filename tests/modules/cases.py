@@ -3,7 +3,6 @@ main options. A `spatial_size` of INPUT_SIZE is replaced by the input's H×W (GE
 from __future__ import annotations
 
 import attnkit
-import torch
 from torch import nn
 
 INPUT_SIZE = "input"
@@ -46,16 +45,3 @@ def case_id(case: tuple[str, dict]) -> str:
 def build(name: str, kwargs: dict, channels: int, size: tuple[int, int]) -> nn.Module:
     kwargs = {k: (tuple(size) if v == INPUT_SIZE else v) for k, v in kwargs.items()}
     return attnkit.create(name, channels, **kwargs)
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter and BatchNorm statistic random values, so no zero-initialised layer hides anything."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return module

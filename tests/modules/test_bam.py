@@ -11,7 +11,16 @@ from torch import nn
 
 from attnkit.modules import BAM
 
-from ._helpers_a import assert_same_function, bn_eval, bn_train, conv2d_same, feature_map, n_params, randomize_
+from .reference import (
+    TRAIN_MODES,
+    assert_matches_equations,
+    batch_norm,
+    conv1x1,
+    conv2d_same,
+    feature_map,
+    n_params,
+    randomize,
+)
 
 C = 48  # width C // 16 = 3
 SHAPE = (3, C, 11, 9)  # larger than the dilation, so the dilated taps reach inside the map
@@ -34,17 +43,16 @@ def biases_before_batchnorm(m):
 def bam_reference(m, combine="sum", dilation=4, num_dilated=2, train=False):
     """Mc = FC(ReLU(BN(FC(GAP(x))))); Ms = conv1×1(ReLU(BN(conv3×3,d(… ReLU(BN(conv1×1(x))))))), with
     y = x·(1 + σ(Mc + Ms)) for 'sum' and x·(1 + σ(Mc·Ms)) for 'product'."""
-    bn = bn_train if train else bn_eval
     fc1, fc2 = layers(m.channel_gate, nn.Linear)
     (bn1d,) = layers(m.channel_gate, nn.BatchNorm1d)
     convs, bns = layers(m.spatial_gate, nn.Conv2d), layers(m.spatial_gate, nn.BatchNorm2d)
     assert len(convs) == num_dilated + 2 and len(bns) == num_dilated + 1
 
     def forward(x):
-        mc = torch.relu(bn(x.mean((2, 3)) @ fc1.weight.T + fc1.bias, bn1d)) @ fc2.weight.T + fc2.bias
-        z = torch.relu(bn(conv2d_same(x, convs[0].weight, convs[0].bias), bns[0]))
+        mc = conv1x1(torch.relu(batch_norm(conv1x1(x.mean((2, 3)), fc1), bn1d, train)), fc2)
+        z = torch.relu(batch_norm(conv2d_same(x, convs[0].weight, convs[0].bias), bns[0], train))
         for conv, norm in zip(convs[1:-1], bns[1:]):
-            z = torch.relu(bn(conv2d_same(z, conv.weight, conv.bias, dilation), norm))
+            z = torch.relu(batch_norm(conv2d_same(z, conv.weight, conv.bias, dilation), norm, train))
         ms = conv2d_same(z, convs[-1].weight, convs[-1].bias)
         mc = mc[:, :, None, None]
         return x * (1 + torch.sigmoid(mc + ms if combine == "sum" else mc * ms))
@@ -55,12 +63,12 @@ def bam_reference(m, combine="sum", dilation=4, num_dilated=2, train=False):
 OPTIONS = [{}, {"combine": "sum"}, {"combine": "product"}, {"dilation": 2, "num_dilated": 3}]
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_matches_equations(options, train):
-    m = randomize_(BAM(C, **options)).train(train)
+    m = randomize(BAM(C, **options), double=True).train(train)
     zero_grads = biases_before_batchnorm(m) if train else frozenset()
-    assert_same_function(m, bam_reference(m, train=train, **options), feature_map(*SHAPE), zero_grads=zero_grads)
+    assert_matches_equations(m, bam_reference(m, train=train, **options), feature_map(*SHAPE), zero_grads=zero_grads)
 
 
 def test_spatial_branch_structure():

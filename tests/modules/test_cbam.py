@@ -10,7 +10,7 @@ import torch
 
 from attnkit.modules import CBAM
 
-from ._helpers_a import assert_same_function, bn_eval, bn_train, conv2d_same, feature_map, n_params, randomize_
+from .reference import assert_matches_equations, batch_norm, conv1x1, conv2d_same, feature_map, n_params, randomize
 
 C = 48  # MLP width C // 16 = 3
 SHAPE = (3, C, 7, 5)
@@ -26,16 +26,10 @@ POOLS = {
 CHANNEL_POOLS = {"max": lambda x: x.amax(1, keepdim=True), "mean": lambda x: x.mean(1, keepdim=True)}
 
 
-def linear(v, conv):
-    """A 1×1 convolution applied to an N×C vector: v Wᵀ (+ b)."""
-    out = v @ conv.weight[:, :, 0, 0].T
-    return out if conv.bias is None else out + conv.bias
-
-
 def channel_attention(x, m, pool_types):
     """Mc = σ(Σ_p MLP(pool_p(x))), N×C, one MLP shared by the pools."""
     fc1, fc2 = m.channel_gate.fc1, m.channel_gate.fc2
-    return torch.sigmoid(sum(linear(torch.relu(linear(POOLS[p](x), fc1)), fc2) for p in pool_types))
+    return torch.sigmoid(sum(conv1x1(torch.relu(conv1x1(POOLS[p](x), fc1)), fc2) for p in pool_types))
 
 
 def spatial_logits(y, m, order):
@@ -48,14 +42,13 @@ def cbam_reference(m, train=False, **options):
     """x' = x·Mc(x); y = x'·σ(BN(spatial_logits(x'))) (+ x), options defaulting to the paper's."""
     pool_types = options.get("pool_types", ("avg", "max"))
     order = options.get("spatial_pools", ("max", "mean"))  # the official order
-    bn = bn_train if train else bn_eval
 
     def forward(x):
         y = x * channel_attention(x, m, pool_types)[:, :, None, None]
         if not options.get("no_spatial", False):
             z = spatial_logits(y, m, order)
             if options.get("spatial_norm", True):
-                z = bn(z, m.spatial_gate.bn)
+                z = batch_norm(z, m.spatial_gate.bn, train)
             y = y * torch.sigmoid(z)
         return y + x if options.get("residual", False) else y
 
@@ -76,19 +69,19 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
 def test_matches_equations(options):
-    m = randomize_(CBAM(C, **options)).eval()
-    assert_same_function(m, cbam_reference(m, **options), feature_map(*SHAPE))
+    m = randomize(CBAM(C, **options), double=True).eval()
+    assert_matches_equations(m, cbam_reference(m, **options), feature_map(*SHAPE))
 
 
 @pytest.mark.parametrize("options", [{}, {"pool_types": ("lp", "lse"), "spatial_pools": ("mean", "max")}])
 def test_matches_equations_in_train_mode(options):
-    m = randomize_(CBAM(C, **options)).train()
-    assert_same_function(m, cbam_reference(m, train=True, **options), feature_map(*SHAPE))
+    m = randomize(CBAM(C, **options), double=True).train()
+    assert_matches_equations(m, cbam_reference(m, train=True, **options), feature_map(*SHAPE))
 
 
 def test_spatial_batchnorm_momentum_is_official():
     # The official BasicConv's BatchNorm2d(momentum=0.01): running ← 0.99·running + 0.01·batch (unbiased var).
-    m = randomize_(CBAM(C)).train()
+    m = randomize(CBAM(C), double=True).train()
     bn = m.spatial_gate.bn
     old_mean, old_var = bn.running_mean.clone(), bn.running_var.clone()
     x = feature_map(*SHAPE).detach()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from .cases import CASES, DEFAULT_CASES, build, case_id, randomize
+from .cases import CASES, DEFAULT_CASES, build, case_id
+from .reference import randomize
 
 C = 16
 SIZES = [(1, 1), (7, 5), (13, 17)]
@@ -61,7 +62,7 @@ def test_gradcheck_float64(case):
     name, kwargs = case
     if name == "sk":
         kwargs = {**kwargs, "groups": 4, "out_channels": 8}
-    module = randomize(build(name, kwargs, 8, (5, 4))).double()
+    module = randomize(build(name, kwargs, 8, (5, 4)), double=True)
     x = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
@@ -77,39 +78,37 @@ def test_fx_symbolic_trace(case):
         traced(torch.randn(2, C + 1, 7, 5))  # the input check survives tracing
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_compile_fullgraph_graph_capture(case):
-    """Dynamo captures forward and backward without a graph break (aot_eager: no code generation)."""
+def _compiled_and_eager(case: tuple[str, dict], batch: int, **compile_options) -> tuple[torch.Tensor, ...]:
+    """The case's randomised module compiled with fullgraph=True and run eagerly on the same N×C×7×5 input:
+    (compiled output, eager output, compiled input gradient, eager input gradient) of sum(y²)."""
     name, kwargs = case
     torch._dynamo.reset()
     module = randomize(build(name, kwargs, C, (7, 5)))
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, C, 7, 5, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, **compile_options)
+    x = torch.randn(batch, C, 7, 5, requires_grad=True)
     y = compiled(x)
     y.square().sum().backward()
     x_ref = x.detach().clone().requires_grad_()
     y_ref = module(x_ref)
     y_ref.square().sum().backward()
+    return y, y_ref, x.grad, x_ref.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_compile_fullgraph_graph_capture(case):
+    """Dynamo captures forward and backward without a graph break (aot_eager: no code generation)."""
+    y, y_ref, grad, grad_ref = _compiled_and_eager(case, 2, backend="aot_eager")
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", DEFAULT_CASES, ids=DEFAULT_IDS)
 def test_compile_fullgraph_inductor(case):
     """Each module at its defaults compiles end to end with the default (inductor) backend."""
-    name, kwargs = case
-    torch._dynamo.reset()
-    module = randomize(build(name, kwargs, C, (7, 5)))
-    compiled = torch.compile(module, fullgraph=True)
-    x = torch.randn(4, C, 7, 5, requires_grad=True)
-    y = compiled(x)
-    y.square().sum().backward()
-    x_ref = x.detach().clone().requires_grad_()
-    y_ref = module(x_ref)
-    y_ref.square().sum().backward()
+    y, y_ref, grad, grad_ref = _compiled_and_eager(case, 4)
     # inductor reorders float32 sums: agreement to float32 rounding, amplified a little by batch statistics
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
 
 
 AUTOCAST = pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)

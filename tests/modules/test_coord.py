@@ -8,15 +8,9 @@ import torch
 
 from attnkit.modules import CoordAttention
 
-from ._helpers_a import assert_same_function, bn_eval, bn_train, feature_map, n_params, randomize_
+from .reference import TRAIN_MODES, assert_matches_equations, batch_norm, conv1x1, feature_map, n_params, randomize
 
 C = 48  # mip = max(8, 48 // 32) = 8
-
-
-def conv1x1(z, conv):
-    """A 1×1 convolution on an N×C_in×L map: out[n, o, l] = Σ_c W[o, c]·z[n, c, l] (+ b[o])."""
-    out = torch.einsum("oc,ncl->nol", conv.weight[:, :, 0, 0], z)
-    return out if conv.bias is None else out + conv.bias[None, :, None]
 
 
 def h_swish(z):
@@ -26,12 +20,10 @@ def h_swish(z):
 def coord_reference(m, train=False):
     """z = [mean_W(x); mean_H(x)] along the spatial axis; f = h_swish(BN(conv1(z))); split into f_h, f_w;
     a_h = σ(conv_h(f_h)), a_w = σ(conv_w(f_w)); y = x·a_h·a_w."""
-    bn = bn_train if train else bn_eval
-
     def forward(x):
         h = x.shape[2]
         z = torch.cat([x.mean(3), x.mean(2)], dim=2)  # N×C×(H+W)
-        f = h_swish(bn(conv1x1(z, m.conv1), m.bn1))
+        f = h_swish(batch_norm(conv1x1(z, m.conv1), m.bn1, train))
         a_h = torch.sigmoid(conv1x1(f[:, :, :h], m.conv_h))  # N×C×H
         a_w = torch.sigmoid(conv1x1(f[:, :, h:], m.conv_w))  # N×C×W
         return x * a_h[:, :, :, None] * a_w[:, :, None, :]
@@ -40,20 +32,20 @@ def coord_reference(m, train=False):
 
 
 @pytest.mark.parametrize("shape", [(3, C, 7, 5), (2, C, 4, 9), (3, C, 1, 6)], ids=lambda s: f"{s[2]}x{s[3]}")
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 def test_matches_equations(train, shape):
-    m = randomize_(CoordAttention(C)).train(train)
+    m = randomize(CoordAttention(C), double=True).train(train)
     x = feature_map(*shape, scale=3.0)  # the BN output then reaches all three pieces of h_swish
     # conv1's bias is followed by the BatchNorm: its gradient vanishes in training.
     zero_grads = frozenset({"conv1.bias"}) if train else frozenset()
-    assert_same_function(m, coord_reference(m, train), x, zero_grads=zero_grads)
+    assert_matches_equations(m, coord_reference(m, train), x, zero_grads=zero_grads)
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 def test_no_bias_matches_equations(train):
-    m = randomize_(CoordAttention(C, bias=False)).train(train)
+    m = randomize(CoordAttention(C, bias=False), double=True).train(train)
     assert m.conv1.bias is None and m.conv_h.bias is None and m.conv_w.bias is None
-    assert_same_function(m, coord_reference(m, train), feature_map(3, C, 7, 5))
+    assert_matches_equations(m, coord_reference(m, train), feature_map(3, C, 7, 5))
 
 
 def test_mip_width():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from attnkit.modules import ECA, eca_kernel_size
 
-from ._helpers_a import assert_same_function, feature_map, n_params, randomize_
+from .reference import assert_matches_equations, feature_map, n_params, randomize
 
 # t = int(|log2(C)/2 + 1/2|), k = t if t is odd else t + 1, worked by hand:
 PAPER_KERNELS = {
@@ -44,9 +44,9 @@ def eca_reference(m, k):
 
 @pytest.mark.parametrize("c, kernel_size, k", [(256, None, 5), (48, 5, 5), (48, 3, 3), (37, 1, 1)])
 def test_matches_equations(c, kernel_size, k):
-    m = randomize_(ECA(c, kernel_size))
+    m = randomize(ECA(c, kernel_size), double=True)
     assert m.conv.weight.shape == (1, 1, k) and m.conv.bias is None
-    assert_same_function(m, eca_reference(m, k), feature_map(3, c, 7, 5))
+    assert_matches_equations(m, eca_reference(m, k), feature_map(3, c, 7, 5))
 
 
 def test_paper_kernel_table():

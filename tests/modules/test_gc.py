@@ -11,7 +11,7 @@ import torch
 
 from attnkit.modules import GlobalContext
 
-from ._helpers_b import assert_agrees, conv1x1, feature_map, randomize_
+from .reference import assert_matches_equations, conv1x1, feature_map, n_params, randomize
 
 C = 48  # C / 16 = 3 hidden values, so the LayerNorm has something to normalise
 SHAPE = (3, C, 7, 5)
@@ -49,13 +49,16 @@ def gc_equation(m: GlobalContext, x: torch.Tensor, pooling: str, fusion: tuple[s
     [("att", ("add",)), ("att", ("mul",)), ("att", ("add", "mul")), ("avg", ("add",)), ("avg", ("mul", "add"))],
 )
 def test_matches_equations(pooling, fusion):
-    m = randomize_(GlobalContext(C, pooling=pooling, fusion=fusion))
-    assert_agrees(m, lambda x: gc_equation(m, x, pooling, fusion), feature_map(*SHAPE), zero_grads=SHIFT_INVARIANT)
+    m = randomize(GlobalContext(C, pooling=pooling, fusion=fusion), double=True).eval()
+    zero_grads = SHIFT_INVARIANT if pooling == "att" else frozenset()  # 'avg' has no conv_mask
+    x = feature_map(*SHAPE)
+    assert_matches_equations(m, lambda v: gc_equation(m, v, pooling, fusion), x, zero_grads=zero_grads)
 
 
 def test_fusion_add_is_the_default():
-    m = randomize_(GlobalContext(C))
-    assert_agrees(m, lambda x: gc_equation(m, x, "att", ("add",)), feature_map(*SHAPE), zero_grads=SHIFT_INVARIANT)
+    m = randomize(GlobalContext(C), double=True).eval()
+    x = feature_map(*SHAPE)
+    assert_matches_equations(m, lambda v: gc_equation(m, v, "att", ("add",)), x, zero_grads=SHIFT_INVARIANT)
 
 
 @pytest.mark.parametrize("pooling", ["att", "avg"])
@@ -75,7 +78,7 @@ def test_parameter_count(channels, pooling, fusion, transforms):
     mask = channels + 1 if pooling == "att" else 0  # 1×1 conv C → 1 with bias
     per_transform = (channels * hidden + hidden) + 2 * hidden + (hidden * channels + channels)  # conv, LN, conv
     m = GlobalContext(channels, pooling=pooling, fusion=fusion)
-    assert sum(p.numel() for p in m.parameters()) == mask + transforms * per_transform
+    assert n_params(m) == mask + transforms * per_transform
 
 
 def test_wrong_channel_count_names_both():

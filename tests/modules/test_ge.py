@@ -16,7 +16,7 @@ from torch import nn
 
 from attnkit.modules import GatherExcite
 
-from ._helpers_b import assert_agrees, batch_norm, conv1x1, feature_map, randomize_
+from .reference import TRAIN_MODES, assert_matches_equations, batch_norm, conv1x1, feature_map, n_params, randomize
 
 C = 32  # θ⁺ needs C // 16 >= 2 hidden channels for a non-trivial excite MLP
 SHAPE = (3, C, 7, 5)
@@ -68,22 +68,22 @@ def ge_equation(m: GatherExcite, x: torch.Tensor, variant: str, extent: int, tra
 
 def build(variant: str, extent: int) -> GatherExcite:
     size = SHAPE[2:] if variant != "minus" and extent == 0 else None
-    return randomize_(GatherExcite(C, extent, variant=variant, spatial_size=size))
+    return randomize(GatherExcite(C, extent, variant=variant, spatial_size=size), double=True)
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 @pytest.mark.parametrize(
     ("variant", "extent"),
     [("minus", 0), ("minus", 2), ("minus", 4), ("theta", 0), ("theta", 2), ("theta", 4), ("plus", 0), ("plus", 4)],
 )
 def test_matches_equations(variant, extent, train):
-    m = build(variant, extent)
-    assert_agrees(m, lambda x: ge_equation(m, x, variant, extent, train), feature_map(*SHAPE), train=train)
+    m = build(variant, extent).train(train)
+    assert_matches_equations(m, lambda x: ge_equation(m, x, variant, extent, train), feature_map(*SHAPE))
 
 
 def test_theta_global_eval_with_batch_of_one_matches_equations():
-    m = build("theta", 0)
-    assert_agrees(m, lambda x: ge_equation(m, x, "theta", 0, False), feature_map(1, *SHAPE[1:]))
+    m = build("theta", 0).eval()
+    assert_matches_equations(m, lambda x: ge_equation(m, x, "theta", 0, False), feature_map(1, *SHAPE[1:]))
 
 
 def excite_params(c: int) -> int:
@@ -108,7 +108,7 @@ def test_parameter_count(channels, variant, extent, expected):
     h, w = 14, 9
     size = (h, w) if variant != "minus" and extent == 0 else None
     m = GatherExcite(channels, extent, variant=variant, spatial_size=size)
-    assert sum(p.numel() for p in m.parameters()) == expected(channels, h, w)
+    assert n_params(m) == expected(channels, h, w)
 
 
 @pytest.mark.parametrize("variant", ["theta", "plus"])

@@ -9,7 +9,7 @@ import torch
 
 from attnkit.modules import SqueezeExcite
 
-from ._helpers_a import assert_same_function, feature_map, n_params, randomize_
+from .reference import assert_matches_equations, conv1x1, feature_map, n_params, randomize
 
 C = 48  # hidden width C // 16 = 3
 SHAPE = (3, C, 7, 5)
@@ -17,12 +17,7 @@ SHAPE = (3, C, 7, 5)
 
 def se_logits(x, m):
     """W₂ δ(W₁ GAP(x) + b₁) + b₂, N×C, with the module's weights read from its parameters."""
-    w1, w2 = m.fc1.weight[:, :, 0, 0], m.fc2.weight[:, :, 0, 0]
-    h = x.mean((2, 3)) @ w1.T
-    if m.fc1.bias is not None:
-        h = h + m.fc1.bias
-    e = torch.relu(h) @ w2.T
-    return e if m.fc2.bias is None else e + m.fc2.bias
+    return conv1x1(torch.relu(conv1x1(x.mean((2, 3)), m.fc1)), m.fc2)
 
 
 def sigmoid(z):
@@ -38,24 +33,24 @@ def se_reference(m, gate=sigmoid):
 
 
 def test_matches_equations():
-    m = randomize_(SqueezeExcite(C))
-    assert_same_function(m, se_reference(m), feature_map(*SHAPE))
+    m = randomize(SqueezeExcite(C), double=True)
+    assert_matches_equations(m, se_reference(m), feature_map(*SHAPE))
 
 
 def test_no_bias_matches_equations():
-    m = randomize_(SqueezeExcite(C, bias=False))
+    m = randomize(SqueezeExcite(C, bias=False), double=True)
     assert m.fc1.bias is None and m.fc2.bias is None
     assert [name for name, _ in m.named_parameters()] == ["fc1.weight", "fc2.weight"]
-    assert_same_function(m, se_reference(m), feature_map(*SHAPE))
+    assert_matches_equations(m, se_reference(m), feature_map(*SHAPE))
 
 
 def test_hard_sigmoid_gate_matches_equations():
-    m = randomize_(SqueezeExcite(C, gate="hard_sigmoid"))
+    m = randomize(SqueezeExcite(C, gate="hard_sigmoid"), double=True)
     x = feature_map(*SHAPE, scale=12.0)
     logits = se_logits(x, m)
     assert (logits.abs() > 3).any() and (logits.abs() < 3).any(), "want both saturated and linear gates"
     # PyTorch's Hardsigmoid backward multiplies by 1/6 rounded to float32 even in float64 (relative error 3e-8).
-    assert_same_function(m, se_reference(m, hard_sigmoid), x, grad_tol=1e-6)
+    assert_matches_equations(m, se_reference(m, hard_sigmoid), x, grad_tol=1e-6)
 
 
 def test_hidden_width_is_c_floor_r():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attnkit.modules import SelectiveKernel
 
-from ._helpers_b import assert_agrees, batch_norm, conv1x1, feature_map, randomize_
+from .reference import TRAIN_MODES, assert_matches_equations, batch_norm, conv1x1, feature_map, n_params, randomize
 
 DILATIONS = (1, 2)  # path m: 3×3 conv with dilation d_m and padding d_m
 
@@ -30,21 +30,21 @@ def sk_equation(m: SelectiveKernel, x: torch.Tensor, stride: int, groups: int, t
     return sum(a[:, i] * u for i, u in enumerate(paths))
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 @pytest.mark.parametrize(
     ("channels", "out_channels", "stride", "groups"),
     [(8, 8, 1, 4), (8, 12, 2, 4), (6, 10, 1, 1), (8, 16, 2, 8)],
 )
 def test_matches_equations(channels, out_channels, stride, groups, train):
-    m = randomize_(SelectiveKernel(channels, out_channels, stride, groups=groups))
+    m = randomize(SelectiveKernel(channels, out_channels, stride, groups=groups), double=True).train(train)
     x = feature_map(3, channels, 7, 5)
-    assert_agrees(m, lambda v: sk_equation(m, v, stride, groups, train), x, train=train)
+    assert_matches_equations(m, lambda v: sk_equation(m, v, stride, groups, train), x)
     assert m(x).shape == (3, out_channels, 4 if stride == 2 else 7, 3 if stride == 2 else 5)
 
 
 def test_eval_with_batch_of_one_matches_equations():
-    m = randomize_(SelectiveKernel(8, 12, 2, groups=4))
-    assert_agrees(m, lambda v: sk_equation(m, v, 2, 4, False), feature_map(1, 8, 7, 5))
+    m = randomize(SelectiveKernel(8, 12, 2, groups=4), double=True).eval()
+    assert_matches_equations(m, lambda v: sk_equation(m, v, 2, 4, False), feature_map(1, 8, 7, 5))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_parameter_count(channels, out_channels):
     select = d * 2 * out_channels  # W_sel (no bias)
     m = SelectiveKernel(channels, out_channels)
     assert m.fc_reduce.out_channels == d
-    assert sum(p.numel() for p in m.parameters()) == paths + fuse + select
+    assert n_params(m) == paths + fuse + select
 
 
 def test_wrong_channel_count_names_both():

@@ -14,7 +14,7 @@ import torch
 
 from attnkit.modules import SRM
 
-from ._helpers_b import assert_agrees, assert_close, batch_norm, feature_map, randomize_
+from .reference import TRAIN_MODES, assert_close, assert_matches_equations, batch_norm, feature_map, n_params, randomize
 
 STD_EPS = 1e-5  # ε inside SRM's standard deviation
 
@@ -30,15 +30,15 @@ def srm_equation(m: SRM, x: torch.Tensor, train: bool) -> torch.Tensor:
     return x * torch.sigmoid(batch_norm(z[:, :, None, None], m.bn, train))
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 def test_matches_equations(train):
-    m = randomize_(SRM(6))
-    assert_agrees(m, lambda x: srm_equation(m, x, train), feature_map(3, 6, 7, 5), train=train)
+    m = randomize(SRM(6), double=True).train(train)
+    assert_matches_equations(m, lambda x: srm_equation(m, x, train), feature_map(3, 6, 7, 5))
 
 
 def test_eval_with_batch_of_one_matches_equations():
-    m = randomize_(SRM(6))
-    assert_agrees(m, lambda x: srm_equation(m, x, False), feature_map(1, 6, 7, 5))
+    m = randomize(SRM(6), double=True).eval()
+    assert_matches_equations(m, lambda x: srm_equation(m, x, False), feature_map(1, 6, 7, 5))
 
 
 def test_cfc_is_zero_initialised():
@@ -47,9 +47,9 @@ def test_cfc_is_zero_initialised():
     assert torch.equal(m.cfc.detach(), torch.zeros(5, 2))
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 def test_one_by_one_map_uses_biased_variance(train):
-    m = randomize_(SRM(4)).train(train)
+    m = randomize(SRM(4), double=True).train(train)
     x = feature_map(3, 4, 1, 1)
     out = m(x)
     z = m.cfc[:, 0] * x[:, :, 0, 0] + m.cfc[:, 1] * math.sqrt(STD_EPS)  # μ = x, σ = sqrt(0 + ε)
@@ -66,13 +66,13 @@ def test_no_weight_decay_names_cfc_and_bn():
 def test_parameter_count(channels):
     m = SRM(channels)
     cfc, bn = 2 * channels, 2 * channels
-    assert sum(p.numel() for p in m.parameters()) == cfc + bn == 4 * channels
+    assert n_params(m) == cfc + bn == 4 * channels
 
 
 def test_resnet50_added_parameters():
     # One SRM per bottleneck, on its output width: 3, 4, 6, 3 blocks of 256, 512, 1024, 2048 channels.
     widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
-    added = sum(p.numel() for w in widths for p in SRM(w).parameters())
+    added = sum(n_params(SRM(w)) for w in widths)
     assert added == 4 * 15104 == 60416  # about 0.06M, as published
 
 

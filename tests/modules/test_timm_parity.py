@@ -31,28 +31,15 @@ from torch import nn
 import attnkit
 from attnkit.modules import CBAM, CoordAttention, GlobalContext
 
+from .reference import TRAIN_MODES, randomize
+
 RTOL, ATOL = 1e-5, 1e-6
 N, H, W = 4, 7, 9  # odd spatial sizes with H != W
-MODES = pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-def _randomize_(module: nn.Module) -> None:
-    """Every parameter to randn * 0.5; BatchNorm running statistics to non-trivial values."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.5)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
-            elif name.endswith("num_batches_tracked"):
-                b.fill_(3)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -93,7 +80,7 @@ def check_parity(
         same = ta.numel() == tb.numel() if a in reshaped else ta.shape == tb.shape
         assert same, f"{a} {tuple(ta.shape)} vs {b} {tuple(tb.shape)}"
 
-    _randomize_(ours)
+    randomize(ours)
     with torch.no_grad():
         for a, b in name_map.items():
             theirs_t[b].copy_(ours_t[a].reshape(theirs_t[b].shape))
@@ -132,7 +119,7 @@ def _bn_map(ours_prefix: str, timm_prefix: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("channels", [16, 64])
 def test_se(channels: int, train: bool) -> None:
     ours = attnkit.create("se", channels)
@@ -141,7 +128,7 @@ def test_se(channels: int, train: bool) -> None:
     check_parity(ours, theirs, name_map, train=train, channels=channels)
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("channels", [8, 16, 128, 2048])  # adaptive k = 3, 3, 5, 7: timm's clamp k >= 3 is inert
 def test_eca_adaptive_kernel(channels: int, train: bool) -> None:
     ours = attnkit.create("eca", channels)
@@ -149,7 +136,7 @@ def test_eca_adaptive_kernel(channels: int, train: bool) -> None:
     check_parity(ours, theirs, {"conv.weight": "conv.weight"}, train=train, channels=channels)
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("channels", [16, 64])
 def test_eca_fixed_kernel(channels: int, train: bool) -> None:
     ours = attnkit.create("eca", channels, kernel_size=3)
@@ -157,7 +144,7 @@ def test_eca_fixed_kernel(channels: int, train: bool) -> None:
     check_parity(ours, theirs, {"conv.weight": "conv.weight"}, train=train, channels=channels)
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("channels", [16, 64])
 def test_cbam(channels: int, channels_last: bool, train: bool) -> None:
@@ -176,7 +163,7 @@ def test_cbam(channels: int, channels_last: bool, train: bool) -> None:
     )
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("channels", [16, 64])
 def test_coord_attention(channels: int, train: bool) -> None:
     mip = max(8, channels // 32)
@@ -191,7 +178,7 @@ def test_coord_attention(channels: int, train: bool) -> None:
     check_parity(ours, theirs, name_map, train=train, channels=channels)  # same BN momentum: buffers compared
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize("fusion", ["add", "mul"])
 @pytest.mark.parametrize("channels", [64, 128])  # C/16 = 4, 8: a LayerNorm over 1 or 2 values is degenerate
 def test_global_context(channels: int, fusion: str, train: bool) -> None:
@@ -292,7 +279,7 @@ def legacy_ge_runs(legacy_timm_dir: str, tmp_path_factory: pytest.TempPathFactor
     }
 
 
-@MODES
+@TRAIN_MODES
 @pytest.mark.parametrize(
     ("channels", "extent", "size"), GE_CASES, ids=[f"C{c}-e{e}-{h}x{w}" for c, e, (h, w) in GE_CASES]
 )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attnkit.modules import TripletAttention
 
-from ._helpers_b import assert_agrees, batch_norm, feature_map, randomize_
+from .reference import TRAIN_MODES, assert_matches_equations, batch_norm, feature_map, n_params, randomize
 
 SHAPE = (3, 6, 7, 5)
 
@@ -37,12 +37,12 @@ def triplet_equation(m: TripletAttention, x: torch.Tensor, no_spatial: bool, tra
     return (out_cw + out_hc + gated(x, m.hw, train)) / 3
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@TRAIN_MODES
 @pytest.mark.parametrize("no_spatial", [False, True], ids=["three", "no_spatial"])
 @pytest.mark.parametrize("kernel_size", [7, 3])
 def test_matches_equations(kernel_size, no_spatial, train):
-    m = randomize_(TripletAttention(SHAPE[1], kernel_size, no_spatial=no_spatial))
-    assert_agrees(m, lambda x: triplet_equation(m, x, no_spatial, train), feature_map(*SHAPE), train=train)
+    m = randomize(TripletAttention(SHAPE[1], kernel_size, no_spatial=no_spatial), double=True).train(train)
+    assert_matches_equations(m, lambda x: triplet_equation(m, x, no_spatial, train), feature_map(*SHAPE))
 
 
 @pytest.mark.parametrize("channels", [1, 8, 64, 2048])
@@ -51,8 +51,8 @@ def test_parameter_count_does_not_depend_on_channels(channels, kernel_size):
     per_branch = 2 * kernel_size**2 + 2  # conv 2 → 1 without bias, BN(1)
     three = TripletAttention(channels, kernel_size)
     two = TripletAttention(channels, kernel_size, no_spatial=True)
-    assert sum(p.numel() for p in three.parameters()) == 3 * per_branch
-    assert sum(p.numel() for p in two.parameters()) == 2 * per_branch
+    assert n_params(three) == 3 * per_branch
+    assert n_params(two) == 2 * per_branch
 
 
 def test_wrong_channel_count_names_both():
