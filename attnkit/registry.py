@@ -8,19 +8,20 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from torch import nn
 
-__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create"]
+__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create", "did_you_mean"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
-def _suggest(name: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1)
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the closest of `valid`, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
 
 
@@ -62,7 +63,7 @@ def get_module_class(name: str) -> Callable[..., nn.Module]:
     except KeyError:
         raise ValueError(
             f"Unknown attention module {name!r}. Registered modules: {', '.join(list_modules())}."
-            f"{_suggest(name, list_modules())}"
+            f"{did_you_mean(name, list_modules())}"
         ) from None
 
 
@@ -111,7 +112,7 @@ def _check_kwargs(name: str, factory: Callable[..., nn.Module], kwargs: dict[str
         if key not in valid:
             raise ValueError(
                 f"{name!r} has no argument {key!r}. Valid arguments: {', '.join(valid) or '(none)'}."
-                f"{_suggest(key, valid)}"
+                f"{did_you_mean(key, valid)}"
             )
 
 

@@ -1,12 +1,12 @@
 """Backbones and create_model(): the networks the papers use, with attention placed as each paper places it."""
 from __future__ import annotations
 
-import difflib
 from functools import partial
 from typing import Any, Callable
 
 from torch import nn
 
+from ..registry import did_you_mean
 from ..surgery import attach
 from .cifar_resnet import CifarResNet
 from .lenet import LeNet
@@ -47,10 +47,7 @@ def create_model(
     e.g. create_model("resnet50", attn="cbam(reduction=8)").
     """
     if name not in _MODELS:
-        match = difflib.get_close_matches(name, list(_MODELS), n=1)
-        raise ValueError(
-            f"Unknown model {name!r}. Available: {', '.join(list_models())}." + (f" Did you mean {match[0]!r}?" if match else "")
-        )
+        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.{did_you_mean(name, _MODELS)}")
     options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
     model = _MODELS[name](**options, **kwargs)
     if attn is not None:

@@ -7,12 +7,13 @@ only for the final product, so fp16/bf16 autocast cannot overflow inside the att
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..registry import did_you_mean
 
 __all__ = [
     "AttentionModule",
@@ -46,17 +47,12 @@ GATES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _closest(value: str, valid: Iterable[str]) -> str:
-    match = difflib.get_close_matches(value, list(valid), n=1)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def one_of(owner: str, name: str, value: object, valid: Sequence[str]) -> str:
     """Return `value` if it is one of `valid`, else raise a ValueError that lists them."""
     if not isinstance(value, str):
         raise TypeError(f"{owner}: `{name}` must be one of {list(valid)}, got {value!r} ({type(value).__name__}).")
     if value not in valid:
-        raise ValueError(f"{owner}: `{name}` must be one of {list(valid)}, got {value!r}.{_closest(value, valid)}")
+        raise ValueError(f"{owner}: `{name}` must be one of {list(valid)}, got {value!r}.{did_you_mean(value, valid)}")
     return value
 
 
