@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/attnkit smoke
+	$(BIN)/attnkit compare
 
 test: $(STAMP)
 	ATTNKIT_TIMM_LEGACY=$(abspath $(TIMM_LEGACY)) $(BIN)/python -m pytest -q

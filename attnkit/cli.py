@@ -2,12 +2,107 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 import time
-from typing import Sequence
+import typing
+from dataclasses import fields
+from typing import Any, Sequence
 
 import torch
 
 from . import registry
+
+_TRAIN_HELP = {
+    "model": "backbone name (attnkit.list_models())",
+    "attn": "attention spec, e.g. se or 'cbam(reduction=8)'; leave out for the plain network",
+    "where": "placement: auto (the paper's), position=residual|output, stages=2,3, or a module-name pattern; "
+             "combine with ';', e.g. 'position=output;stages=3'",
+    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic; options as in "
+               "'synthetic(samples=512, channels=1)'",
+    "data_dir": "where the data set's files are",
+    "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
+    "image_size": "resize the images to this side (default: the data set's own)",
+    "batch_size": "global batch, divided among the processes",
+    "workers": "data-loading processes (image folders)",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay; never applied to norms, biases or parameters a paper exempts (SRM)",
+    "schedule": "learning-rate schedule after the warm-up",
+    "milestones": "epochs at which the step schedule multiplies the rate by --gamma (default: 50%% and 75%%)",
+    "amp": "mixed precision",
+    "channels_last": "channels_last memory format for the model and the inputs",
+    "compile": "torch.compile the model",
+    "clip_grad": "clip the gradient norm to this value",
+    "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
+    "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
+    "freeze": "backbone: train only the inserted modules and the classifier",
+    "sync_bn": "SyncBatchNorm across processes (GPUs)",
+    "threads": "torch CPU threads",
+    "run_dir": "the run's folder (default runs/<model>-<variant>-<dataset>-seed<k>)",
+    "resume": "continue the run in --run-dir from its last checkpoint",
+    "tensorboard": "write TensorBoard logs next to metrics.csv",
+    "progress": "progress bars and per-epoch lines",
+}
+_COMPARE_OWN = {"attn", "where", "seed", "run_dir", "resume", "progress"}
+
+
+def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) -> None:
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        kwargs: dict[str, Any] = {"default": f.default, "help": _TRAIN_HELP.get(f.name, "")}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "milestones":
+            kwargs.update(type=int, nargs="*", default=())
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            kwargs["type"] = base
+            choices = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant"),
+                       "amp": ("none", "bf16", "fp16"), "freeze": ("none", "backbone"), "device": ("auto", "cpu", "cuda")}
+            if f.name in choices:
+                kwargs["choices"] = choices[f.name]
+        if kwargs["help"] and f.default not in (None, (), False, True):
+            kwargs["help"] += " (default: %(default)s)"
+        parser.add_argument(flag, **kwargs)
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{**values, **overrides})
+
+
+def split_specs(text: str) -> list[str]:
+    """Split 'se,cbam(reduction=8, kernel_size=3),eca' at the commas outside parentheses."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [s for s in specs if s and s != "plain"]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (5) or a list (0,3,7), got {text!r}") from None
+    return values if "," in text else list(range(values[0]))
+
+
+def _default_jobs() -> int:
+    return 1 if torch.cuda.is_available() else max(1, min(4, os.cpu_count() or 1))
 
 
 def smoke(channels: int = 32, size: tuple[int, int] = (9, 7), batch: int = 4) -> list[dict[str, object]]:
@@ -22,16 +117,8 @@ def smoke(channels: int = 32, size: tuple[int, int] = (9, 7), batch: int = 4) ->
         y.square().mean().backward()
         elapsed = time.perf_counter() - start
         finite = bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all())
-        rows.append(
-            {
-                "module": name,
-                "class": type(module).__name__,
-                "params": sum(p.numel() for p in module.parameters()),
-                "output": "×".join(map(str, y.shape)),
-                "finite": finite,
-                "ms": 1e3 * elapsed,
-            }
-        )
+        rows.append({"module": name, "class": type(module).__name__, "params": sum(p.numel() for p in module.parameters()),
+                     "output": "×".join(map(str, y.shape)), "finite": finite, "ms": 1e3 * elapsed})
     return rows
 
 
@@ -44,16 +131,64 @@ def _print_table(rows: list[dict[str, object]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the registered attention modules")
+    sub.add_parser("list", help="list the registered attention modules, backbones and data sets")
     p_smoke = sub.add_parser("smoke", help="build every module and run it forward and backward")
     p_smoke.add_argument("--channels", type=int, default=32)
-    args = parser.parse_args(argv)
 
+    p_train = sub.add_parser("train", help="train one network (torchrun for several processes)")
+    _add_train_options(p_train)
+
+    p_compare = sub.add_parser("compare", help="the plain network against attention variants over paired seeds")
+    p_compare.add_argument("--attn", default="se,cbam,eca,srm,coord", help="attention specs, comma-separated (default: %(default)s)")
+    p_compare.add_argument("--where", action="append", default=None,
+                           help="a placement to compare (repeat to compare several); default: auto, the paper's")
+    p_compare.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="a count (5) or a list (0,3,7) (default: 3)")
+    p_compare.add_argument("--out", default=None, help="the comparison's folder (default runs/compare-<model>-<dataset>); "
+                           "running again with the same folder resumes")
+    p_compare.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: up to 4 on CPU, 1 on GPU)")
+    p_compare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_train_options(p_compare, skip=_COMPARE_OWN)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args, argv)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        print(f"attnkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "list":
-        print("\n".join(registry.list_modules()))
+        from .data import list_datasets
+        from .models import list_models
+
+        print("modules:  " + ", ".join(registry.list_modules()))
+        print("models:   " + ", ".join(list_models()))
+        print("datasets: " + ", ".join(list_datasets()))
+        return 0
+    if args.command == "train":
+        from .train import train
+
+        result = train(_config(args))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{result.variant}: test accuracy {result.test_acc:.2%} after {len(result.history)} epochs "
+                  f"(best {result.best_acc:.2%} at epoch {result.best_epoch}); run folder {result.run_dir}")
+        return 0
+    if args.command == "compare":
+        from .train import compare
+
+        command = "attnkit " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+        result = compare(_config(args), split_specs(args.attn), args.seeds, args.where or ["auto"], args.out,
+                         args.jobs or _default_jobs(), args.progress, command)
+        print(result.table())
+        found = len(result.runs) - result.trained
+        print(f"\n{len(result.runs)} runs ({found} found finished in the folder); report, CSV, JSON and plots in {result.out_dir}")
         return 0
     rows = smoke(args.channels)
     _print_table(rows)

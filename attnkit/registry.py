@@ -8,11 +8,12 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import re
 from typing import Any, Callable, Iterable, TypeVar
 
 from torch import nn
 
-__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create", "did_you_mean"]
+__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create", "did_you_mean", "check_kwargs"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -67,47 +68,57 @@ def get_module_class(name: str) -> Callable[..., nn.Module]:
         ) from None
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``"name(key=value, ...)"`` into the name and a dict of literal keyword arguments."""
+_NAME = re.compile(r"[A-Za-z_][\w\-]*")
+
+
+def parse_spec(spec: str, kind: str = "attention spec") -> tuple[str, dict[str, Any]]:
+    """Split ``"name(key=value, ...)"`` into the name and a dict of literal keyword arguments.
+
+    Names may contain hyphens ("fashion-mnist"); `kind` names what is being parsed in error messages.
+    """
     if not isinstance(spec, str):
-        raise TypeError(f"An attention spec must be a string such as 'se' or 'cbam(reduction=8)', got {spec!r}.")
+        raise TypeError(f"A {kind} must be a string such as 'se' or 'cbam(reduction=8)', got {spec!r}.")
     text = spec.strip()
+    name, paren, rest = text.partition("(")
+    name = name.strip()
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"Cannot parse {kind} {spec!r}: expected a name or name(key=value, ...), e.g. 'cbam(reduction=8, kernel_size=3)'.")
+    if not paren:
+        return name, {}
     try:
-        node = ast.parse(text, mode="eval").body
+        node = ast.parse("_spec(" + rest, mode="eval").body
     except SyntaxError:
         raise ValueError(
-            f"Cannot parse attention spec {spec!r}: expected a name or name(key=value, ...), "
-            f"e.g. 'cbam(reduction=8, kernel_size=3)'."
+            f"Cannot parse {kind} {spec!r}: expected a name or name(key=value, ...), e.g. 'cbam(reduction=8, kernel_size=3)'."
         ) from None
-    if isinstance(node, ast.Name):
-        return node.id, {}
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-        raise ValueError(f"Cannot parse attention spec {spec!r}: expected a name or name(key=value, ...).")
+    if not isinstance(node, ast.Call):
+        raise ValueError(f"Cannot parse {kind} {spec!r}: expected a name or name(key=value, ...).")
     if node.args:
         raise ValueError(
-            f"Attention spec {spec!r} has positional arguments; use keywords (the channel count is given "
-            f"separately), e.g. '{node.func.id}(reduction=8)'."
+            f"{kind.capitalize()} {spec!r} has positional arguments; use keywords, e.g. '{name}(reduction=8)'."
         )
     kwargs: dict[str, Any] = {}
     for keyword in node.keywords:
         if keyword.arg is None:
-            raise ValueError(f"Attention spec {spec!r}: '**' is not allowed; write each key=value.")
+            raise ValueError(f"{kind.capitalize()} {spec!r}: '**' is not allowed; write each key=value.")
         try:
             kwargs[keyword.arg] = ast.literal_eval(keyword.value)
         except ValueError:
             raise ValueError(
-                f"Attention spec {spec!r}: the value of {keyword.arg!r} must be a Python literal "
+                f"{kind.capitalize()} {spec!r}: the value of {keyword.arg!r} must be a Python literal "
                 f"(a number, a quoted string, True/False/None, a tuple or list), got "
                 f"{ast.unparse(keyword.value)!r}. Quote strings: {keyword.arg}='{ast.unparse(keyword.value)}'."
             ) from None
-    return node.func.id, kwargs
+    return name, kwargs
 
 
-def _check_kwargs(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any], skip: int = 1) -> None:
+    """Raise a ValueError naming the valid arguments when `kwargs` has a key that `factory` does not take
+    (the first `skip` parameters, such as the channel count, are not named in specs)."""
     params = list(inspect.signature(factory).parameters.values())
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    valid = [p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
         if key not in valid:
             raise ValueError(
@@ -127,5 +138,5 @@ def create(spec: str, channels: int, **kwargs: Any) -> nn.Module:
     if both:
         raise ValueError(f"Attention spec {spec!r}: {', '.join(both)} given both in the spec and as keywords.")
     merged = {**spec_kwargs, **kwargs}
-    _check_kwargs(name, factory, merged)
+    check_kwargs(name, factory, merged)
     return factory(channels, **merged)

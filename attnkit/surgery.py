@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import registry
 
-__all__ = ["attach", "AttachReport", "AttachedSite", "IdentityStart", "load_pretrained", "LoadReport"]
+__all__ = ["attach", "AttachReport", "AttachedSite", "IdentityStart", "load_pretrained", "LoadReport", "parse_placement"]
 
 POSITIONS = ("auto", "residual", "output", "after")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -264,6 +264,35 @@ def _replace(model: nn.Module, site: _Site, module: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def parse_placement(text: str) -> dict[str, Any]:
+    """attach() keyword arguments from a placement string, as the CLI's --where takes it.
+
+    Entries are separated by ';': `position=residual|output|after`, `stages=2,3`, and a bare entry that is
+    attach()'s `where` ("auto", a regular expression, or comma-separated module names). Examples: "auto",
+    "position=output", "stages=3", "position=output;stages=2,3", "layer4.*.bn2".
+    """
+    placement: dict[str, Any] = {"where": "auto"}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        key, eq, value = entry.partition("=")
+        key = key.strip()
+        if not eq:
+            names = [n.strip() for n in entry.split(",")]
+            placement["where"] = entry if len(names) == 1 else names
+        elif key == "position":
+            placement["position"] = value.strip()
+        elif key == "stages":
+            try:
+                placement["stages"] = tuple(int(v) for v in value.split(","))
+            except ValueError:
+                raise ValueError(f"placement {text!r}: stages takes 1-based stage numbers such as stages=2,3, got {value!r}.") from None
+        else:
+            raise ValueError(
+                f"placement {text!r}: unknown key {key!r}; expected position=..., stages=..., or a bare module "
+                f"pattern such as 'auto' or 'layer3.*.bn2'.{registry.did_you_mean(key, ('position', 'stages'))}"
+            )
+    return placement
+
+
 @dataclass
 class AttachedSite:
     """One inserted module: where it is registered, what it gates (or replaces), its channels and parameters."""

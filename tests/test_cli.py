@@ -1,4 +1,5 @@
-"""The command line: `attnkit list` and the `attnkit smoke` run."""
+"""The command line: `attnkit list`, the `attnkit smoke` run, and errors as one clear line (train and compare
+have their own tests in tests/train)."""
 from __future__ import annotations
 
 import subprocess
@@ -25,4 +26,15 @@ def test_smoke_rows_report_real_parameter_counts():
 
 def test_python_dash_m_list():
     result = subprocess.run([sys.executable, "-m", "attnkit", "list"], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == attnkit.list_modules()
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["modules"].strip().split(", ") == attnkit.list_modules()
+    assert lines["models"].strip().split(", ") == attnkit.list_models()
+    assert "digits" in lines["datasets"] and "cifar10" in lines["datasets"]
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert cli.main(["train", "--attn", "sq", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnkit train: error: Unknown attention module 'sq'") and "Traceback" not in err
+    assert cli.main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert f"found in {tmp_path}" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Backbones and create_model(): the networks the papers use, with attention placed as each paper places it."""
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Callable
 
@@ -38,17 +39,21 @@ def create_model(
     num_classes: int | None = None,
     in_chans: int | None = None,
     *,
+    input_size: int | None = None,
     identity_init: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build backbone `name`, with the attention module `attn` (a registry spec) placed as its paper says.
 
-    `kwargs` go to the backbone (e.g. `input_size` for lenet); attention options go in the spec string,
-    e.g. create_model("resnet50", attn="cbam(reduction=8)").
+    `input_size` (the input's side) reaches the backbones whose classifier depends on it (lenet) and is
+    ignored by those that pool globally. Other `kwargs` go to the backbone; attention options go in the spec
+    string, e.g. create_model("resnet50", attn="cbam(reduction=8)").
     """
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.{did_you_mean(name, _MODELS)}")
     options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    if input_size is not None and "input_size" in inspect.signature(_MODELS[name]).parameters:
+        options["input_size"] = input_size
     model = _MODELS[name](**options, **kwargs)
     if attn is not None:
         attach(model, attn, identity_init=identity_init)

@@ -1,0 +1,208 @@
+"""The data sets by name. In-memory ones (digits, MNIST-family, CIFAR, synthetic) are held as uint8 tensors
+and batched by TensorLoader; image folders are decoded from disk by torchvision's ImageFolder."""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import check_kwargs, did_you_mean, parse_spec
+from .formats import DataNotFoundError, find_file, read_cifar_batches, read_idx
+from .loader import FolderLoader, Loader, TensorLoader
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Dataset:
+    """Train and test splits plus what a model and a loader need to know about them.
+
+    For in-memory data `train` and `test` are (images uint8 N×C×H×W, labels int64 N); for image folders they
+    are torchvision ImageFolder data sets.
+    """
+
+    name: str
+    train: Any
+    test: Any
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = "none"  # "none", "crop_flip" (pad 4, random crop, horizontal flip), or "resized_crop_flip"
+    classes: list[str] = field(default_factory=list)
+
+    def loader(self, train: bool, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+               workers: int = 0) -> Loader:
+        """Batches of one split. `batch_size` is the global batch; each of `world_size` ranks gets its share."""
+        split = self.train if train else self.test
+        if isinstance(split, tuple):
+            return TensorLoader(*split, batch_size=batch_size, train=train, seed=seed, rank=rank,
+                                world_size=world_size, mean=self.mean, std=self.std,
+                                augment=self.augment if train else "none")
+        return FolderLoader(split, batch_size=batch_size, train=train, seed=seed, rank=rank,
+                            world_size=world_size, workers=workers)
+
+    def __len__(self) -> int:
+        return len(self.train[1]) if isinstance(self.train, tuple) else len(self.train)
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def _stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.float().div(255)
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def _in_memory(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], image_size: int | None,
+               augment: str, classes: list[str]) -> Dataset:
+    size = image_size or train[0].shape[-1]
+    train, test = (_resize(train[0], size), train[1]), (_resize(test[0], size), test[1])
+    mean, std = _stats(train[0])
+    return Dataset(name, train, test, len(classes), train[0].shape[1], size, mean, std, augment, classes)
+
+
+def digits(image_size: int | None = 16, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's handwritten digits (1,797 real 8×8 images, 0–16 grey levels), shipped inside the package.
+    A fixed stratified split: the same test images on every machine. Upsampled to 16×16 by default."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)[:, None]
+    labels = torch.from_numpy(bunch.target).long()
+    tr, te = train_test_split(range(len(labels)), test_size=test_fraction, stratify=bunch.target, random_state=0)
+    tr, te = torch.tensor(sorted(tr)), torch.tensor(sorted(te))
+    return _in_memory("digits", (images[tr], labels[tr]), (images[te], labels[te]), image_size, "none",
+                      [str(i) for i in range(10)])
+
+
+def _mnist_family(name: str, folder: str, url: str, classes: list[str]) -> Callable[..., Dataset]:
+    def load(data_dir: str | os.PathLike = "data", image_size: int | None = None, download: bool = False) -> Dataset:
+        root = Path(data_dir).expanduser()
+        if download:
+            import torchvision.datasets as tvd
+
+            getattr(tvd, folder)(str(root), download=True)
+        roots = [root, root / "raw", root / folder / "raw", root / name]
+        how = f"Pass --data-dir with the four idx files, --download where a network is available, or get them from {url}."
+        split = {}
+        for part, prefix in (("train", "train"), ("test", "t10k")):
+            images = read_idx(find_file(roots, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"], name, how))
+            labels = read_idx(find_file(roots, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], name, how))
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise ValueError(f"{name} {part}: expected N×H×W images and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}.")
+            split[part] = (images[:, None].to(torch.uint8), labels.long())
+        return _in_memory(name, split["train"], split["test"], image_size, "none", classes)
+
+    load.__doc__ = f"{name} from its idx files (gzipped or not), looked for in data_dir, data_dir/raw and data_dir/{folder}/raw."
+    return load
+
+
+_FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+mnist = _mnist_family("mnist", "MNIST", "http://yann.lecun.com/exdb/mnist/", [str(i) for i in range(10)])
+fashion_mnist = _mnist_family("fashion-mnist", "FashionMNIST", "https://github.com/zalandoresearch/fashion-mnist", _FASHION)
+
+
+def _cifar(name: str, folder: str, train_files: list[str], test_files: list[str], label_key: str,
+           num_classes: int) -> Callable[..., Dataset]:
+    def load(data_dir: str | os.PathLike = "data", image_size: int | None = None, download: bool = False) -> Dataset:
+        root = Path(data_dir).expanduser()
+        if download:
+            import torchvision.datasets as tvd
+
+            getattr(tvd, name.upper())(str(root), download=True)
+        roots = [root / folder, root]
+        how = f"Pass --data-dir with the python batches ({folder}/ from https://www.cs.toronto.edu/~kriz/cifar.html) or --download where a network is available."
+        train = read_cifar_batches([find_file(roots, [f], name, how) for f in train_files], label_key)
+        test = read_cifar_batches([find_file(roots, [f], name, how) for f in test_files], label_key)
+        classes = [str(i) for i in range(num_classes)]
+        return _in_memory(name, train, test, image_size, "crop_flip", classes)
+
+    load.__doc__ = f"{name} from its python batches, looked for in data_dir/{folder} and data_dir."
+    return load
+
+
+cifar10 = _cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)
+cifar100 = _cifar("cifar100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100)
+
+
+def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 224) -> Dataset:
+    """data_dir/train/<class>/* and data_dir/val/<class>/*, decoded by torchvision's ImageFolder; random-resized-crop
+    and flip for training, resize to 8/7 of the size and centre crop for evaluation (the ImageNet recipe)."""
+    import torchvision.datasets as tvd
+    from torchvision import transforms as T
+
+    root, size = Path(data_dir).expanduser(), image_size or 224
+    for part in ("train", "val"):
+        if not (root / part).is_dir():
+            raise DataNotFoundError(f"imagefolder: {root / part} is not a folder. Expected {root}/train/<class>/*.png|jpg and {root}/val/<class>/*.")
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), T.ToTensor(), normalize])
+    train, test = tvd.ImageFolder(str(root / "train"), train_tf), tvd.ImageFolder(str(root / "val"), test_tf)
+    if train.classes != test.classes:
+        raise ValueError(f"imagefolder: train and val have different classes: {train.classes} vs {test.classes}.")
+    return Dataset("imagefolder", train, test, len(train.classes), 3, size, IMAGENET_MEAN, IMAGENET_STD,
+                   "resized_crop_flip", list(train.classes))
+
+
+def synthetic(image_size: int | None = 32, samples: int = 2048, test_samples: int = 512, channels: int = 3,
+              num_classes: int = 10) -> Dataset:
+    """Random uint8 images with random labels (fixed seed): for measuring speed, not for learning."""
+    g = torch.Generator().manual_seed(0)
+    size = image_size or 32
+    make = lambda n: (torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8),  # noqa: E731
+                      torch.randint(0, num_classes, (n,), generator=g))
+    train, test = make(samples), make(test_samples)
+    return Dataset("synthetic", train, test, num_classes, channels, size, (0.5,) * channels, (0.29,) * channels,
+                   "none", [str(i) for i in range(num_classes)])
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "mnist": mnist,
+    "fashion-mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "imagefolder": imagefolder,
+    "synthetic": synthetic,
+}
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def load_dataset(spec: str, data_dir: str | os.PathLike = "data", image_size: int | None = None,
+                 download: bool = False) -> Dataset:
+    """Load a data set by spec: a name, or a name with options, e.g. "synthetic(samples=512, channels=1)"."""
+    name, options = parse_spec(spec, "dataset spec")
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}. Available: {', '.join(list_datasets())}.{did_you_mean(name, DATASETS)}")
+    factory = DATASETS[name]
+    check_kwargs(name, factory, options, skip=0)
+    accepted = inspect.signature(factory).parameters
+    given = {"data_dir": data_dir, "download": download, "image_size": image_size}
+    for key, value in given.items():
+        if key in options and key != "image_size":
+            raise ValueError(f"dataset spec {spec!r}: give {key} with its command-line option, not in the spec.")
+        if key in accepted and value is not None and (key != "download" or value):
+            options[key] = value
+    if download and "download" not in accepted:
+        raise ValueError(f"--download: there is nothing to download for {name}; leave the option out.")
+    return factory(**options)
+
+
+__all__ = ["DATASETS", "DataNotFoundError", "Dataset", "list_datasets", "load_dataset"]

@@ -1,0 +1,131 @@
+"""compare(): the plain network and each attention variant, trained over paired seeds, summarised with paired
+statistics. Every run is an ordinary train() run in its own folder, so an interrupted comparison resumes:
+finished runs are read back, a run cut off mid-way continues from its last checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from ..analysis.report import format_table, plot_all, summarize, write_csv, write_markdown
+from .checkpoint import write_json_atomic
+from .config import TrainConfig
+from .trainer import train
+
+__all__ = ["CompareResult", "DEFAULT_MODULES", "compare", "run_configs"]
+
+DEFAULT_MODULES = ("se", "cbam", "eca", "srm", "coord")
+
+
+@dataclass
+class CompareResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]  # one per variant, the plain network first
+    runs: list[dict[str, Any]]  # one per (variant, seed)
+    trained: int  # runs trained now (the others were found finished)
+
+    def table(self) -> str:
+        return format_table(self.rows)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=@" else "_" for c in text)
+
+
+def run_configs(base: TrainConfig, modules: Sequence[str], seeds: Sequence[int], placements: Sequence[str],
+                out_dir: Path) -> list[TrainConfig]:
+    """The runs of a comparison: the plain network, then each module at each placement, for every seed."""
+    if not seeds:
+        raise ValueError("compare needs at least one seed (three or more to say anything with confidence).")
+    variants: list[tuple[str | None, str]] = [(None, "auto")]
+    variants += [(m, p) for m in modules for p in placements]
+    configs = []
+    for seed in seeds:
+        for attn, where in variants:
+            config = replace(base, attn=attn, where=where, seed=seed, resume=True, progress=False, run_dir=None)
+            configs.append(replace(config, run_dir=str(out_dir / _slug(config.variant) / f"seed{seed}")))
+    names = [c.variant for c in configs[: len(variants)]]
+    repeated = sorted({v for v in names if names.count(v) > 1})
+    if repeated:
+        raise ValueError(f"compare: {', '.join(repeated)} listed more than once.")
+    return configs
+
+
+def _finished(config: TrainConfig) -> dict[str, Any] | None:
+    path = Path(config.run_dir) / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    differences = config.differences(TrainConfig.from_dict(_tuples(result["config"])))
+    if differences:
+        listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (new, old) in differences.items())
+        raise ValueError(f"{path.parent} holds a finished run with other options ({listed}). Use another --out.")
+    return result
+
+
+def _tuples(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config, "milestones": tuple(config.get("milestones", ()))}
+
+
+def _train_one(config: TrainConfig) -> dict[str, Any]:
+    return train(config).to_dict()
+
+
+def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: Sequence[int] = (0, 1, 2),
+            placements: Sequence[str] = ("auto",), out_dir: str | os.PathLike | None = None, jobs: int = 1,
+            progress: bool = True, command: str = "") -> CompareResult:
+    """Train the plain `base.model` and each module × placement for every seed; write results.csv, runs.csv,
+    results.json, report.md and plots into `out_dir`; return the summary.
+
+    `jobs` > 1 trains that many runs at once in separate processes, each with cpu_count // jobs threads:
+    on small CPU models this uses the cores better than threads inside one run.
+    """
+    out = Path(out_dir or f"runs/compare-{_slug(base.model)}-{_slug(base.dataset)}")
+    configs = run_configs(base, modules, seeds, placements, out)
+    if jobs > 1 and base.threads is None:
+        configs = [replace(c, threads=max(1, (os.cpu_count() or 1) // jobs)) for c in configs]
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for config in configs:
+        finished = _finished(config)
+        if finished is None:
+            todo.append(config)
+        else:
+            results[config.run_dir] = finished
+    bar = tqdm(total=len(configs), initial=len(results), disable=not progress, desc="compare", unit="run",
+               dynamic_ncols=True, file=sys.stderr)
+
+    def done(result: dict[str, Any]) -> None:
+        results[result["run_dir"]] = result
+        bar.set_postfix_str(f"{result['variant']} seed {result['seed']}: {100 * result['test_acc']:.2f}%")
+        bar.update()
+
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_train_one, c) for c in todo]):
+                done(future.result())
+    else:
+        for config in todo:
+            bar.set_description(f"compare: {config.variant} seed {config.seed}")
+            done(_train_one(config))
+    bar.close()
+
+    runs = [results[c.run_dir] for c in configs]
+    rows = summarize(runs)
+    setup = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "batch size": base.batch_size,
+             "optimizer": base.optimizer, "lr": base.lr, "schedule": base.schedule, "seeds": ", ".join(map(str, seeds))}
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", rows)
+    write_csv(out / "runs.csv", runs)
+    write_json_atomic(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
+                                             "summary": rows, "runs": runs})
+    write_markdown(out / "report.md", rows, setup, command)
+    plot_all(out, rows, runs)
+    return CompareResult(out, rows, runs, len(todo))

@@ -1,0 +1,291 @@
+"""The training loop: build the data, the model (plain backbone first, then attention, so that every variant of
+a seed shares the backbone's initialisation), optionally load pretrained weights and freeze the backbone; then
+train with checkpoints after every epoch that --resume continues exactly."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..analysis.cost import count_macs, count_params
+from ..data import Dataset, load_dataset
+from ..models import create_model
+from ..surgery import AttachReport, attach, load_pretrained, parse_placement
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .config import TrainConfig
+from .distributed import Distributed, setup_distributed
+from .logger import MetricsLogger
+from .optim import build_optimizer, build_schedule
+
+__all__ = ["TrainResult", "build_model", "model_from_checkpoint", "seed_everything", "train"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    variant: str
+    seed: int
+    test_acc: float  # after the last epoch: what is reported (the best epoch on the test set would be selection)
+    best_acc: float
+    best_epoch: int
+    params: int
+    macs: int
+    train_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    """The one place randomness is seeded: Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
+    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init,
+    num_classes, in_chans and input_size, as checkpoints store it."""
+    model = create_model(arch["model"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
+                         input_size=arch["input_size"])
+    report = None
+    if arch["attn"]:
+        report = attach(model, arch["attn"], identity_init=arch["identity_init"], **parse_placement(arch["where"]))
+    return model, report
+
+
+def model_from_checkpoint(path: str | Path) -> nn.Module:
+    """The trained network of a checkpoint written by train(), with its weights, in eval mode."""
+    state = load_checkpoint(path)
+    model, _ = build_model(state["arch"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _classifier_name(model: nn.Module) -> str:
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("--freeze backbone: the model has no nn.Linear classifier to keep trainable.")
+    return names[-1]
+
+
+def _freeze_backbone(model: nn.Module, report: AttachReport | None, log: Callable[[str], None]) -> list[nn.Module]:
+    """Train only the inserted attention and the classifier; frozen BatchNorms keep their statistics (eval mode).
+    Returns the frozen BatchNorm layers."""
+    keep = [site.module for site in report.sites] if report else []
+    keep.append(_classifier_name(model))
+    for name, p in model.named_parameters():
+        p.requires_grad = any(name.startswith(k + ".") for k in keep)
+    frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and not any(p.requires_grad for p in m.parameters())]
+    log(f"trainable: {count_params(model, True):,} of {count_params(model):,} parameters "
+        f"({len(keep) - 1} attention sites and the classifier {keep[-1]})")
+    return frozen
+
+
+def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
+    return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, **kwargs)
+
+
+class _Run:
+    """One training run's state; train() drives it."""
+
+    def __init__(self, config: TrainConfig, dist: Distributed) -> None:
+        self.config, self.dist = config, dist
+        self.verbose = config.progress and dist.is_main
+        self.run_dir = Path(config.run_dir or config.default_run_dir())
+        self.device = dist.device
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+
+    def log(self, message: str) -> None:
+        if self.verbose:
+            tqdm.write(message)
+
+    def resume_state(self) -> dict[str, Any] | None:
+        last = self.run_dir / "last.pt"
+        if not last.exists():
+            if self.config.resume:
+                self.log(f"--resume: no checkpoint in {self.run_dir} yet; starting from the beginning.")
+            return None
+        state = load_checkpoint(last)
+        if not self.config.resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run (epoch {state['epoch']} of {state['config']['epochs']}). "
+                f"Pass --resume to continue it, or --run-dir for a new run."
+            )
+        differences = self.config.differences(TrainConfig.from_dict(state["config"]))
+        if differences:
+            listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differences.items())
+            raise ValueError(f"--resume: {last} was trained with other options ({listed}). Resume with the same options or use another --run-dir.")
+        return state
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in loader:
+            yield (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                   y.to(self.device, non_blocking=True))
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        self.runner.train()
+        for bn in self.frozen_bn:
+            bn.eval()
+        self.train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        start = time.perf_counter()
+        bar = _progress(self.batches(self.train_loader), self.verbose, total=len(self.train_loader),
+                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for x, y in bar:
+            with self.autocast():
+                logits = self.runner(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.schedule.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        seconds = time.perf_counter() - start
+        totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=self.device)]))
+        loss, acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} in epoch {epoch + 1}; {self.run_dir / 'last.pt'} keeps the last good epoch. "
+                f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
+            )
+        return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.runner.eval()
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for x, y in self.batches(self.test_loader):
+            with self.autocast():
+                logits = self.runner(x)
+            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
+        totals = self.dist.all_reduce_sum(totals)
+        return {"test_loss": (totals[0] / totals[2]).item(), "test_acc": (totals[1] / totals[2]).item()}
+
+    def state(self, epoch: int, history: list[dict[str, Any]], best: tuple[float, int]) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "arch": self.arch,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": history,
+            "best_acc": best[0],
+            "best_epoch": best[1],
+        }
+
+    def run(self) -> TrainResult:
+        cfg, dist = self.config, self.dist
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        saved = self.resume_state()
+        seed_everything(cfg.seed)
+        data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download and dist.is_main)
+        self.arch = {"model": cfg.model, "attn": cfg.attn, "where": cfg.where, "identity_init": cfg.identity_init,
+                     "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
+        self.model, report = build_model(self.arch)
+        if report is not None:
+            self.log(str(report))
+        macs = count_macs(self.model, (1, data.in_chans, data.image_size, data.image_size))
+        if cfg.pretrained:
+            self.log(str(load_pretrained(self.model, cfg.pretrained)))
+        self.frozen_bn = _freeze_backbone(self.model, report, self.log) if cfg.freeze == "backbone" else []
+        if cfg.sync_bn and dist.enabled:
+            if self.device.type == "cpu":
+                raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU (gloo).")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.train_loader = data.loader(True, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
+                                        world_size=dist.world_size, workers=cfg.workers)
+        self.test_loader = data.loader(False, cfg.batch_size, rank=dist.rank, world_size=dist.world_size,
+                                       workers=cfg.workers)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = build_schedule(self.optimizer, len(self.train_loader), cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        history: list[dict[str, Any]] = []
+        best, start_epoch = (-1.0, 0), 0
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.schedule.load_state_dict(saved["schedule"])
+            self.scaler.load_state_dict(saved["scaler"])
+            torch.set_rng_state(saved["rng"])
+            history, best, start_epoch = saved["history"], (saved["best_acc"], saved["best_epoch"]), saved["epoch"]
+            self.log(f"resumed {self.run_dir} after epoch {start_epoch}")
+
+        self.runner: nn.Module = self.model
+        if dist.enabled:
+            self.runner = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.runner = torch.compile(self.runner)
+
+        logger = MetricsLogger(self.run_dir, cfg.tensorboard, start_epoch) if dist.is_main else None
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate(),
+                       "lr": self.optimizer.param_groups[0]["lr"]}
+                history.append(row)
+                improved = row["test_acc"] > best[0]
+                if improved:
+                    best = (row["test_acc"], epoch + 1)
+                if dist.is_main:
+                    logger.log(history)
+                    state = self.state(epoch + 1, history, best)
+                    save_checkpoint(self.run_dir / "last.pt", state)
+                    if improved:
+                        save_checkpoint(self.run_dir / "best.pt", state)
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2%}  "
+                         f"test {row['test_acc']:.2%}  ({row['epoch_seconds']:.1f} s)")
+        finally:
+            if logger is not None:
+                logger.close()
+        result = TrainResult(str(self.run_dir), cfg.variant, cfg.seed, history[-1]["test_acc"], best[0], best[1],
+                             count_params(self.model), macs, sum(r["epoch_seconds"] for r in history), history)
+        if dist.is_main:
+            write_json_atomic(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
+        dist.barrier()
+        return result
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train one run as `config` says, on every process torchrun started (or on this one alone)."""
+    dist = setup_distributed(config.device)
+    try:
+        return _Run(config, dist).run()
+    finally:
+        dist.close()
