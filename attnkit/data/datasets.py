@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import check_kwargs, did_you_mean, parse_spec
+from .cluttered import make_cluttered
 from .formats import DataNotFoundError, find_file, read_cifar_batches, read_idx
 from .loader import FolderLoader, Loader, TensorLoader
 
@@ -73,19 +74,40 @@ def _in_memory(name: str, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tens
     return Dataset(name, train, test, len(classes), train[0].shape[1], size, mean, std, augment, classes)
 
 
-def digits(image_size: int | None = 16, test_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's handwritten digits (1,797 real 8×8 images, 0–16 grey levels), shipped inside the package.
-    A fixed stratified split: the same test images on every machine. Upsampled to 16×16 by default."""
+def _digit_split(test_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's digits as uint8 N×8×8 images (0–16 grey levels scaled to 0–255) and labels, with the
+    indices of a fixed stratified train/test split: the same test images on every machine."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)[:, None]
-    labels = torch.from_numpy(bunch.target).long()
-    tr, te = train_test_split(range(len(labels)), test_size=test_fraction, stratify=bunch.target, random_state=0)
-    tr, te = torch.tensor(sorted(tr)), torch.tensor(sorted(te))
+    images = torch.from_numpy(bunch.images * (255 / 16)).round().to(torch.uint8)
+    tr, te = train_test_split(range(len(bunch.target)), test_size=test_fraction, stratify=bunch.target, random_state=0)
+    return images, torch.from_numpy(bunch.target).long(), torch.tensor(sorted(tr)), torch.tensor(sorted(te))
+
+
+def digits(image_size: int | None = 16, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's handwritten digits (1,797 real 8×8 images), shipped inside the package, upsampled to
+    16×16 by default."""
+    images, labels, tr, te = _digit_split(test_fraction)
+    images = images[:, None]
     return _in_memory("digits", (images[tr], labels[tr]), (images[te], labels[te]), image_size, "none",
                       [str(i) for i in range(10)])
+
+
+def cluttered_digits(canvas: int = 24, fragments: int = 4, scale: tuple[float, float] = (1.0, 1.5),
+                     fragment_size: int = 4, noise: float = 0.0, samples: int = 2000, test_samples: int = 500,
+                     seed: int = 0, image_size: int | None = None) -> Dataset:
+    """The digits on a `canvas`-pixel canvas among `fragments` pieces of other digits (attnkit.data.cluttered).
+    Training images are made from the digits' training split only and test images from its test split, so no
+    source digit appears on both sides."""
+    images, labels, tr, te = _digit_split()
+    knobs = dict(canvas=canvas, fragments=fragments, scale=tuple(scale), fragment_size=fragment_size, noise=noise)
+    split = []
+    for part, (idx, count) in enumerate(((tr, samples), (te, test_samples))):
+        made = make_cluttered(images[idx].numpy(), labels[idx].numpy(), count, seed=seed * 2 + part, **knobs)
+        split.append((torch.from_numpy(made.images)[:, None], torch.from_numpy(made.labels)))
+    return _in_memory("cluttered-digits", split[0], split[1], image_size, "none", [str(i) for i in range(10)])
 
 
 def _mnist_family(name: str, folder: str, url: str, classes: list[str]) -> Callable[..., Dataset]:
@@ -172,6 +194,7 @@ def synthetic(image_size: int | None = 32, samples: int = 2048, test_samples: in
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "digits": digits,
+    "cluttered-digits": cluttered_digits,
     "mnist": mnist,
     "fashion-mnist": fashion_mnist,
     "cifar10": cifar10,
