@@ -212,7 +212,11 @@ class _Run:
             torch.set_num_threads(cfg.threads)
         saved = self.resume_state()
         seed_everything(cfg.seed)
-        data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download and dist.is_main)
+        if cfg.download:  # one process downloads; the others wait, then read the files
+            if dist.is_main:
+                load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, download=True)
+            dist.barrier()
+        data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
         self.arch = {"model": cfg.model, "attn": cfg.attn, "where": cfg.where, "identity_init": cfg.identity_init,
                      "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
         self.model, report = build_model(self.arch)
@@ -257,8 +261,8 @@ class _Run:
         logger = MetricsLogger(self.run_dir, cfg.tensorboard, start_epoch) if dist.is_main else None
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate(),
-                       "lr": self.optimizer.param_groups[0]["lr"]}
+                lr = self.optimizer.param_groups[0]["lr"]  # at the epoch's first step
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate(), "lr": lr}
                 history.append(row)
                 improved = row["test_acc"] > best[0]
                 if improved:
