@@ -19,7 +19,7 @@ _TRAIN_HELP = {
     "attn": "attention spec, e.g. se or 'cbam(reduction=8)'; leave out for the plain network",
     "where": "placement: auto (the paper's), position=residual|output, stages=2,3, or a module-name pattern; "
              "combine with ';', e.g. 'position=output;stages=3'",
-    "dataset": "digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic; options as in "
+    "dataset": "digits, cluttered-digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic; options as in "
                "'synthetic(samples=512, channels=1)'",
     "data_dir": "where the data set's files are",
     "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     p_compare.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: up to 4 on CPU, 1 on GPU)")
     p_compare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_train_options(p_compare, skip=_COMPARE_OWN)
+    # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
+    p_compare.set_defaults(dataset="cluttered-digits")
     return parser
 
 

@@ -33,7 +33,7 @@ def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return _resize_matrix(image.shape[0], rows) @ image @ _resize_matrix(image.shape[1], cols).T
 
 
-def make_cluttered(sources: np.ndarray, labels: np.ndarray, count: int, *, canvas: int = 24, fragments: int = 4,
+def make_cluttered(sources: np.ndarray, labels: np.ndarray, count: int, *, canvas: int = 20, fragments: int = 3,
                    scale: tuple[float, float] = (1.0, 1.5), fragment_size: int = 4, noise: float = 0.0,
                    seed: int = 0) -> ClutteredSplit:
     """`count` images of side `canvas` from `sources` (N×h×w, values 0–255) and their `labels`.

@@ -63,15 +63,11 @@ def _finished(config: TrainConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    differences = config.differences(TrainConfig.from_dict(_tuples(result["config"])))
+    differences = config.differences(TrainConfig.from_dict(result["config"]))
     if differences:
         listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (new, old) in differences.items())
         raise ValueError(f"{path.parent} holds a finished run with other options ({listed}). Use another --out.")
-    return result
-
-
-def _tuples(config: dict[str, Any]) -> dict[str, Any]:
-    return {**config, "milestones": tuple(config.get("milestones", ()))}
+    return {**result, "run_dir": config.run_dir}  # where it is now, should the folder have been moved
 
 
 def _train_one(config: TrainConfig) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def test_compare_in_parallel_processes_gives_the_same_accuracies(tiny, tmp_path)
 
 
 def test_cli_compare_prints_the_table(tmp_path, capsys):
-    code = cli.main(["compare", "--model", "lenet", "--image-size", "28", "--attn", "se,cbam(reduction=2, kernel_size=3)",
+    code = cli.main(["compare", "--model", "lenet", "--dataset", "digits", "--image-size", "28", "--attn", "se,cbam(reduction=2, kernel_size=3)",
                      "--seeds", "2", "--epochs", "1", "--out", str(tmp_path / "c"), "--jobs", "1", "--no-progress",
                      "--no-tensorboard"])
     out = capsys.readouterr().out
@@ -85,3 +85,10 @@ def test_cli_compare_prints_the_table(tmp_path, capsys):
 
 def test_split_specs_keeps_commas_inside_parentheses():
     assert cli.split_specs("se, cbam(reduction=8, kernel_size=3),eca,plain") == ["se", "cbam(reduction=8, kernel_size=3)", "eca"]
+
+
+def test_cli_compare_defaults_to_cluttered_digits():
+    args = cli._parser().parse_args(["compare"])
+    assert args.dataset == "cluttered-digits" and args.seeds == [0, 1, 2]
+    assert cli.split_specs(args.attn) == ["se", "cbam", "eca", "srm", "coord"]
+    assert cli._parser().parse_args(["train"]).dataset == "digits"
