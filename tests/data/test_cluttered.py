@@ -91,9 +91,13 @@ def test_bad_knobs_are_clear_errors():
         load_dataset("cluttered-digits(clutter=3)")
 
 
-def test_plugs_into_training(tmp_path):
-    from attnkit.train import TrainConfig, train
+def test_plugs_into_training_and_compare(tmp_path):
+    from attnkit.train import TrainConfig, compare, train
 
-    result = train(TrainConfig(model="resnet20", attn="cbam", dataset="cluttered-digits(samples=128, test_samples=64)",
-                               epochs=1, batch_size=32, progress=False, tensorboard=False, run_dir=str(tmp_path / "r")))
-    assert len(result.history) == 1 and result.params > 0
+    spec = "cluttered-digits(samples=128, test_samples=64)"
+    result = train(TrainConfig(model="resnet20", attn="cbam", dataset=spec, epochs=1, batch_size=32, progress=False,
+                               tensorboard=False, run_dir=str(tmp_path / "r")))
+    assert len(result.history) == 1 and result.macs > 0
+    base = TrainConfig(model="lenet", dataset=spec, image_size=28, epochs=1, batch_size=32, tensorboard=False)
+    summary = compare(base, modules=["se"], seeds=[0, 1], out_dir=tmp_path / "c", progress=False)
+    assert [r["variant"] for r in summary.rows] == ["plain", "se"] and summary.rows[1]["pairs"] == 2
