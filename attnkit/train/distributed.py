@@ -30,6 +30,11 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
 from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
+from .runlock import RunFolderLock
 
 __all__ = ["TrainResult", "build_model", "model_from_checkpoint", "seed_everything", "train"]
 
@@ -149,11 +150,12 @@ class _Run:
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)  # no per-step sync to find it
         seen = 0
         start = time.perf_counter()
         bar = _progress(self.batches(self.train_loader), self.verbose, total=len(self.train_loader),
                         desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             with self.autocast():
                 logits = self.runner(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -166,15 +168,18 @@ class _Run:
             self.scaler.update()
             self.schedule.step()
             loss_sum += loss.detach() * len(y)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
         seconds = time.perf_counter() - start
         totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=self.device)]))
         loss, acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         if not math.isfinite(loss):
+            step = int(self.dist.all_reduce_min(torch.where(first_bad < 0, len(self.train_loader), first_bad)).item())
             raise FloatingPointError(
-                f"training loss became {loss} in epoch {epoch + 1}; {self.run_dir / 'last.pt'} keeps the last good epoch. "
-                f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
+                f"the training loss became {loss} at step {step + 1} of epoch {epoch + 1} (step "
+                f"{epoch * len(self.train_loader) + step + 1} of the run); nothing of this epoch was saved and "
+                f"{self.run_dir / 'last.pt'} keeps the last good epoch. Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
             )
         return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds}
 
@@ -290,6 +295,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Train one run as `config` says, on every process torchrun started (or on this one alone)."""
     dist = setup_distributed(config.device)
     try:
-        return _Run(config, dist).run()
+        run = _Run(config, dist)
+        with RunFolderLock(run.run_dir) if dist.is_main else contextlib.nullcontext():
+            return run.run()
     finally:
         dist.close()

@@ -1,0 +1,52 @@
+"""One training process per run folder. `run_dir/.lock` is held with an exclusive advisory lock (flock) for the
+whole run, so a second `attnkit train` on the same folder refuses at once instead of interleaving checkpoints;
+the operating system drops the lock when its process ends, even by SIGKILL, so no stale lock ever blocks a
+resume. Temporary files that a killed writer left behind are removed when the lock is taken."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not protected from each other there
+    fcntl = None
+
+__all__ = ["RunFolderBusy", "RunFolderLock"]
+
+
+class RunFolderBusy(FileExistsError):
+    """Another process is training in this run folder."""
+
+
+class RunFolderLock:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunFolderLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(self.fd)
+                self.fd = None
+                raise RunFolderBusy(
+                    f"{self.run_dir} is in use by another attnkit train (pid {owner}). Wait for it to finish, "
+                    f"or give this run another --run-dir."
+                ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        for leftover in self.run_dir.glob(".*.tmp"):  # half-written by a process that was killed
+            leftover.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
