@@ -17,6 +17,17 @@ from .surgery import AttachReport, IdentityStart, LoadReport, attach, load_pretr
 
 __version__ = "0.1.0"
 
+_SUBPACKAGES = ("analysis", "data", "train")
+
+
+def __getattr__(name: str) -> object:
+    """attnkit.train, attnkit.data and attnkit.analysis, imported on first use (they pull in scipy, tqdm...)."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
+
 __all__ = [
     "BAM",
     "CBAM",
