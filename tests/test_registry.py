@@ -79,7 +79,7 @@ def test_spec_must_be_a_string():
 def test_bad_option_values_name_the_argument():
     with pytest.raises(ValueError, match="`gate` must be one of \\['hard_sigmoid', 'sigmoid'\\], got 'sigmoidd'.*Did you mean 'sigmoid'"):
         attnkit.create("se(gate='sigmoidd')", 64)
-    with pytest.raises(ValueError, match="`reduction` must be > 0, got 0"):
+    with pytest.raises(ValueError, match="`reduction` is the divisor r of C/r and must be >= 1, got 0"):
         attnkit.create("se(reduction=0)", 64)
     with pytest.raises(TypeError, match="`channels` must be an integer >= 1, got 64.0"):
         attnkit.create("se", 64.0)

@@ -79,8 +79,11 @@ def reduced_width(owner: str, channels: int, reduction: object, hidden_channels:
         return positive_int(owner, "hidden_channels", hidden_channels)
     if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not math.isfinite(reduction):
         raise TypeError(f"{owner}: `reduction` must be a positive number, got {reduction!r}.")
-    if reduction <= 0:
-        raise ValueError(f"{owner}: `reduction` must be > 0, got {reduction}.")
+    if reduction < 1:
+        raise ValueError(
+            f"{owner}: `reduction` is the divisor r of C/r and must be >= 1, got {reduction}. For timm's "
+            f"rd_ratio=1/16 pass reduction=16; for a bottleneck wider than C pass hidden_channels."
+        )
     return max(minimum, int(channels // reduction))
 
 

@@ -47,10 +47,14 @@ class ECA(AttentionModule):
         super().__init__(channels)
         owner = type(self).__name__
         if kernel_size is None:
-            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma <= 0:
-                raise ValueError(f"{owner}: `gamma` must be a positive number, got {gamma!r}.")
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-                raise TypeError(f"{owner}: `beta` must be a number, got {beta!r}.")
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+                raise ValueError(f"{owner}: `gamma` must be a positive finite number, got {gamma!r}.")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+                raise TypeError(f"{owner}: `beta` must be a finite number, got {beta!r}.")
+            t = abs((math.log2(channels) + beta) / gamma)
+            if t > 2 * channels + 1:
+                raise ValueError(f"{owner}: `gamma`={gamma} and `beta`={beta} give a kernel of {t:.3g} for {channels} "
+                                 f"channels; a kernel wider than 2·C+1 = {2 * channels + 1} only reads padding.")
             kernel_size = eca_kernel_size(channels, gamma, beta)
         self.kernel_size = odd_kernel(owner, "kernel_size", kernel_size)
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=False)

@@ -41,8 +41,8 @@ class SRM(AttentionModule):
     def __init__(self, channels: int, *, eps: float = 1e-5, gate: str | type[nn.Module] = "sigmoid") -> None:
         super().__init__(channels)
         owner = type(self).__name__
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"{owner}: `eps` must be a number >= 0, got {eps!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+            raise ValueError(f"{owner}: `eps` must be a number in [0, 1] (the paper's is 1e-5), got {eps!r}.")
         self.eps = float(eps)
         self.cfc = nn.Parameter(torch.zeros(channels, 2))
         self.bn = nn.BatchNorm2d(channels)

@@ -76,7 +76,7 @@ def test_3d_input():
 def test_bad_options():
     with pytest.raises(ValueError, match=r"`min_hidden` must be an integer >= 1, got 0"):
         CoordAttention(C, min_hidden=0)
-    with pytest.raises(ValueError, match=r"`reduction` must be > 0, got -2"):
+    with pytest.raises(ValueError, match=r"`reduction` is the divisor r of C/r and must be >= 1, got -2"):
         CoordAttention(C, reduction=-2)
     with pytest.raises(ValueError, match=r"`act` must be one of \[.*'hard_swish'.*\], got 'h_swish'"):
         CoordAttention(C, act="h_swish")

@@ -96,5 +96,5 @@ def test_bad_options():
         ECA(64, kernel_size=4)
     with pytest.raises(ValueError, match=r"`kernel_size` must be an integer >= 1, got 0"):
         ECA(64, kernel_size=0)
-    with pytest.raises(ValueError, match=r"`gamma` must be a positive number, got 0"):
+    with pytest.raises(ValueError, match=r"`gamma` must be a positive finite number, got 0"):
         ECA(64, gamma=0)

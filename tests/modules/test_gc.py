@@ -98,7 +98,7 @@ def test_three_dimensional_input():
         ({"fusion": "sum"}, ValueError, r"`fusion` must be one of \['add', 'mul'\], got 'sum'"),
         ({"fusion": ()}, ValueError, r"`fusion` must be 'add', 'mul' or both, got \(\)"),
         ({"fusion": ("add", "add")}, ValueError, r"`fusion` must be 'add', 'mul' or both"),
-        ({"reduction": 0}, ValueError, r"`reduction` must be > 0, got 0"),
+        ({"reduction": 0}, ValueError, r"`reduction` is the divisor r of C/r and must be >= 1, got 0"),
         ({"act": "bogus"}, ValueError, r"`act` must be one of"),
     ],
 )

@@ -130,7 +130,7 @@ def test_global_theta_on_a_map_of_another_size_names_both_sizes():
         ({"extent": -2}, ValueError, r"`extent` must be an integer >= 0, got -2"),
         ({"variant": "bogus"}, ValueError, r"`variant` must be one of \['minus', 'theta', 'plus'\], got 'bogus'"),
         ({"spatial_size": (7, 5)}, ValueError, r"`spatial_size` is only used by variants 'theta' and 'plus'"),
-        ({"variant": "plus", "spatial_size": 7, "reduction": 0}, ValueError, r"`reduction` must be > 0, got 0"),
+        ({"variant": "plus", "spatial_size": 7, "reduction": 0}, ValueError, r"`reduction` is the divisor r of C/r and must be >= 1, got 0"),
     ],
 )
 def test_bad_options(kwargs, error, message):

@@ -91,7 +91,9 @@ def test_bad_options():
         SqueezeExcite(C, gate="bogus")
     with pytest.raises(ValueError, match=r"`act` must be one of \[.*'relu'.*\], got 'rleu'\. Did you mean 'relu'\?"):
         SqueezeExcite(C, act="rleu")
-    with pytest.raises(ValueError, match=r"`reduction` must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`reduction` is the divisor r of C/r and must be >= 1, got 0"):
         SqueezeExcite(C, reduction=0)
+    with pytest.raises(ValueError, match=r"got 0.0625\. For timm's rd_ratio=1/16 pass reduction=16"):
+        SqueezeExcite(C, reduction=1 / 16)
     with pytest.raises(ValueError, match=r"`hidden_channels` must be an integer >= 1, got 0"):
         SqueezeExcite(C, hidden_channels=0)

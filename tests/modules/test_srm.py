@@ -95,8 +95,8 @@ def test_train_with_batch_of_one_says_batchnorm_cannot_train():
     ("kwargs", "error", "message"),
     [
         ({"channels": 0}, ValueError, r"`channels` must be an integer >= 1, got 0"),
-        ({"channels": 4, "eps": -1.0}, ValueError, r"`eps` must be a number >= 0, got -1.0"),
-        ({"channels": 4, "eps": float("nan")}, ValueError, r"`eps` must be a number >= 0, got nan"),
+        ({"channels": 4, "eps": -1.0}, ValueError, r"`eps` must be a number in \[0, 1\] \(the paper.s is 1e-5\), got -1.0"),
+        ({"channels": 4, "eps": float("nan")}, ValueError, r"`eps` must be a number in \[0, 1\] \(the paper.s is 1e-5\), got nan"),
         ({"channels": 4, "gate": "sigmod"}, ValueError, r"`gate` must be one of .*Did you mean 'sigmoid'"),
     ],
 )
