@@ -49,6 +49,7 @@ _COMPARE_OWN = {"attn", "where", "seed", "run_dir", "resume", "progress"}
 
 def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) -> None:
     from .train import TrainConfig
+    from .train.config import CHOICES
 
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -63,10 +64,8 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) 
         else:
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             kwargs["type"] = base
-            choices = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step", "constant"),
-                       "amp": ("none", "bf16", "fp16"), "freeze": ("none", "backbone"), "device": ("auto", "cpu", "cuda")}
-            if f.name in choices:
-                kwargs["choices"] = choices[f.name]
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
         if kwargs["help"] and f.default not in (None, (), False, True):
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
@@ -123,12 +122,9 @@ def smoke(channels: int = 32, size: tuple[int, int] = (9, 7), batch: int = 4) ->
 
 
 def _print_table(rows: list[dict[str, object]]) -> None:
-    headers = list(rows[0])
-    cells = [[f"{r[h]:.1f}" if isinstance(r[h], float) else str(r[h]) for h in headers] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    from .analysis.report import text_table
+
+    print(text_table([{h: f"{v:.1f}" if isinstance(v, float) else str(v) for h, v in r.items()} for r in rows]))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, build_model, seed_everything, train
+from attnkit.train.trainer import model_arch
 from attnkit.train.optim import build_optimizer, build_schedule
 
 
@@ -28,8 +29,7 @@ def hand_loop(config: TrainConfig) -> tuple[float, float, int]:
     train + evaluation seconds, images trained)."""
     seed_everything(config.seed)
     data = load_dataset(config.dataset, image_size=config.image_size)
-    model, _ = build_model({"model": config.model, "attn": config.attn, "where": "auto", "identity_init": False,
-                            "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size})
+    model, _ = build_model(model_arch(config, data))
     optimizer = build_optimizer(model, config)
     images, labels = data.train
     steps = len(labels) // config.batch_size

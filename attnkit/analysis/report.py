@@ -12,7 +12,7 @@ import numpy as np
 
 from .stats import holm, paired_comparison, verdict
 
-__all__ = ["format_table", "plot_all", "summarize", "write_csv", "write_markdown"]
+__all__ = ["format_table", "plot_all", "summarize", "text_table", "write_csv", "write_markdown"]
 
 BASELINE = "plain"
 
@@ -73,14 +73,18 @@ def _cells(row: dict[str, Any]) -> dict[str, str]:
     return cells
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table for the terminal."""
-    cells = [_cells(r) for r in rows]
+def text_table(cells: Sequence[dict[str, str]]) -> str:
+    """Rows of already-formatted cells as left-aligned columns, headers first."""
     headers = list(cells[0])
     widths = [max(len(h), *(len(c[h]) for c in cells)) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c[h].ljust(w) for h, w in zip(headers, widths)) for c in cells]
     return "\n".join(lines)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a plain-text table for the terminal."""
+    return text_table([_cells(r) for r in rows])
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -7,12 +7,12 @@ from typing import Any
 
 from ..registry import did_you_mean
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES"]
+__all__ = ["CHOICES", "TrainConfig", "RESUMABLE_CHANGES"]
 
 # Options that may differ between a run and its resumption: they change how it is run, not what it computes.
 RESUMABLE_CHANGES = frozenset({"resume", "progress", "workers", "tensorboard", "threads", "run_dir", "data_dir"})
 
-_CHOICES = {
+CHOICES = {  # the options that take one of a few names
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "step", "constant"),
     "amp": ("none", "bf16", "fp16"),
@@ -62,7 +62,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
+        for name, choices in CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}.{did_you_mean(str(value), choices)}")

@@ -28,7 +28,7 @@ from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
 from .runlock import RunFolderLock
 
-__all__ = ["TrainResult", "build_model", "model_from_checkpoint", "seed_everything", "train"]
+__all__ = ["TrainResult", "build_model", "model_arch", "model_from_checkpoint", "seed_everything", "train"]
 
 
 @dataclass
@@ -53,6 +53,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def model_arch(config: TrainConfig, data: Dataset) -> dict[str, Any]:
+    """What build_model() needs to rebuild a run's network; checkpoints store it as "arch"."""
+    return {"model": config.model, "attn": config.attn, "where": config.where, "identity_init": config.identity_init,
+            "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
 
 
 def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
@@ -222,8 +228,7 @@ class _Run:
                 load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, download=True)
             dist.barrier()
         data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
-        self.arch = {"model": cfg.model, "attn": cfg.attn, "where": cfg.where, "identity_init": cfg.identity_init,
-                     "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
+        self.arch = model_arch(cfg, data)
         self.model, report = build_model(self.arch)
         if report is not None:
             self.log(str(report))
