@@ -11,6 +11,8 @@ from .modules import (
     SqueezeExcite,
     TripletAttention,
 )
+from .capture import capture
+from .deploy import ExportReport, export, fuse
 from .models import create_model, list_models
 from .registry import create, get_module_class, list_modules, parse_spec, register
 from .surgery import AttachReport, IdentityStart, LoadReport, attach, load_pretrained
@@ -21,11 +23,16 @@ _SUBPACKAGES = ("analysis", "data", "train")
 
 
 def __getattr__(name: str) -> object:
-    """attnkit.train, attnkit.data and attnkit.analysis, imported on first use (they pull in scipy, tqdm...)."""
+    """attnkit.train, attnkit.data and attnkit.analysis, and attnkit.profile, imported on first use (they pull
+    in scipy, tqdm...)."""
     if name in _SUBPACKAGES:
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
+    if name == "profile":
+        from .analysis.profile import profile
+
+        return profile
     raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
 
 __all__ = [
@@ -43,6 +50,10 @@ __all__ = [
     "IdentityStart",
     "LoadReport",
     "attach",
+    "ExportReport",
+    "export",
+    "fuse",
+    "capture",
     "create",
     "create_model",
     "list_models",
@@ -50,5 +61,6 @@ __all__ = [
     "get_module_class",
     "list_modules",
     "parse_spec",
+    "profile",
     "register",
 ]

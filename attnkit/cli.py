@@ -149,6 +149,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_options(p_compare, skip=_COMPARE_OWN)
     # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
     p_compare.set_defaults(dataset="cluttered-digits")
+
+    p_profile = sub.add_parser("profile", help="parameters, FLOPs, activation memory and latency, plain and with attention")
+    p_profile.add_argument("--model", required=True, help="backbone name (attnkit.list_models())")
+    p_profile.add_argument("--attn", default="se,cbam,eca,srm,coord", help="attention specs, comma-separated (default: %(default)s)")
+    p_profile.add_argument("--input-size", type=int, default=None,
+                           help="input side (default: 224 for the ImageNet ResNets and mobilenet_v2, 32 for resnet20-110, 28 for lenet)")
+    p_profile.add_argument("--batch-size", type=int, default=8, help="batch of the memory and latency measurements (default: %(default)s)")
+    p_profile.add_argument("--in-chans", type=int, default=None, help="input channels (default: the backbone's)")
+    p_profile.add_argument("--num-classes", type=int, default=None, help="classes (default: the backbone's)")
+    p_profile.add_argument("--warmup", type=int, default=3, help="untimed passes per variant (default: %(default)s)")
+    p_profile.add_argument("--repeats", type=int, default=10, help="timed passes per variant; the median is reported (default: %(default)s)")
+
+    p_export = sub.add_parser("export", help="export a trained checkpoint to ONNX, torch.export or TorchScript, and check it")
+    p_export.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    p_export.add_argument("--format", default="onnx", choices=["onnx", "exported-program", "torchscript"],
+                          help="onnx (checked with onnxruntime), exported-program (torch.export, .pt2) or torchscript "
+                               "(default: %(default)s)")
+    p_export.add_argument("--out", default=None, help="the file to write (default: the checkpoint's path with the format's suffix)")
+    p_export.add_argument("--dynamic-batch", action="store_true", help="let the batch size vary")
+    p_export.add_argument("--dynamic-size", action="store_true", help="let the image height and width vary")
+    p_export.add_argument("--input-size", type=int, default=None, help="the example's side (default: the training size)")
+    p_export.add_argument("--batch-size", type=int, default=1, help="the example's batch (default: %(default)s)")
+    p_export.add_argument("--no-fold", dest="fold", action="store_false", help="keep the BatchNorms (default: folded)")
+    p_export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p_export.add_argument("--tolerance", type=float, default=1e-4,
+                          help="largest relative error of the check against PyTorch (default: %(default)s)")
     return parser
 
 
@@ -157,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args, argv)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"attnkit {args.command}: error: {error}", file=sys.stderr)
+        message = str(error).removeprefix(f"{args.command}: ")  # the library names the function; the prefix says it
+        print(f"attnkit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -187,6 +214,19 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(result.table())
         found = len(result.runs) - result.trained
         print(f"\n{len(result.runs)} runs ({found} found finished in the folder); report, CSV, JSON and plots in {result.out_dir}")
+        return 0
+    if args.command == "profile":
+        from .analysis.profile import format_profile, profile
+
+        print(format_profile(profile(args.model, split_specs(args.attn), input_size=args.input_size, batch_size=args.batch_size,
+                                     in_chans=args.in_chans, num_classes=args.num_classes, warmup=args.warmup, repeats=args.repeats)))
+        return 0
+    if args.command == "export":
+        from .deploy import export
+
+        print(export(args.checkpoint, args.out, args.format, input_shape=args.input_size, batch_size=args.batch_size,
+                     dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, fold=args.fold, opset=args.opset,
+                     tolerance=args.tolerance))
         return 0
     rows = smoke(args.channels)
     _print_table(rows)

@@ -19,7 +19,17 @@ from torch import Tensor, nn
 
 from . import registry
 
-__all__ = ["attach", "AttachReport", "AttachedSite", "IdentityStart", "load_pretrained", "LoadReport", "parse_placement"]
+__all__ = [
+    "attach",
+    "AttachReport",
+    "AttachedSite",
+    "IdentityStart",
+    "gates_of",
+    "load_pretrained",
+    "LoadReport",
+    "parse_placement",
+    "with_gates_of",
+]
 
 POSITIONS = ("auto", "residual", "output", "after")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -228,6 +238,21 @@ def _gated_class(base: type) -> type:
 
         _GATED_CLASSES[base] = type(base.__name__, (base,), {"forward": forward, "__module__": __name__})
     return _GATED_CLASSES[base]
+
+
+def gates_of(module: nn.Module) -> list[nn.Module]:
+    """The attention modules attach() applies after `module`'s output (empty if none)."""
+    return list(module.__dict__.get("_attnkit_gates", ()))
+
+
+def with_gates_of(source: nn.Module, replacement: nn.Module) -> nn.Module:
+    """`replacement`, made to apply the gates that follow `source` (when a gated layer is swapped, e.g. a BN
+    folded into its convolution becomes an Identity that still gates)."""
+    gates = gates_of(source)
+    if gates:
+        replacement.__class__ = _gated_class(type(replacement))
+        replacement.__dict__["_attnkit_gates"] = gates
+    return replacement
 
 
 def _free_name(holder: nn.Module, base: str = "attn") -> str:

@@ -52,8 +52,7 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(x.flatten(1))
+        return self.classifier(self.features(x).mean((2, 3)))  # global average pooling, dynamic under torch.export
 
 
 def mobilenet_v2(**kwargs) -> MobileNetV2:

@@ -6,6 +6,8 @@ from typing import Type
 
 from torch import Tensor, nn
 
+from .layers import GlobalAvgPool
+
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -73,7 +75,7 @@ class ResNet(nn.Module):
                 stage.append(block(cin, planes, stride if j == 0 else 1))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -10,10 +10,15 @@ from ._common import AttentionModule, gate_math, make_gate, stat_dtype
 
 @torch.fx.wrap
 def style_pool(x: Tensor, eps: float) -> Tensor:
-    """SRM's style pooling t = [μ, σ], N×C×2, in at least float32 (fx-wrapped: it branches on H·W)."""
+    """SRM's style pooling t = [μ, σ], N×C×2, in at least float32.
+
+    The unbiased variance is Σ(x − μ)² / (HW − 1), with HW − 1 taken as 1 for a 1×1 map. HW is counted as a
+    tensor, not read as a Python int, so that torch.export and tracing keep the formula for every map size
+    (and fx-wrapped: symbolic tracing cannot count)."""
     flat = x.flatten(2).to(stat_dtype(x))
-    var, mean = torch.var_mean(flat, dim=2, correction=1 if flat.shape[2] > 1 else 0)
-    return torch.stack([mean, (var + eps).sqrt()], dim=2)
+    var, mean = torch.var_mean(flat, dim=2, correction=0)
+    n = torch.ones_like(flat[0, 0]).sum()
+    return torch.stack([mean, (var * (n / (n - 1).clamp_min(1)) + eps).sqrt()], dim=2)
 
 
 @register("srm")
@@ -45,15 +50,33 @@ class SRM(AttentionModule):
             raise ValueError(f"{owner}: `eps` must be a number in [0, 1] (the paper's is 1e-5), got {eps!r}.")
         self.eps = float(eps)
         self.cfc = nn.Parameter(torch.zeros(channels, 2))
-        self.bn = nn.BatchNorm2d(channels)
+        self.register_parameter("bias", None)  # set by fold_batchnorm()
+        self.bn: nn.Module = nn.BatchNorm2d(channels)
         self.gate = make_gate(owner, gate)
 
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights g, N×C×1×1."""
         t = style_pool(x, self.eps)
         with gate_math(x):
-            z = (t.to(self.cfc.dtype) * self.cfc).sum(2)[:, :, None, None]
-            return self.gate(self.bn(z))
+            z = (t.to(self.cfc.dtype) * self.cfc).sum(2)
+            if self.bias is not None:
+                z = z + self.bias
+            return self.gate(self.bn(z[:, :, None, None]))
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> None:
+        """Fold the eval-mode BN into the channel-wise FC (the paper's note on inference cost):
+        BN(w·t) = (s·w)·t + (β − s·μ) with s = γ / sqrt(σ² + ε); the BN becomes the identity."""
+        bn = self.bn
+        if not isinstance(bn, nn.BatchNorm2d):
+            return
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        self.cfc.mul_(scale[:, None])
+        self.bias = nn.Parameter(shift.to(self.cfc.dtype))
+        self.bn = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

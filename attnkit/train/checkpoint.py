@@ -56,7 +56,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a readable attnkit checkpoint ({type(error).__name__}: {error}).") from error
+        reason = next(iter(str(error).strip().splitlines()), "")  # torch's own message runs over many lines
+        raise ValueError(f"{path} is not a readable attnkit checkpoint ({type(error).__name__}: {reason}).") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not an attnkit training checkpoint: expected format {FORMAT!r}, found {found!r}.")

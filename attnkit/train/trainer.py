@@ -72,9 +72,10 @@ def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
     return model, report
 
 
-def model_from_checkpoint(path: str | Path) -> nn.Module:
-    """The trained network of a checkpoint written by train(), with its weights, in eval mode."""
-    state = load_checkpoint(path)
+def model_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> nn.Module:
+    """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
+    it), with its weights, in eval mode."""
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     model, _ = build_model(state["arch"])
     model.load_state_dict(state["model"])
     return model.eval()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from attnkit.train import TrainConfig
 
@@ -15,3 +16,13 @@ def tiny(tmp_path):
         return TrainConfig(**{**options, **overrides})
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """For tests that count and compare, not time: one intra-op thread keeps them fast when another process
+    shares the cores (two threads on two busy cores wait on each other at every operation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
