@@ -175,6 +175,40 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p_export.add_argument("--tolerance", type=float, default=1e-4,
                           help="largest relative error of the check against PyTorch (default: %(default)s)")
+
+    p_explain = sub.add_parser("explain", help="Grad-CAM of the attention and the plain model side by side, and the attention maps, as PNG grids")
+    p_explain.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    p_explain.add_argument("--images", nargs="+", default=None, metavar="FILE", help="image files to explain (predicted labels only)")
+    p_explain.add_argument("--dataset", default=None, help="explain the first --count test images of this data set (default: the checkpoint's)")
+    p_explain.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    p_explain.add_argument("--baseline", default=None, metavar="CKPT",
+                           help="the plain model's checkpoint (default: <compare folder>/plain/seed<k>/ for runs of attnkit compare)")
+    p_explain.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++"], help="(default: %(default)s)")
+    p_explain.add_argument("--count", type=int, default=8, help="test images to explain (default: %(default)s)")
+    p_explain.add_argument("--target-layer", default=None, help="the module Grad-CAM looks at (default: the last feature map before global pooling)")
+    p_explain.add_argument("--sites", default="last",
+                           help="spatial attention sites drawn: last, all, or names, e.g. layer1.2.attn,layer3.2.attn (default: %(default)s)")
+    p_explain.add_argument("--out", default=None, help="the folder to write to (default: <checkpoint's folder>/explain)")
+
+    p_stats = sub.add_parser("stats", help="channel-gate statistics of a checkpoint: mean excitation per class (SE paper) "
+                             "and correlations of the channel weights (SRM paper), as CSV and PNG")
+    p_stats.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    p_stats.add_argument("--dataset", default=None, help="data set whose test split is used (default: the checkpoint's)")
+    p_stats.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    p_stats.add_argument("--out", default=None, help="the folder to write to (default: <checkpoint's folder>/stats)")
+    p_stats.add_argument("--max-samples", type=int, default=None, help="use this many test images, evenly spaced (default: all)")
+
+    p_prune = sub.add_parser("prune", help="zero the channels with the lowest mean gate at each attention site: accuracy "
+                             "against the fraction zeroed, with random and L1-norm rankings")
+    p_prune.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    p_prune.add_argument("--dataset", default=None, help="data set: gates ranked on its training split, accuracy on its test split "
+                         "(default: the checkpoint's)")
+    p_prune.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    p_prune.add_argument("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                         help="fractions of each site's channels to zero, in [0, 1) (default: %(default)s)")
+    p_prune.add_argument("--seed", type=int, default=0, help="seed of the random rankings (default: %(default)s)")
+    p_prune.add_argument("--max-samples", type=int, default=None, help="training images the gates are averaged over, evenly spaced (default: all)")
+    p_prune.add_argument("--out", default=None, help="the folder to write to (default: <checkpoint's folder>/prune)")
     return parser
 
 
@@ -227,6 +261,30 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(export(args.checkpoint, args.out, args.format, input_shape=args.input_size, batch_size=args.batch_size,
                      dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, fold=args.fold, opset=args.opset,
                      tolerance=args.tolerance))
+        return 0
+    if args.command == "explain":
+        from .analysis.explain import explain
+
+        print(explain(args.checkpoint, images=args.images, dataset=args.dataset, data_dir=args.data_dir, baseline=args.baseline,
+                      method=args.method, count=args.count, out_dir=args.out, target_layer=args.target_layer, sites=args.sites))
+        return 0
+    if args.command == "stats":
+        from .analysis.gate_stats import gate_stats, load_run, write_gate_stats
+
+        run = load_run(args.checkpoint, args.dataset, args.data_dir)
+        stats = gate_stats(run.model, run.data, max_samples=args.max_samples)
+        paths = write_gate_stats(stats, args.out or run.folder / "stats", run.name)
+        print(f"{stats.table()}\n\nCSV and plots in {paths[0].parent}: {', '.join(p.name for p in paths)}")
+        return 0
+    if args.command == "prune":
+        from .analysis.gate_stats import load_run
+        from .analysis.prune import parse_fractions, prune, write_prune
+
+        fractions = parse_fractions(args.fractions)
+        run = load_run(args.checkpoint, args.dataset, args.data_dir)
+        result = prune(run.model, run.data, fractions, seed=args.seed, max_samples=args.max_samples)
+        paths = write_prune(result, args.out or run.folder / "prune", run.name)
+        print(f"{result.table()}\n\nCSV and plot in {paths[0].parent}: {', '.join(p.name for p in paths)}")
         return 0
     rows = smoke(args.channels)
     _print_table(rows)
