@@ -34,6 +34,8 @@ _TRAIN_HELP = {
     "channels_last": "channels_last memory format for the model and the inputs",
     "compile": "torch.compile the model",
     "clip_grad": "clip the gradient norm to this value",
+    "skip_nonfinite": "skip up to this many training batches whose loss is NaN or inf over the run, instead of stopping "
+                      "at the first (costs one device sync per step; may be raised on --resume)",
     "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
     "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
     "freeze": "backbone: train only the inserted modules and the classifier",

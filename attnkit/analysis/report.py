@@ -12,7 +12,7 @@ import numpy as np
 
 from .stats import holm, paired_comparison, verdict
 
-__all__ = ["format_table", "plot_all", "summarize", "text_table", "write_csv", "write_markdown"]
+__all__ = ["format_table", "plot_all", "summarize", "text_table", "csv_text", "markdown_report"]
 
 BASELINE = "plain"
 
@@ -95,7 +95,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as CSV, one column per scalar field (lists and dicts left out)."""
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields and not isinstance(row[k], (list, dict))]
@@ -103,10 +104,11 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(text.getvalue())
+    return text.getvalue()
 
 
-def write_markdown(path: Path, rows: Sequence[dict[str, Any]], setup: dict[str, Any], command: str) -> None:
+def markdown_report(rows: Sequence[dict[str, Any]], setup: dict[str, Any], command: str) -> str:
+    """The comparison as a Markdown page: command, setup, table, and how to read it."""
     seeds = max(r["seeds"] for r in rows)
     lines = [
         "# attnkit compare",
@@ -131,7 +133,7 @@ def write_markdown(path: Path, rows: Sequence[dict[str, Any]], setup: dict[str, 
         "![accuracy against parameters](acc_vs_params.png)",
         "",
     ]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def plot_all(out_dir: Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[Path]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..registry import check_kwargs, did_you_mean, parse_spec
 from .cluttered import make_cluttered
-from .formats import DataNotFoundError, find_file, read_cifar_batches, read_idx
+from .formats import DataNotFoundError, check_labels, find_file, read_cifar_batches, read_idx
 from .loader import FolderLoader, Loader, TensorLoader
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -123,10 +123,11 @@ def _mnist_family(name: str, folder: str, url: str, classes: list[str]) -> Calla
         split = {}
         for part, prefix in (("train", "train"), ("test", "t10k")):
             images = read_idx(find_file(roots, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"], name, how))
-            labels = read_idx(find_file(roots, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], name, how))
+            labels_file = find_file(roots, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], name, how)
+            labels = read_idx(labels_file)
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise ValueError(f"{name} {part}: expected N×H×W images and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}.")
-            split[part] = (images[:, None].to(torch.uint8), labels.long())
+            split[part] = (images[:, None].to(torch.uint8), check_labels(labels.long(), len(classes), labels_file))
         return _in_memory(name, split["train"], split["test"], image_size, "none", classes)
 
     load.__doc__ = f"{name} from its idx files (gzipped or not), looked for in data_dir, data_dir/raw and data_dir/{folder}/raw."
@@ -148,8 +149,8 @@ def _cifar(name: str, folder: str, train_files: list[str], test_files: list[str]
             getattr(tvd, name.upper())(str(root), download=True)
         roots = [root / folder, root]
         how = f"Pass --data-dir with the python batches ({folder}/ from https://www.cs.toronto.edu/~kriz/cifar.html) or --download where a network is available."
-        train = read_cifar_batches([find_file(roots, [f], name, how) for f in train_files], label_key)
-        test = read_cifar_batches([find_file(roots, [f], name, how) for f in test_files], label_key)
+        train = read_cifar_batches([find_file(roots, [f], name, how) for f in train_files], label_key, num_classes)
+        test = read_cifar_batches([find_file(roots, [f], name, how) for f in test_files], label_key, num_classes)
         classes = [str(i) for i in range(num_classes)]
         return _in_memory(name, train, test, image_size, "crop_flip", classes)
 
@@ -159,6 +160,18 @@ def _cifar(name: str, folder: str, train_files: list[str], test_files: list[str]
 
 cifar10 = _cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)
 cifar100 = _cifar("cifar100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100)
+
+
+def _open_image(path: str) -> Any:
+    """The RGB image at `path`; a file that cannot be decoded (corrupt, truncated, not an image) is a ValueError
+    naming it, rather than a decoder's traceback from inside a loader."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error}).") from error
 
 
 def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 224) -> Dataset:
@@ -174,7 +187,8 @@ def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 2
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), T.ToTensor(), normalize])
-    train, test = tvd.ImageFolder(str(root / "train"), train_tf), tvd.ImageFolder(str(root / "val"), test_tf)
+    train = tvd.ImageFolder(str(root / "train"), train_tf, loader=_open_image)
+    test = tvd.ImageFolder(str(root / "val"), test_tf, loader=_open_image)
     if train.classes != test.classes:
         raise ValueError(f"imagefolder: train and val have different classes: {train.classes} vs {test.classes}.")
     return Dataset("imagefolder", train, test, len(train.classes), 3, size, IMAGENET_MEAN, IMAGENET_STD,

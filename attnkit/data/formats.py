@@ -66,15 +66,33 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar_batches(paths: list[Path], label_key: str) -> tuple[Tensor, Tensor]:
+def check_labels(labels: Tensor, num_classes: int, source: object) -> Tensor:
+    """`labels` if every one is a class index 0..num_classes−1, else a ValueError naming the file and a bad label."""
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"{source}: labels must be class indices 0..{num_classes - 1}, but {len(bad)} are not "
+                         f"(the first, at index {i}, is {int(labels[i])}).")
+    return labels
+
+
+def read_cifar_batches(paths: list[Path], label_key: str, num_classes: int) -> tuple[Tensor, Tensor]:
     """CIFAR-10/100 python batches: a pickled dict with b'data' (N×3072 uint8, RGB planes) and labels."""
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        try:
+            with open(path, "rb") as f:
+                batch = _ArrayUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise ValueError(f"{path} is not a readable CIFAR batch ({type(error).__name__}: {error}).") from error
         key = label_key.encode()
         if not isinstance(batch, dict) or b"data" not in batch or key not in batch:
             raise ValueError(f"{path} is not a CIFAR batch: expected a dict with b'data' and {key!r}.")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[key], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+        data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[key])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+            raise ValueError(f"{path}: b'data' must be N×3072 uint8 (32×32 RGB planes), got {data.shape} {data.dtype}.")
+        if batch_labels.shape != (len(data),):
+            raise ValueError(f"{path}: {len(data)} images but labels of shape {batch_labels.shape}.")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(check_labels(torch.from_numpy(batch_labels.astype(np.int64)), num_classes, path))
+    return torch.from_numpy(np.concatenate(images)), torch.cat(labels)

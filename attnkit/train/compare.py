@@ -14,8 +14,9 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from ..analysis.report import format_table, plot_all, summarize, write_csv, write_markdown
-from .checkpoint import write_json_atomic
+from ..analysis.report import csv_text, format_table, markdown_report, plot_all, summarize
+from .checkpoint import atomic_write_bytes, write_json_atomic
+from .runlock import RunFolderLock
 from .config import TrainConfig
 from .trainer import train
 
@@ -84,6 +85,12 @@ def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: 
     on small CPU models this uses the cores better than threads inside one run.
     """
     out = Path(out_dir or f"runs/compare-{_slug(base.model)}-{_slug(base.dataset)}")
+    with RunFolderLock(out, owner="attnkit compare", option="--out"):  # one comparison writes a folder's summary
+        return _compare_in(out, base, modules, seeds, placements, jobs, progress, command)
+
+
+def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Sequence[int], placements: Sequence[str],
+                jobs: int, progress: bool, command: str) -> CompareResult:
     configs = run_configs(base, modules, seeds, placements, out)
     if jobs > 1 and base.threads is None:
         configs = [replace(c, threads=max(1, (os.cpu_count() or 1) // jobs)) for c in configs]
@@ -117,11 +124,10 @@ def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: 
     rows = summarize(runs)
     setup = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "batch size": base.batch_size,
              "optimizer": base.optimizer, "lr": base.lr, "schedule": base.schedule, "seeds": ", ".join(map(str, seeds))}
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "results.csv", rows)
-    write_csv(out / "runs.csv", runs)
+    atomic_write_bytes(out / "results.csv", csv_text(rows).encode())
+    atomic_write_bytes(out / "runs.csv", csv_text(runs).encode())
     write_json_atomic(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
                                              "summary": rows, "runs": runs})
-    write_markdown(out / "report.md", rows, setup, command)
+    atomic_write_bytes(out / "report.md", markdown_report(rows, setup, command).encode())
     plot_all(out, rows, runs)
     return CompareResult(out, rows, runs, len(todo))

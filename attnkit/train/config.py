@@ -10,7 +10,9 @@ from ..registry import did_you_mean
 __all__ = ["CHOICES", "TrainConfig", "RESUMABLE_CHANGES"]
 
 # Options that may differ between a run and its resumption: they change how it is run, not what it computes.
-RESUMABLE_CHANGES = frozenset({"resume", "progress", "workers", "tensorboard", "threads", "run_dir", "data_dir"})
+# options that do not change what a resumed run computes (a larger skip budget only lets a stopped run go on)
+RESUMABLE_CHANGES = frozenset({"resume", "progress", "workers", "tensorboard", "threads", "run_dir", "data_dir",
+                               "skip_nonfinite"})
 
 CHOICES = {  # the options that take one of a few names
     "optimizer": ("sgd", "adamw"),
@@ -49,6 +51,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     clip_grad: float | None = None
+    skip_nonfinite: int = 0
     seed: int = 0
     pretrained: str | None = None
     identity_init: bool = False
@@ -66,6 +69,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}.{did_you_mean(str(value), choices)}")
+        if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite is a number of batches ≥ 0, got {self.skip_nonfinite!r}.")
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")

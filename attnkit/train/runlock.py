@@ -1,5 +1,6 @@
-"""One training process per run folder. `run_dir/.lock` is held with an exclusive advisory lock (flock) for the
-whole run, so a second `attnkit train` on the same folder refuses at once instead of interleaving checkpoints;
+"""One training process per run folder, and one comparison per comparison folder. `run_dir/.lock` is held with
+an exclusive advisory lock (flock) for the whole run, so a second `attnkit train` on the same folder refuses at
+once instead of interleaving checkpoints (a second `attnkit compare`, instead of interleaving its summary);
 the operating system drops the lock when its process ends, even by SIGKILL, so no stale lock ever blocks a
 resume. Temporary files that a killed writer left behind are removed when the lock is taken."""
 from __future__ import annotations
@@ -21,8 +22,11 @@ class RunFolderBusy(FileExistsError):
 
 
 class RunFolderLock:
-    def __init__(self, run_dir: Path) -> None:
+    """Held by one `owner` (the command, for the message) at a time; `option` is the flag that picks another folder."""
+
+    def __init__(self, run_dir: Path, owner: str = "attnkit train", option: str = "--run-dir") -> None:
         self.run_dir = run_dir
+        self.owner, self.option = owner, option
         self.path = run_dir / ".lock"
         self.fd: int | None = None
 
@@ -37,8 +41,8 @@ class RunFolderLock:
                 os.close(self.fd)
                 self.fd = None
                 raise RunFolderBusy(
-                    f"{self.run_dir} is in use by another attnkit train (pid {owner}). Wait for it to finish, "
-                    f"or give this run another --run-dir."
+                    f"{self.run_dir} is in use by another {self.owner} (pid {owner}). Wait for it to finish, "
+                    f"or give this one another {self.option}."
                 ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())

@@ -7,6 +7,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -72,12 +73,21 @@ def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
     return model, report
 
 
+def load_weights(model: nn.Module, weights: dict[str, Any], source: object) -> None:
+    """model.load_state_dict(weights), strictly; weights of another network are a ValueError naming `source`."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        reason = next(iter(str(error).strip().splitlines()[1:2]), str(error))  # the first missing/unexpected key
+        raise ValueError(f"{source}: its weights do not fit the architecture it records ({reason.strip()}).") from error
+
+
 def model_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> nn.Module:
     """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
     it), with its weights, in eval mode."""
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     model, _ = build_model(state["arch"])
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], "the checkpoint" if isinstance(checkpoint, dict) else checkpoint)
     return model.eval()
 
 
@@ -162,11 +172,19 @@ class _Run:
         start = time.perf_counter()
         bar = _progress(self.batches(self.train_loader), self.verbose, total=len(self.train_loader),
                         desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        skipped = 0
         for step, (x, y) in enumerate(bar):
             with self.autocast():
                 logits = self.runner(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
+            if cfg.skip_nonfinite and not self._all_finite(loss):
+                skipped += 1
+                self._check_skip_budget(skipped, epoch, step)
+                with warnings.catch_warnings():  # torch warns when the very first step is the skipped one
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.schedule.step()  # the schedule follows the step count, skipped steps included
+                continue
             self.scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -188,7 +206,21 @@ class _Run:
                 f"{epoch * len(self.train_loader) + step + 1} of the run); nothing of this epoch was saved and "
                 f"{self.run_dir / 'last.pt'} keeps the last good epoch. Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
             )
-        return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds}
+        return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds, **({"skipped": skipped} if cfg.skip_nonfinite else {})}
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite (one sync per step: --skip-nonfinite's cost); all skip together."""
+        return bool(self.dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item())
+
+    def _check_skip_budget(self, skipped: int, epoch: int, step: int) -> None:
+        total = skipped + sum(row.get("skipped", 0) for row in self.history)
+        self.log(f"skipped step {step + 1} of epoch {epoch + 1}: non-finite loss ({total} of --skip-nonfinite {self.config.skip_nonfinite})")
+        if total > self.config.skip_nonfinite:
+            raise FloatingPointError(
+                f"the training loss was not finite at step {step + 1} of epoch {epoch + 1}: {total} non-finite losses in "
+                f"the run, more than --skip-nonfinite {self.config.skip_nonfinite}; nothing of this epoch was saved and "
+                f"{self.run_dir / 'last.pt'} keeps the last good epoch. Lower --lr, add --clip-grad, or use --amp bf16."
+            )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -254,7 +286,7 @@ class _Run:
         history: list[dict[str, Any]] = []
         best, start_epoch = (-1.0, 0), 0
         if saved is not None:
-            self.model.load_state_dict(saved["model"])
+            load_weights(self.model, saved["model"], self.run_dir / "last.pt")
             self.optimizer.load_state_dict(saved["optimizer"])
             self.schedule.load_state_dict(saved["schedule"])
             self.scaler.load_state_dict(saved["scaler"])
@@ -269,6 +301,7 @@ class _Run:
         if cfg.compile:
             self.runner = torch.compile(self.runner)
 
+        self.history = history  # the skip budget counts the epochs before a resume too
         logger = MetricsLogger(self.run_dir, cfg.tensorboard, start_epoch) if dist.is_main else None
         try:
             for epoch in range(start_epoch, cfg.epochs):

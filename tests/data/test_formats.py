@@ -108,8 +108,40 @@ def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path):
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": Exploit(), b"labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing builtins.print"):
-        read_cifar_batches([path], "labels")
+    with pytest.raises(ValueError, match=f"{path} is not a readable CIFAR batch .*refusing builtins.print"):
+        read_cifar_batches([path], "labels", 10)
+
+
+def _cifar_file(path, contents) -> object:
+    path.write_bytes(contents if isinstance(contents, bytes) else pickle.dumps(contents))
+    return path
+
+
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (b"", r"is not a readable CIFAR batch \(EOFError"),
+        (np.random.default_rng(0).bytes(500), r"is not a readable CIFAR batch"),
+        ([1, 2, 3], r"is not a CIFAR batch: expected a dict with b'data' and b'labels'"),
+        ({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, r"b'data' must be N×3072 uint8 .*got \(2, 1024\)"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, r"b'data' must be N×3072 uint8 .*float32"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, r"2 images but labels of shape \(1,\)"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 10, -1]},
+         r"labels must be class indices 0..9, but 2 are not \(the first, at index 1, is 10\)"),
+    ],
+    ids=["empty", "random-bytes", "not-a-dict", "wrong-width", "wrong-dtype", "label-count", "label-range"],
+)
+def test_broken_cifar_batches_are_named(tmp_path, contents, message):
+    path = _cifar_file(tmp_path / "data_batch_1", contents)
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        read_cifar_batches([path], "labels", 10)
+
+
+def test_mnist_labels_out_of_range_name_the_file(tmp_path):
+    fake_mnist(tmp_path, compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 12]), compress=False)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: labels must be class indices 0..9.*index 5, is 12"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_image_folder_reads_pngs(tmp_path):
@@ -127,6 +159,9 @@ def test_image_folder_reads_pngs(tmp_path):
     assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and set(y.tolist()) <= {0, 1}
     batches = list(data.loader(False, 4))
     assert sum(len(b[1]) for b in batches) == 4 and batches[0][0].shape[-2:] == (24, 24)
+    (tmp_path / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match=r"val/dog/broken.png is not a readable image"):
+        list(load_dataset("imagefolder", tmp_path, image_size=24).loader(False, 4))
     with pytest.raises(DataNotFoundError, match="val is not a folder"):
         (tmp_path / "val").rename(tmp_path / "validation")
         load_dataset("imagefolder", tmp_path)

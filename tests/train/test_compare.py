@@ -92,3 +92,17 @@ def test_cli_compare_defaults_to_cluttered_digits():
     assert args.dataset == "cluttered-digits" and args.seeds == [0, 1, 2]
     assert cli.split_specs(args.attn) == ["se", "cbam", "eca", "srm", "coord"]
     assert cli._parser().parse_args(["train"]).dataset == "digits"
+
+
+def test_a_second_comparison_on_the_same_folder_refuses(tiny, tmp_path):
+    """Two comparisons writing one folder's summary would interleave it: the second says who holds the folder."""
+    from attnkit.train.runlock import RunFolderBusy, RunFolderLock
+
+    out = tmp_path / "cmp"
+    with RunFolderLock(out, owner="attnkit compare", option="--out"):
+        with pytest.raises(RunFolderBusy, match=r"in use by another attnkit compare \(pid \d+\).*another --out"):
+            compare(tiny(epochs=1), modules=["se"], seeds=[0], out_dir=out, progress=False)
+    assert not (out / "results.csv").exists()
+    result = compare(tiny(epochs=1), modules=["se"], seeds=[0], out_dir=out, progress=False)
+    assert result.trained == 2 and (out / "results.csv").is_file()
+    assert not list(out.glob(".*.tmp")), "a summary file was not written through a temporary file"

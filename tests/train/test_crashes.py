@@ -2,6 +2,7 @@
 run ends with the weights of an uninterrupted one, bit for bit (CPU, fixed seed)."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -86,7 +87,7 @@ def test_a_second_run_on_the_same_folder_refuses_and_a_killed_run_does_not_block
     first = start(run_dir, "--epochs", "40")
     try:
         wait_for_lock(run_dir, first)
-        with pytest.raises(RunFolderBusy, match=f"in use by another attnkit train \\(pid {first.pid}\\)"):
+        with pytest.raises(RunFolderBusy, match=f"in use by another attnkit train \\(pid {first.pid}\\).*another --run-dir"):
             train(tiny(run_dir=str(run_dir), resume=True))
     finally:
         first.send_signal(signal.SIGKILL)
@@ -97,19 +98,49 @@ def test_a_second_run_on_the_same_folder_refuses_and_a_killed_run_does_not_block
 
 
 def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_epoch(tiny, tmp_path, monkeypatch):
-    cross_entropy = torch.nn.functional.cross_entropy
-    calls = {"n": 0}
-
-    def explodes_at_step_5_of_epoch_2(*args, **kwargs):
-        loss = cross_entropy(*args, **kwargs)
-        if kwargs.get("reduction", "mean") == "mean":  # training steps, not the evaluation
-            calls["n"] += 1
-            if calls["n"] == 22 + 5:  # 22 steps per epoch
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", explodes_at_step_5_of_epoch_2)
+    _nan_at({22 + 5}, monkeypatch)  # step 5 of epoch 2: 22 steps per epoch
     with pytest.raises(FloatingPointError, match=r"became nan at step 5 of epoch 2 \(step 27 of the run\)"):
         train(tiny(epochs=3))
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def _nan_at(calls_to_poison: set[int], monkeypatch) -> None:
+    """The training loss becomes NaN at these training steps of the process (1-based, counted across epochs)."""
+    cross_entropy = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":  # training steps, not the evaluation
+            calls["n"] += 1
+            if calls["n"] in calls_to_poison:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+
+
+def test_skip_nonfinite_skips_those_batches_and_counts_them(tiny, tmp_path, monkeypatch):
+    """With --skip-nonfinite 2, two NaN batches are skipped (no update from them: the weights stay finite), the
+    epoch's metrics leave them out and record them; a third stops the run as without the option."""
+    _nan_at({3, 22 + 7}, monkeypatch)  # 22 steps per epoch
+    result = train(tiny(epochs=3, skip_nonfinite=2))
+    assert [row["skipped"] for row in result.history] == [1, 1, 0]
+    assert all(math.isfinite(row["train_loss"]) for row in result.history) and result.test_acc > 0.5
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert "skipped" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+
+    _nan_at({1, 2, 3}, monkeypatch)
+    with pytest.raises(FloatingPointError, match=r"step 3 of epoch 1: 3 non-finite losses in the run, more than --skip-nonfinite 2"):
+        train(tiny(epochs=1, skip_nonfinite=2, run_dir=str(tmp_path / "other")))
+
+
+def test_a_stopped_run_resumes_with_a_larger_skip_budget(tiny, tmp_path, monkeypatch):
+    _nan_at({22 + 5}, monkeypatch)
+    with pytest.raises(FloatingPointError):
+        train(tiny(epochs=2))
+    _nan_at({5}, monkeypatch)  # the same batch again, now the first training step after the resume
+    result = train(tiny(epochs=2, resume=True, skip_nonfinite=1))
+    assert len(result.history) == 2 and result.history[-1]["skipped"] == 1
