@@ -271,7 +271,8 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                       method=args.method, count=args.count, out_dir=args.out, target_layer=args.target_layer, sites=args.sites))
         return 0
     if args.command == "stats":
-        from .analysis.gate_stats import gate_stats, load_run, write_gate_stats
+        from .analysis.gate_stats import gate_stats, write_gate_stats
+        from .analysis.runs import load_run
 
         run = load_run(args.checkpoint, args.dataset, args.data_dir)
         stats = gate_stats(run.model, run.data, max_samples=args.max_samples)
@@ -279,7 +280,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(f"{stats.table()}\n\nCSV and plots in {paths[0].parent}: {', '.join(p.name for p in paths)}")
         return 0
     if args.command == "prune":
-        from .analysis.gate_stats import load_run
+        from .analysis.runs import load_run
         from .analysis.prune import parse_fractions, prune, write_prune
 
         fractions = parse_fractions(args.fractions)

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..capture import capture
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..registry import did_you_mean
 from ..train.checkpoint import load_checkpoint
 from ..train.config import TrainConfig
 from ..train.trainer import model_from_checkpoint
+from .runs import run_data
 
 __all__ = ["AttentionMap", "ExplainReport", "Explained", "METHODS", "explain", "feature_layers", "find_baseline", "grad_cam"]
 
@@ -246,16 +247,12 @@ def _read_image(path: Path, data: Dataset) -> Tensor:
     return (pil_to_tensor(image).float() / 255 - mean) / std
 
 
-def _data(spec: str, data_dir: str | os.PathLike, state: dict[str, Any], why: str) -> Dataset:
-    arch = state["arch"]
+def _data(state: dict[str, Any], source: Path, dataset: str | None, data_dir: str | os.PathLike | None,
+          why: str) -> Dataset:
     try:
-        data = load_dataset(spec, data_dir, arch["input_size"])
+        return run_data(state, source, dataset, data_dir)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"explain: {why} needs the data set {spec!r}: {error}") from error
-    if (data.in_chans, data.num_classes) != (arch["in_chans"], arch["num_classes"]):
-        raise ValueError(f"explain: the data set {spec!r} has {data.in_chans}-channel images in {data.num_classes} "
-                         f"classes; the model takes {arch['in_chans']} channels and has {arch['num_classes']} classes.")
-    return data
+        raise FileNotFoundError(f"explain: {why} needs the data set {dataset or state['config']['dataset']!r}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------- drawing
@@ -347,16 +344,15 @@ def explain(checkpoint: str | os.PathLike, *, images: Sequence[str | os.PathLike
         raise ValueError(f"explain: method must be one of {', '.join(METHODS)}, got {method!r}.{did_you_mean(method, METHODS)}")
     path = Path(checkpoint)
     state = load_checkpoint(path)
-    data_dir = state["config"]["data_dir"] if data_dir is None else data_dir
     if images is not None:
         if not images:
             raise ValueError("explain: the list of image files is empty.")
         # checkpoints do not store the normalisation: it comes from the training data set
-        data = _data(state["config"]["dataset"], data_dir, state, "normalising image files as in training")
+        data = _data(state, path, None, data_dir, "normalising image files as in training")
         x = torch.stack([_read_image(Path(f), data) for f in images])
         names, labels = [str(f) for f in images], [None] * len(images)
     else:
-        data = _data(dataset or state["config"]["dataset"], data_dir, state, "explaining test images")
+        data = _data(state, path, dataset, data_dir, "explaining test images")
         x, y = next(iter(data.loader(False, count)))
         names, labels = [f"{data.name} test #{i}" for i in range(len(y))], y.tolist()
 

@@ -32,8 +32,8 @@ from ..modules import (
 )
 from .report import text_table
 
-__all__ = ["ChannelWeights", "GateStats", "LoadedRun", "channel_sites", "channel_weights", "gate_stats", "load_run",
-           "sample_batches", "write_gate_stats"]
+__all__ = ["ChannelWeights", "GateStats", "channel_sites", "channel_weights", "gate_stats", "sample_batches",
+           "write_gate_stats"]
 
 PANEL_INCHES = (4.0, 3.2)  # one panel of excitation.png and correlation.png; a figure is one panel per stage
 DPI = 100
@@ -317,36 +317,3 @@ def write_gate_stats(stats: GateStats, out_dir: str | os.PathLike, title: str | 
 
 def _number(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.7g}"
-
-
-@dataclass
-class LoadedRun:
-    """A checkpoint's network (eval mode) and the data set to look at it with."""
-
-    model: nn.Module
-    data: Dataset
-    name: str  # "resnet20 + se", for titles
-    folder: Path  # the checkpoint's folder, where the outputs go by default
-
-
-def load_run(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir: str | os.PathLike | None = None) -> LoadedRun:
-    """The network of a checkpoint written by `attnkit train` and a data set at its input size: the checkpoint's
-    own (and its data folder) unless `dataset` (`data_dir`) is given, which must have the same channels and classes."""
-    from ..data import load_dataset
-    from ..train.checkpoint import load_checkpoint
-    from ..train.trainer import model_from_checkpoint
-
-    state = load_checkpoint(checkpoint)
-    arch, config = state.get("arch"), state.get("config", {})
-    if not isinstance(arch, dict):
-        raise ValueError(f"{checkpoint} has no model description ('arch'); it was not written by attnkit train.")
-    spec = dataset or config.get("dataset")
-    if not spec:
-        raise ValueError(f"{checkpoint} does not say which data set it was trained on; pass --dataset.")
-    data = load_dataset(spec, data_dir or config.get("data_dir", "data"), arch["input_size"])
-    if (data.in_chans, data.num_classes) != (arch["in_chans"], arch["num_classes"]):
-        raise ValueError(f"{checkpoint} was trained on {arch['in_chans']}-channel images of {arch['num_classes']} "
-                         f"classes, but {spec!r} has {data.in_chans} channels and {data.num_classes} classes; give a "
-                         f"data set like the one it was trained on.")
-    name = arch["model"] + (f" + {arch['attn']}" if arch.get("attn") else "")
-    return LoadedRun(model_from_checkpoint(state), data, name, Path(checkpoint).parent)

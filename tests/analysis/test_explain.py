@@ -169,7 +169,7 @@ def test_user_errors_are_one_line_with_exit_code_2(compare_dir, tmp_path, capsys
         (["explain", ckpt, "--images", str(tmp_path / "notes.png")], f"{tmp_path / 'notes.png'} is not an image file"),
         (["explain", ckpt, "--images", str(tmp_path / "gone.png")], f"no image file at {tmp_path / 'gone.png'}"),
         (["explain", ckpt, "--images", str(tmp_path / "notes.png"), "--dataset", "digits"], "image files or a data set, not both"),
-        (["explain", ckpt, "--dataset", "synthetic(channels=3)"], "has 3-channel images in 10 classes; the model takes 1"),
+        (["explain", ckpt, "--dataset", "synthetic(channels=3)"], "trained on 1-channel images of 10 classes, but 'synthetic(channels=3)' has 3 channels"),
         (["explain", ckpt, "--target-layer", "layer3.2.relu"], "'layer3.2.relu' does not give one 4-D feature map"),
         (["explain", ckpt, "--target-layer", "layr3"], "no module is called 'layr3'. Did you mean 'layer3'?"),
         (["explain", ckpt, "--count", "0"], "count must be a positive integer, got 0"),

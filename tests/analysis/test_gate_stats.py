@@ -15,7 +15,8 @@ from PIL import Image
 
 import attnkit
 from attnkit import cli
-from attnkit.analysis.gate_stats import DPI, PANEL_INCHES, _correlation, channel_weights, gate_stats, load_run
+from attnkit.analysis.gate_stats import DPI, PANEL_INCHES, _correlation, channel_weights, gate_stats
+from attnkit.analysis.runs import load_run
 from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, build_model, model_from_checkpoint, train
 from attnkit.train.checkpoint import save_checkpoint

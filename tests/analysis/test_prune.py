@@ -12,7 +12,7 @@ from PIL import Image
 
 import attnkit
 from attnkit import cli
-from attnkit.analysis.gate_stats import load_run
+from attnkit.analysis.runs import load_run
 from attnkit.analysis.prune import DPI, PLOT_INCHES, mask_channels, prune
 from attnkit.data import load_dataset
 from attnkit.data.loader import TensorLoader
