@@ -308,7 +308,7 @@ def _write_csv(path: Path, report: ExplainReport) -> None:
 # ---------------------------------------------------------------------------------------------- explain()
 def _explain_model(path: Path, state: dict[str, Any], x: Tensor, method: str,
                    layer: str | None) -> tuple[Explained, list[AttentionMap], list[str]]:
-    model = model_from_checkpoint(state)
+    model = model_from_checkpoint(state, path)
     layer = _target_layer(model, x[:1], layer)
     logits, maps, notes = _attention(model, x)
     probs = logits.softmax(1)

@@ -49,4 +49,4 @@ def load_run(checkpoint: str | os.PathLike, dataset: str | None = None, data_dir
     data = run_data(state, checkpoint, dataset, data_dir)
     arch = state["arch"]
     name = arch["model"] + (f" + {arch['attn']}" if arch.get("attn") else "")
-    return LoadedRun(model_from_checkpoint(state), data, name, Path(checkpoint).parent)
+    return LoadedRun(model_from_checkpoint(state, checkpoint), data, name, Path(checkpoint).parent)

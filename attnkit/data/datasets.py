@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -174,9 +175,26 @@ def _open_image(path: str) -> Any:
         raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error}).") from error
 
 
-def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 224) -> Dataset:
+def _drop_unreadable(folder: Any) -> list[str]:
+    """Remove the images that cannot be decoded from a torchvision ImageFolder; return their paths."""
+    bad = []
+    for path, _ in folder.samples:
+        try:
+            _open_image(path)
+        except ValueError:
+            bad.append(path)
+    if bad:
+        folder.samples = folder.imgs = [s for s in folder.samples if s[0] not in set(bad)]
+        folder.targets = [label for _, label in folder.samples]
+    return bad
+
+
+def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 224, skip_bad: bool = False) -> Dataset:
     """data_dir/train/<class>/* and data_dir/val/<class>/*, decoded by torchvision's ImageFolder; random-resized-crop
-    and flip for training, resize to 8/7 of the size and centre crop for evaluation (the ImageNet recipe)."""
+    and flip for training, resize to 8/7 of the size and centre crop for evaluation (the ImageNet recipe).
+
+    An image that cannot be decoded is an error naming it when it is read; with `skip_bad=True` every image is
+    decoded once up front and the unreadable ones are left out, with a warning that names them."""
     import torchvision.datasets as tvd
     from torchvision import transforms as T
 
@@ -191,6 +209,11 @@ def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 2
     test = tvd.ImageFolder(str(root / "val"), test_tf, loader=_open_image)
     if train.classes != test.classes:
         raise ValueError(f"imagefolder: train and val have different classes: {train.classes} vs {test.classes}.")
+    if skip_bad:
+        bad = _drop_unreadable(train) + _drop_unreadable(test)
+        if bad:
+            warnings.warn(f"imagefolder: left out {len(bad)} image(s) that cannot be decoded: {', '.join(bad[:5])}"
+                          f"{' ...' if len(bad) > 5 else ''}", stacklevel=2)
     return Dataset("imagefolder", train, test, len(train.classes), 3, size, IMAGENET_MEAN, IMAGENET_STD,
                    "resized_crop_flip", list(train.classes))
 

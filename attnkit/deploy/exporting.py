@@ -72,15 +72,13 @@ def _count_batchnorms(model: nn.Module) -> int:
 
 def _from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int, int]]:
     from ..train.checkpoint import load_checkpoint
-    from ..train.trainer import build_model, load_weights
+    from ..train.trainer import model_from_checkpoint
 
     state = load_checkpoint(path)
     arch = state.get("arch")
     if not isinstance(arch, dict) or not {"in_chans", "input_size"} <= arch.keys():
         raise ValueError(f"{path} has no model description ('arch'); it was not written by attnkit train.")
-    model, _ = build_model(arch)
-    load_weights(model, state["model"], path)
-    return model.eval(), (arch["in_chans"], arch["input_size"], arch["input_size"])
+    return model_from_checkpoint(state, path), (arch["in_chans"], arch["input_size"], arch["input_size"])
 
 
 def _input_shape(value: object) -> tuple[int, int, int]:

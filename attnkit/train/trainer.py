@@ -78,16 +78,17 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: object) -> N
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        reason = next(iter(str(error).strip().splitlines()[1:2]), str(error))  # the first missing/unexpected key
-        raise ValueError(f"{source}: its weights do not fit the architecture it records ({reason.strip()}).") from error
+        reason = next(iter(str(error).strip().splitlines()[1:2]), str(error)).strip()  # torch's list of keys
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ValueError(f"{source}: its weights do not fit the architecture it records ({reason}).") from error
 
 
-def model_from_checkpoint(checkpoint: str | Path | dict[str, Any]) -> nn.Module:
+def model_from_checkpoint(checkpoint: str | Path | dict[str, Any], source: object = None) -> nn.Module:
     """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
-    it), with its weights, in eval mode."""
+    it, then `source` names it in errors), with its weights, in eval mode."""
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     model, _ = build_model(state["arch"])
-    load_weights(model, state["model"], "the checkpoint" if isinstance(checkpoint, dict) else checkpoint)
+    load_weights(model, state["model"], source or ("the checkpoint" if isinstance(checkpoint, dict) else checkpoint))
     return model.eval()
 
 

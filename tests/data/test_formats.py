@@ -162,6 +162,9 @@ def test_image_folder_reads_pngs(tmp_path):
     (tmp_path / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(ValueError, match=r"val/dog/broken.png is not a readable image"):
         list(load_dataset("imagefolder", tmp_path, image_size=24).loader(False, 4))
+    with pytest.warns(UserWarning, match=r"left out 1 image\(s\) that cannot be decoded: .*val/dog/broken.png"):
+        skipping = load_dataset("imagefolder(skip_bad=True)", tmp_path, image_size=24)
+    assert len(skipping.test) == 4 and sum(len(b[1]) for b in skipping.loader(False, 4)) == 4
     with pytest.raises(DataNotFoundError, match="val is not a folder"):
         (tmp_path / "val").rename(tmp_path / "validation")
         load_dataset("imagefolder", tmp_path)

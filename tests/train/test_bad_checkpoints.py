@@ -3,6 +3,8 @@ state dict, another architecture's checkpoint, a folder. Each gives one clear er
 for load_pretrained and another architecture, a report of what did not load); none crashes deep in torch."""
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -40,7 +42,17 @@ def _bad_file(kind: str, good, tmp_path):
         torch.save(state, path)
     elif kind == "folder":
         path.mkdir()
+    elif kind == "runs-code":
+        torch.save({"format": "attnkit-train-1", "payload": _RunsCode(tmp_path / "MARKER")}, path)
     return path
+
+
+class _RunsCode:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
 
 
 UNREADABLE = ["empty", "truncated", "random"]
@@ -75,22 +87,29 @@ def test_export(kind, good, tmp_path):
         attnkit.export(path, tmp_path / "out.onnx")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cli_export_is_one_line(kind, good, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["export", "explain", "stats", "prune"])
+@pytest.mark.parametrize("kind", [*KINDS, "runs-code"])
+def test_every_command_that_reads_a_checkpoint_says_so_in_one_line(command, kind, good, tmp_path, capsys):
+    """Including a pickle that would run code when unpickled: refused (weights-only loading), and it never runs."""
     path = _bad_file(kind, good, tmp_path)
-    assert main(["export", str(path), "--out", str(tmp_path / "out.onnx")]) == 2
+    before = path.read_bytes() if path.is_file() else None
+    assert main([command, str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("attnkit export: error: ") and str(path) in err and err.count("\n") == 1
+    assert err.startswith(f"attnkit {command}: error: ") and str(path) in err and err.count("\n") == 1
+    assert not (tmp_path / "MARKER").exists(), "unpickling ran code"
+    assert before is None or path.read_bytes() == before, "the file was changed"
 
 
 @pytest.mark.parametrize("kind", [*UNREADABLE, "state-dict", "weights-of-another-arch"])
 def test_resume(kind, good, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "last.pt").write_bytes(_bad_file(kind, good, tmp_path).read_bytes())
+    bad = _bad_file(kind, good, tmp_path).read_bytes()
+    (run_dir / "last.pt").write_bytes(bad)
     error, message = STRICT[kind]
     with pytest.raises(error, match=message if kind != "weights-of-another-arch" else "do not fit"):
         train(TrainConfig(model="lenet", attn="se", run_dir=str(run_dir), resume=True, **COMMON))
+    assert (run_dir / "last.pt").read_bytes() == bad, "a failed resume changed the checkpoint"
 
 
 @pytest.mark.parametrize("kind", [*UNREADABLE, "folder"])
