@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # timm 1.0.31's GatherExcite cannot be constructed; the parity test runs timm 1.0.19 from this folder.
 TIMM_LEGACY := $(VENV)/timm-1.0.19
+# pytest-xdist workers: one per core, at most 4 (the tests are CPU-bound)
+JOBS ?= $(shell $(PYTHON) -c "import os; print(min(4, os.cpu_count() or 1))")
 
 .PHONY: run test test-slow install clean
 
@@ -26,10 +28,10 @@ run: $(STAMP)
 	$(BIN)/attnkit compare
 
 test: $(STAMP)
-	ATTNKIT_TIMM_LEGACY=$(abspath $(TIMM_LEGACY)) $(BIN)/python -m pytest -q
+	ATTNKIT_TIMM_LEGACY=$(abspath $(TIMM_LEGACY)) $(BIN)/python -m pytest -q -n $(JOBS)
 
 test-slow: $(STAMP)
-	ATTNKIT_TIMM_LEGACY=$(abspath $(TIMM_LEGACY)) $(BIN)/python -m pytest -q -m slow
+	ATTNKIT_TIMM_LEGACY=$(abspath $(TIMM_LEGACY)) $(BIN)/python -m pytest -q -n $(JOBS) -m slow
 
 clean:
 	rm -rf $(VENV)

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from attnkit.train import TrainConfig
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, the cores are shared among the workers: each gets its share of torch threads instead of
+    every worker starting one thread per core (which makes them wait on each other at every operation)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._sympy.numbers import int_oo
 
+from ..modules import GatherExcite
 from .folding import fuse
 
 __all__ = ["FORMATS", "ExportCheck", "ExportReport", "export"]
@@ -109,8 +110,6 @@ def _within(shape: tuple[int, ...], ranges: Ranges) -> tuple[int, ...]:
 
 def _check_sizes_taken(model: nn.Module, shapes: list[tuple[int, ...]], dynamic_size: bool) -> None:
     """Say clearly, before exporting, when the model itself cannot run at a shape the export would allow."""
-    from ..modules import GatherExcite
-
     for path, module in model.named_modules():
         if dynamic_size and isinstance(module, GatherExcite) and module.spatial_size is not None:
             h, w = module.spatial_size

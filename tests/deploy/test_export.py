@@ -105,6 +105,7 @@ def test_every_backbone_with_every_module_exports(backbone, attn, fmt, run, tmp_
     _backbone_exports(backbone, attn, tmp_path, fmt, run)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript(tmp_path):
     model = randomise(attnkit.create_model("resnet20", attn="coord", num_classes=10))
     path = tmp_path / "m.ts"
