@@ -181,3 +181,14 @@ def test_bad_sources(tmp_path):
         attnkit.export(tmp_path / "weights.pt")
     with pytest.raises(TypeError, match="an nn.Module or a checkpoint path, got int"):
         attnkit.export(3)
+
+
+def test_a_program_refusing_a_size_is_reported_not_hidden(tmp_path):
+    """torch.export guards an intermediate size (GE's gathered map at width 1 at a 5×2 input): the .pt2 program
+    raises there rather than compute something wrong; the report says so, and the other checks still count."""
+    module = randomise(attnkit.create("ge", 16, extent=2))
+    report = attnkit.export(module, tmp_path / "m.pt2", "exported-program", input_shape=(16, 9, 7), dynamic_size=True)
+    refused = [c for c in report.checks if c.refused]
+    assert [c.input_shape for c in refused] == [(1, 16, 5, 2)] and "Guard failed" in refused[0].refused
+    assert "input 1×16×5×2: refused by the program (Guard failed" in str(report)
+    assert report.max_rel_error < 1e-4 and len(report.checks) == 3
