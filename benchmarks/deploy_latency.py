@@ -11,28 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
-from typing import Callable
 
 import onnxruntime
 import torch
 
 import attnkit
-
-
-def median_ms(runners: list[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
-    for run in runners:
-        for _ in range(warmup):
-            run()
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for run, runs in zip(runners, times):
-            start = time.perf_counter()
-            run()
-            runs.append(1e3 * (time.perf_counter() - start))
-    return [statistics.median(runs) for runs in times]
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:

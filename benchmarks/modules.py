@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
 import attnkit
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = {  # name: N×C×H×W
     "r50-s3-b32": (32, 512, 28, 28),  # SE-ResNet-50, stage 3 (conv3_x), batch 32
@@ -57,20 +56,6 @@ def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if name == "ge-theta":
         return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
     return attnkit.create(name, channels)
-
-
-def median_ms(fns: list[Callable[[], None]], warmup: int, repeats: int) -> list[float]:
-    """Median ms of each function; the functions take turns, run by run."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, runs in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            runs.append(1e3 * (time.perf_counter() - start))
-    return [statistics.median(runs) for runs in times]
 
 
 def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
