@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._sympy.numbers import int_oo
 
 from ..modules import GatherExcite
 from .folding import fuse
@@ -142,6 +141,8 @@ def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool) -> tuple[dict[int, 
 def _program(model: nn.Module, example: Tensor, dynamic: Any) -> tuple[torch.export.ExportedProgram, Ranges]:
     """torch.export's program and, for each dynamic axis, the range of sizes it was traced valid for (torch.export
     narrows it where code depends on the size, layout checks included; the program refuses sizes outside)."""
+    from torch.utils._sympy.numbers import int_oo  # sympy: 0.4 s to import, so only when exporting
+
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
     except Exception as error:  # torch.export's errors run over pages; the first line says what failed
