@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from . import registry
+from .deploy import FORMATS
 
 _TRAIN_HELP = {
     "model": "backbone name (attnkit.list_models())",
@@ -129,6 +130,16 @@ def _print_table(rows: list[dict[str, object]]) -> None:
     print(text_table([{h: f"{v:.1f}" if isinstance(v, float) else str(v) for h, v in r.items()} for r in rows]))
 
 
+def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand that reads a training checkpoint, and, given the help of its --dataset, looks at it with data."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    if dataset is not None:
+        parser.add_argument("--dataset", default=None, help=f"{dataset} (default: the checkpoint's)")
+        parser.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,9 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     p_profile.add_argument("--warmup", type=int, default=3, help="untimed passes per variant (default: %(default)s)")
     p_profile.add_argument("--repeats", type=int, default=10, help="timed passes per variant; the median is reported (default: %(default)s)")
 
-    p_export = sub.add_parser("export", help="export a trained checkpoint to ONNX, torch.export or TorchScript, and check it")
-    p_export.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
-    p_export.add_argument("--format", default="onnx", choices=["onnx", "exported-program", "torchscript"],
+    p_export = _checkpoint_command(sub, "export", "export a trained checkpoint to ONNX, torch.export or TorchScript, and check it")
+    p_export.add_argument("--format", default="onnx", choices=list(FORMATS),
                           help="onnx (checked with onnxruntime), exported-program (torch.export, .pt2) or torchscript "
                                "(default: %(default)s)")
     p_export.add_argument("--out", default=None, help="the file to write (default: the checkpoint's path with the format's suffix)")
@@ -178,11 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument("--tolerance", type=float, default=1e-4,
                           help="largest relative error of the check against PyTorch (default: %(default)s)")
 
-    p_explain = sub.add_parser("explain", help="Grad-CAM of the attention and the plain model side by side, and the attention maps, as PNG grids")
-    p_explain.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
+    p_explain = _checkpoint_command(sub, "explain", "Grad-CAM of the attention and the plain model side by side, and the attention "
+                                    "maps, as PNG grids", dataset="explain the first --count test images of this data set")
     p_explain.add_argument("--images", nargs="+", default=None, metavar="FILE", help="image files to explain (predicted labels only)")
-    p_explain.add_argument("--dataset", default=None, help="explain the first --count test images of this data set (default: the checkpoint's)")
-    p_explain.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
     p_explain.add_argument("--baseline", default=None, metavar="CKPT",
                            help="the plain model's checkpoint (default: <compare folder>/plain/seed<k>/ for runs of attnkit compare)")
     p_explain.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++"], help="(default: %(default)s)")
@@ -192,20 +200,15 @@ def _parser() -> argparse.ArgumentParser:
                            help="spatial attention sites drawn: last, all, or names, e.g. layer1.2.attn,layer3.2.attn (default: %(default)s)")
     p_explain.add_argument("--out", default=None, help="the folder to write to (default: <checkpoint's folder>/explain)")
 
-    p_stats = sub.add_parser("stats", help="channel-gate statistics of a checkpoint: mean excitation per class (SE paper) "
-                             "and correlations of the channel weights (SRM paper), as CSV and PNG")
-    p_stats.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
-    p_stats.add_argument("--dataset", default=None, help="data set whose test split is used (default: the checkpoint's)")
-    p_stats.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    p_stats = _checkpoint_command(sub, "stats", "channel-gate statistics of a checkpoint: mean excitation per class (SE paper) "
+                                  "and correlations of the channel weights (SRM paper), as CSV and PNG",
+                                  dataset="data set whose test split is used")
     p_stats.add_argument("--out", default=None, help="the folder to write to (default: <checkpoint's folder>/stats)")
     p_stats.add_argument("--max-samples", type=int, default=None, help="use this many test images, evenly spaced (default: all)")
 
-    p_prune = sub.add_parser("prune", help="zero the channels with the lowest mean gate at each attention site: accuracy "
-                             "against the fraction zeroed, with random and L1-norm rankings")
-    p_prune.add_argument("checkpoint", help="a checkpoint written by attnkit train (e.g. runs/<run>/last.pt)")
-    p_prune.add_argument("--dataset", default=None, help="data set: gates ranked on its training split, accuracy on its test split "
-                         "(default: the checkpoint's)")
-    p_prune.add_argument("--data-dir", default=None, help="where the data set's files are (default: the checkpoint's training --data-dir)")
+    p_prune = _checkpoint_command(sub, "prune", "zero the channels with the lowest mean gate at each attention site: accuracy "
+                                  "against the fraction zeroed, with random and L1-norm rankings",
+                                  dataset="data set: gates ranked on its training split, accuracy on its test split")
     p_prune.add_argument("--fractions", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                          help="fractions of each site's channels to zero, in [0, 1) (default: %(default)s)")
     p_prune.add_argument("--seed", type=int, default=0, help="seed of the random rankings (default: %(default)s)")

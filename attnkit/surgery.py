@@ -410,7 +410,7 @@ def attach(
         raise ValueError(f"attach: {name!r} replaces a convolution, so it has no identity start.")
     if not allow_multiple:
         for s in sites:
-            if "_attnkit_gates" in model.get_submodule(s.site).__dict__:
+            if gates_of(model.get_submodule(s.site)):
                 raise ValueError(
                     f"attach: {s.site!r} already has an attention module; pass allow_multiple=True to add another."
                 )

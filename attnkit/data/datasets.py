@@ -184,7 +184,8 @@ def _drop_unreadable(folder: Any) -> list[str]:
         except ValueError:
             bad.append(path)
     if bad:
-        folder.samples = folder.imgs = [s for s in folder.samples if s[0] not in set(bad)]
+        left_out = set(bad)
+        folder.samples = folder.imgs = [s for s in folder.samples if s[0] not in left_out]
         folder.targets = [label for _, label in folder.samples]
     return bad
 

@@ -24,14 +24,17 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _traced_as_one(m: nn.Module) -> bool:
+    """A torch.nn layer that attach() gated: traced as one call, so that its output is seen as the layer's (its
+    gates are looked at separately)."""
+    return bool(gates_of(m)) and type(m).__mro__[1].__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
+
+
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping a torch.nn layer that attach() gated as one call (its gates are looked at
-    separately), so that its output is seen as the layer's."""
+    """torch.fx's tracer, keeping gated torch.nn layers as one call (_traced_as_one)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if gates_of(m):
-            return type(m).__mro__[1].__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
-        return super().is_leaf_module(m, qualname)
+        return _traced_as_one(m) or (not gates_of(m) and super().is_leaf_module(m, qualname))
 
 
 def _traced_pairs(root: nn.Module) -> list[tuple[str, str]]:
@@ -66,12 +69,12 @@ def _sequential_pairs(root: nn.Module) -> list[tuple[str, str]]:
 
 def _candidate_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
-        pairs = _traced_pairs(model)
+        pairs, unseen = _traced_pairs(model), _traced_as_one
     except Exception:  # torch.fx cannot trace data-dependent control flow; fall back to what is certain
-        pairs = _sequential_pairs(model)
-    # the gates of a layer that is traced as one call are traced on their own
+        pairs, unseen = _sequential_pairs(model), gates_of
+    # gates the trace did not go through (those of a layer traced as one call) are traced on their own
     paths = {id(m): p for p, m in model.named_modules()}
-    for module in model.modules():
+    for module in filter(unseen, model.modules()):
         for gate in gates_of(module):
             prefix = paths[id(gate)] + "."
             pairs += [(prefix + a, prefix + b) for a, b in _candidate_pairs(gate)]

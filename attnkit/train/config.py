@@ -9,8 +9,8 @@ from ..registry import did_you_mean
 
 __all__ = ["CHOICES", "TrainConfig", "RESUMABLE_CHANGES"]
 
-# Options that may differ between a run and its resumption: they change how it is run, not what it computes.
-# options that do not change what a resumed run computes (a larger skip budget only lets a stopped run go on)
+# Options that may differ between a run and its resumption: they change how it is run, not what it computes
+# (a larger --skip-nonfinite budget only lets a stopped run go on).
 RESUMABLE_CHANGES = frozenset({"resume", "progress", "workers", "tensorboard", "threads", "run_dir", "data_dir",
                                "skip_nonfinite"})
 

@@ -202,11 +202,8 @@ class _Run:
         loss, acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         if not math.isfinite(loss):
             step = int(self.dist.all_reduce_min(torch.where(first_bad < 0, len(self.train_loader), first_bad)).item())
-            raise FloatingPointError(
-                f"the training loss became {loss} at step {step + 1} of epoch {epoch + 1} (step "
-                f"{epoch * len(self.train_loader) + step + 1} of the run); nothing of this epoch was saved and "
-                f"{self.run_dir / 'last.pt'} keeps the last good epoch. Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
-            )
+            raise self._stopped(f"the training loss became {loss} at step {step + 1} of epoch {epoch + 1} (step "
+                                f"{epoch * len(self.train_loader) + step + 1} of the run)")
         return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds, **({"skipped": skipped} if cfg.skip_nonfinite else {})}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -217,11 +214,15 @@ class _Run:
         total = skipped + sum(row.get("skipped", 0) for row in self.history)
         self.log(f"skipped step {step + 1} of epoch {epoch + 1}: non-finite loss ({total} of --skip-nonfinite {self.config.skip_nonfinite})")
         if total > self.config.skip_nonfinite:
-            raise FloatingPointError(
-                f"the training loss was not finite at step {step + 1} of epoch {epoch + 1}: {total} non-finite losses in "
-                f"the run, more than --skip-nonfinite {self.config.skip_nonfinite}; nothing of this epoch was saved and "
-                f"{self.run_dir / 'last.pt'} keeps the last good epoch. Lower --lr, add --clip-grad, or use --amp bf16."
-            )
+            raise self._stopped(f"the training loss was not finite at step {step + 1} of epoch {epoch + 1}: {total} "
+                                f"non-finite losses in the run, more than --skip-nonfinite {self.config.skip_nonfinite}")
+
+    def _stopped(self, what: str) -> FloatingPointError:
+        """The error a non-finite loss stops the run with: what happened, what was kept, what to try."""
+        return FloatingPointError(
+            f"{what}; nothing of this epoch was saved and {self.run_dir / 'last.pt'} keeps the last good epoch. "
+            f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -3,14 +3,13 @@ state dict, another architecture's checkpoint, a folder. Each gives one clear er
 for load_pretrained and another architecture, a report of what did not load); none crashes deep in torch."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 import torch
 
 import attnkit
 from attnkit.cli import main
 from attnkit.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from tests.train.test_hostile import _RunsCode
 
 COMMON = dict(dataset="digits", image_size=28, epochs=1, batch_size=64, progress=False, tensorboard=False, threads=1)
 
@@ -45,14 +44,6 @@ def _bad_file(kind: str, good, tmp_path):
     elif kind == "runs-code":
         torch.save({"format": "attnkit-train-1", "payload": _RunsCode(tmp_path / "MARKER")}, path)
     return path
-
-
-class _RunsCode:
-    def __init__(self, marker) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (self.marker,))
 
 
 UNREADABLE = ["empty", "truncated", "random"]
