@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import channel_spatial_gate
 from ..registry import register
 from ._common import (
     AttentionModule,
@@ -29,8 +31,8 @@ def _pool_channels(x: Tensor, pool_types: Sequence[str]) -> list[Tensor]:
     for kind in pool_types:
         if kind == "avg":
             pooled.append(x.mean((2, 3), keepdim=True, dtype=dtype))
-        elif kind == "max":
-            pooled.append(x.amax((2, 3), keepdim=True).to(dtype))
+        elif kind == "max":  # max over a dimension: its gradient goes to the first maximum, as the official code's
+            pooled.append(x.flatten(2).max(2).values[:, :, None, None].to(dtype))
         elif kind == "lp":  # the L2 norm, as F.lp_pool2d(x, 2, (H, W)) in the official code
             pooled.append(x.to(dtype).square().sum((2, 3), keepdim=True).sqrt())
         else:  # "lse": log-sum-exp over H×W
@@ -41,7 +43,7 @@ def _pool_channels(x: Tensor, pool_types: Sequence[str]) -> list[Tensor]:
 def _pool_across_channels(x: Tensor, order: Sequence[str]) -> Tensor:
     """Max and mean over C, N×2×H×W in at least float32, concatenated in `order`."""
     maps = {
-        "max": x.amax(1, keepdim=True).to(stat_dtype(x)),
+        "max": x.max(1, keepdim=True).values.to(stat_dtype(x)),
         "mean": x.mean(1, keepdim=True, dtype=stat_dtype(x)),
     }
     return torch.cat([maps[kind] for kind in order], dim=1)
@@ -68,8 +70,11 @@ class ChannelGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Mc, N×C×1×1."""
-        pooled = _pool_channels(x, self.pool_types)
-        with gate_math(x):
+        return self.from_pools(_pool_channels(x, self.pool_types))
+
+    def from_pools(self, pooled: list[Tensor]) -> Tensor:
+        """Mc, N×C×1×1, from the pools over H×W (N×C×1×1 each, in `pool_types` order)."""
+        with gate_math(pooled[0]):
             dtype = self.fc1.weight.dtype
             logits = sum(self.fc2(self.act(self.fc1(p.to(dtype)))) for p in pooled)
             return self.gate(logits)
@@ -88,8 +93,11 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Ms, N×1×H×W."""
-        pooled = _pool_across_channels(x, self.order)
-        with gate_math(x):
+        return self.from_pools(_pool_across_channels(x, self.order))
+
+    def from_pools(self, pooled: Tensor) -> Tensor:
+        """Ms, N×1×H×W, from the pools over C (N×2×H×W, in `order`)."""
+        with gate_math(pooled):
             return self.gate(self.bn(self.conv(pooled.to(self.conv.weight.dtype))))
 
 
@@ -158,9 +166,27 @@ class CBAM(AttentionModule):
             raise ValueError(f"{owner}: `{name}` has a repeated entry: {value!r}.")
         return tuple(one_of(owner, name, v, valid) for v in value)
 
+    def _fused(self, backend, x: Tensor) -> Tensor:
+        channel, spatial = self.channel_gate, self.spatial_gate
+
+        def channel_weights(mean: Tensor, top: Tensor) -> Tensor:
+            pools = {"avg": mean, "max": top}
+            return channel.from_pools([pools[kind][:, :, None, None] for kind in channel.pool_types]).flatten(1)
+
+        def spatial_weights(mean: Tensor, top: Tensor) -> Tensor:
+            pools = {"mean": mean, "max": top}
+            return spatial.from_pools(torch.stack([pools[kind] for kind in spatial.order], dim=1)).squeeze(1)
+
+        return channel_spatial_gate(backend, x, channel_weights, spatial_weights, self)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        y = x * self.channel_gate(x).to(x.dtype)
-        if self.spatial_gate is not None:
-            y = y * self.spatial_gate(y).to(x.dtype)
+        fusable = self.spatial_gate is not None and set(self.channel_gate.pool_types) <= {"avg", "max"}
+        backend = kernels.backend_for(x) if fusable else None
+        if backend is not None:
+            y = self._fused(backend, x)
+        else:
+            y = x * self.channel_gate(x).to(x.dtype)
+            if self.spatial_gate is not None:
+                y = y * self.spatial_gate(y).to(x.dtype)
         return y + x if self.residual else y

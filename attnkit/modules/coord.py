@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import row_column_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_activation, make_gate, positive_int, reduced_width, stat_dtype
 
@@ -55,15 +57,26 @@ class CoordAttention(AttentionModule):
 
     def attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(aʰ, aʷ): N×C×H×1 and N×C×1×W."""
-        h, w = x.shape[2], x.shape[3]
         dtype = stat_dtype(x)
-        z = torch.cat([x.mean(3, keepdim=True, dtype=dtype), x.mean(2, keepdim=True, dtype=dtype).transpose(2, 3)], dim=2)
-        with gate_math(x):
+        return self.attention_from_pools(x.mean(3, dtype=dtype), x.mean(2, dtype=dtype))
+
+    def attention_from_pools(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
+        """(aʰ N×C×H×1, aʷ N×C×1×W) from zʰ (mean over W, N×C×H) and zʷ (mean over H, N×C×W)."""
+        h, w = z_h.shape[2], z_w.shape[2]
+        z = torch.cat([z_h, z_w], dim=2)[..., None]
+        with gate_math(z):
             f = self.act(self.bn1(self.conv1(z.to(self.conv1.weight.dtype))))
             f_h, f_w = torch.split(f, [h, w], dim=2)
             return self.gate(self.conv_h(f_h)), self.gate(self.conv_w(f_w.transpose(2, 3)))
 
+    def _gates_from_pools(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
+        a_h, a_w = self.attention_from_pools(z_h, z_w)
+        return a_h.squeeze(3), a_w.squeeze(2)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x)
+        if backend is not None:
+            return row_column_gate(backend, x, self._gates_from_pools, self)
         a_h, a_w = self.attention(x)
         return x * a_w.to(x.dtype) * a_h.to(x.dtype)

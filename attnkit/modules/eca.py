@@ -5,6 +5,8 @@ import math
 
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
 
@@ -60,15 +62,20 @@ class ECA(AttentionModule):
         self.conv = nn.Conv1d(1, 1, self.kernel_size, padding=(self.kernel_size - 1) // 2, bias=False)
         self.gate = make_gate(owner, gate)
 
+    def excite(self, pooled: Tensor) -> Tensor:
+        """s, N×C, from the pooled means, N×C."""
+        with gate_math(pooled):
+            return self.gate(self.conv(pooled.to(self.conv.weight.dtype).unsqueeze(1))).squeeze(1)  # conv over N×1×C
+
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights s, N×C×1×1."""
-        pooled = x.mean((2, 3), dtype=stat_dtype(x))  # N×C
-        with gate_math(x):
-            s = self.conv(pooled.to(self.conv.weight.dtype).unsqueeze(1))  # N×1×C
-            return self.gate(s).squeeze(1)[:, :, None, None]
+        return self.excite(x.mean((2, 3), dtype=stat_dtype(x)))[:, :, None, None]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x)
+        if backend is not None:
+            return channel_gate(backend, x, self.excite, self)
         return x * self.excitation(x).to(x.dtype)
 
     def extra_repr(self) -> str:

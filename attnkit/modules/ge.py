@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
 
@@ -125,8 +127,15 @@ class GatherExcite(AttentionModule):
         with gate_math(x):
             return self.gate(self.excite(self.gathered(x)))
 
+    def _excite_means(self, mean: Tensor) -> Tensor:
+        with gate_math(mean):
+            return self.gate(self.excite(mean[:, :, None, None])).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x) if self.gather is None and self.extent == 0 else None
+        if backend is not None:  # θ⁻ over the whole map: a gate per channel from the means
+            return channel_gate(backend, x, self._excite_means, self)
         g = self.attention(x)
         if self.extent:
             g = F.interpolate(g, size=x.shape[2:], mode="nearest")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_activation, make_gate, reduced_width, stat_dtype
 
@@ -46,12 +48,18 @@ class SqueezeExcite(AttentionModule):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bool(bias))
         self.gate = make_gate(owner, gate)
 
+    def excite(self, pooled: Tensor) -> Tensor:
+        """s from the pooled means (N×C×1×1), in the parameters' dtype."""
+        with gate_math(pooled):
+            return self.gate(self.fc2(self.act(self.fc1(pooled.to(self.fc1.weight.dtype)))))
+
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights s, N×C×1×1, in the parameters' dtype."""
-        pooled = x.mean((2, 3), keepdim=True, dtype=stat_dtype(x))
-        with gate_math(x):
-            return self.gate(self.fc2(self.act(self.fc1(pooled.to(self.fc1.weight.dtype)))))
+        return self.excite(x.mean((2, 3), keepdim=True, dtype=stat_dtype(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x)
+        if backend is not None:
+            return channel_gate(backend, x, lambda mean: self.excite(mean[:, :, None, None]).flatten(1), self)
         return x * self.excitation(x).to(x.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_gate, stat_dtype
 
@@ -56,8 +58,11 @@ class SRM(AttentionModule):
 
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights g, N×C×1×1."""
-        t = style_pool(x, self.eps)
-        with gate_math(x):
+        return self.excite(style_pool(x, self.eps))
+
+    def excite(self, t: Tensor) -> Tensor:
+        """g, N×C×1×1, from the style t, N×C×2."""
+        with gate_math(t):
             z = (t.to(self.cfc.dtype) * self.cfc).sum(2)
             if self.bias is not None:
                 z = z + self.bias
@@ -78,8 +83,16 @@ class SRM(AttentionModule):
         self.bias = nn.Parameter(shift.to(self.cfc.dtype))
         self.bn = nn.Identity()
 
+    def _excite_moments(self, mean: Tensor, m2: Tensor, hw: int) -> Tensor:
+        """g, N×C, from the mean and the sum of squared deviations M2 over the hw positions, as style_pool."""
+        return self.excite(torch.stack([mean, (m2 / max(hw - 1, 1) + self.eps).sqrt()], dim=2)).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x)
+        if backend is not None:
+            hw = x.shape[2] * x.shape[3]
+            return channel_gate(backend, x, lambda mean, m2: self._excite_moments(mean, m2, hw), self, with_m2=True)
         return x * self.excitation(x).to(x.dtype)
 
     def no_weight_decay(self) -> set[str]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.functions import triplet_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
 
 
 def z_pool(x: Tensor, dim: int) -> Tensor:
-    """Z-pool: [max; mean] over `dim`, stacked as a new axis 1, in at least float32."""
-    return torch.stack([x.amax(dim).to(stat_dtype(x)), x.mean(dim, dtype=stat_dtype(x))], dim=1)
+    """Z-pool: [max; mean] over `dim`, stacked as a new axis 1, in at least float32. The max's gradient goes to the
+    first maximum, as torch.max in the official code."""
+    return torch.stack([x.max(dim).values.to(stat_dtype(x)), x.mean(dim, dtype=stat_dtype(x))], dim=1)
 
 
 class AttentionGate(nn.Module):
@@ -62,16 +65,29 @@ class TripletAttention(AttentionModule):
 
     def attention(self, x: Tensor) -> list[Tensor]:
         """The branch gates [a_cw (N×C×1×W), a_hc (N×C×H×1), a_hw (N×1×H×W)], without a_hw if no_spatial."""
-        with gate_math(x):
+        return self.attention_from_pools(*[z_pool(x, dim) for dim in (2, 3, 1)[: 2 if self.hw is None else 3]])
+
+    def attention_from_pools(self, z_cw: Tensor, z_hc: Tensor, z_hw: Tensor | None = None) -> list[Tensor]:
+        """The branch gates from the Z-pools over H (N×2×C×W), over W (N×2×C×H) and over C (N×2×H×W)."""
+        with gate_math(z_cw):
             gates = [
-                self.cw(z_pool(x, 2)).transpose(1, 2),  # conv over (C, W): N×1×C×W -> N×C×1×W
-                self.hc(z_pool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1),  # conv over (H, C): N×1×H×C -> N×C×H×1
+                self.cw(z_cw).transpose(1, 2),  # conv over (C, W): N×1×C×W -> N×C×1×W
+                self.hc(z_hc.transpose(2, 3)).permute(0, 3, 2, 1),  # conv over (H, C): N×1×H×C -> N×C×H×1
             ]
             if self.hw is not None:
-                gates.append(self.hw(z_pool(x, 1)))  # conv over (H, W)
+                gates.append(self.hw(z_hw))  # conv over (H, W)
         return gates
+
+    def _gates_from_pools(self, *pools: Tensor) -> list[Tensor]:
+        """[a_cw N×C×W, a_hc N×C×H(, a_hw N×H×W)] from (max, mean) over H, over W (and over C)."""
+        z = [torch.stack(pools[i: i + 2], dim=1) for i in range(0, len(pools), 2)]
+        a_cw, a_hc, *a_hw = self.attention_from_pools(*z)
+        return [a_cw.squeeze(2), a_hc.squeeze(3), *(a.squeeze(1) for a in a_hw)]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend = kernels.backend_for(x)
+        if backend is not None:
+            return triplet_gate(backend, x, self._gates_from_pools, self, spatial=self.hw is not None)
         gates = self.attention(x)
         return x * (sum(gates) / len(gates)).to(x.dtype)

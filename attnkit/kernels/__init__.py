@@ -1,0 +1,19 @@
+"""Fused forward and backward passes of the gate modules, near the memory-traffic floor.
+
+SE, ECA, SRM, Gather-Excite θ⁻ (global), CBAM, Coordinate Attention and Triplet Attention run, by default, a
+fused path: one pass over x to pool, one to scale; in the backward one pass over dy and x to reduce and one to
+write dx, saving only x and the small pooled tensors (functions.py). Each pass is a backend primitive:
+  cpu.py      compiled C loops (OpenMP), float32 and bfloat16, NCHW and channels_last;
+  triton.py   Triton kernels for CUDA, float32, bfloat16 and float16, NCHW and channels_last, deterministic;
+  reference.py  the same primitives as plain torch ops: the specification the backends are tested against.
+The modules' own forward formulas stay the reference path.
+
+Choosing (dispatch.py): `attnkit.kernels.set_mode(m)`, `with attnkit.kernels.use(m): ...` or ATTNKIT_KERNELS=m,
+with m one of 'auto' (fused where a backend serves the input, else the reference: the default), 'reference',
+'cpu' or 'triton' (that backend or an error). Tracing, scripting, torch.compile and export always see the
+reference formulas. The fused path's backward cannot be differentiated again: for double backward (gradient
+penalties), use 'reference'.
+"""
+from .dispatch import MODES, backend_for, get_mode, set_mode, use
+
+__all__ = ["MODES", "backend_for", "get_mode", "set_mode", "use"]

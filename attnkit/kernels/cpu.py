@@ -1,0 +1,275 @@
+"""The CPU backend: the primitives of reference.py as compiled C loops (csrc/), float32 and bfloat16, NCHW and
+channels_last.
+
+The C source is compiled once per machine with the system's C compiler (gcc or cc, -O3 -march=native -fopenmp) into
+a cache folder ($ATTNKIT_CACHE, else $XDG_CACHE_HOME/attnkit, else ~/.cache/attnkit), keyed by the source, the flags
+and the CPU's features, and loaded with ctypes; no torch headers are needed, so it takes a second or two. Without a
+compiler the backend is unavailable and the modules run their reference formulas.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("ATTNKIT_CACHE"):
+        return Path(os.environ["ATTNKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnkit"
+
+
+def _cpu_features() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | str:
+    """The compiled library, or why there is none."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return "needs a C compiler (gcc or cc) on PATH to build its kernels"
+    key = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES), " ".join([compiler, *FLAGS]).encode(), _cpu_features().encode()]:
+        key.update(part)
+    target = _cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCES[0])], check=True, capture_output=True,
+                               text=True)
+                os.replace(built, target)  # atomic: concurrent builders each install a whole library
+        except subprocess.CalledProcessError as error:
+            return f"could not build its kernels with {compiler}: {error.stderr.strip().splitlines()[0:1]}"
+        except OSError as error:
+            return f"could not build its kernels in {target.parent}: {error}"
+    return ctypes.CDLL(str(target))
+
+
+def unavailable() -> str | None:
+    """None if the kernels are built and loaded, else why not."""
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+def _arg(value: object) -> object:
+    if isinstance(value, Tensor):
+        return ctypes.c_void_p(value.data_ptr())
+    if value is None:
+        return ctypes.c_void_p(None)
+    if isinstance(value, float):
+        return ctypes.c_float(value)
+    return ctypes.c_int64(value)
+
+
+def _call(name: str, like: Tensor, *args: object) -> None:
+    """Run kernel `name` for `like`'s dtype; appends the layout flag and the thread count."""
+    function = getattr(_library(), f"{name}_{SUFFIX[like.dtype]}")
+    cl = not like.is_contiguous()
+    function(*map(_arg, args), ctypes.c_int(cl), ctypes.c_int(torch.get_num_threads()))
+
+
+def _cl(x: Tensor) -> bool:
+    return not x.is_contiguous()
+
+
+def _f32(shape: tuple[int, ...] | torch.Size) -> Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def _factor(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
+    """A float32 factor rounded to x's dtype, contiguous; [N, C, L] as [N, L, C] when `channels_last`."""
+    t = t.to(x.dtype).float() if x.dtype != torch.float32 else t.float()
+    return (t.transpose(1, 2) if channels_last else t).contiguous()
+
+
+def _stat(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
+    """A float32 statistic, contiguous; [N, C, L] as [N, L, C] when `channels_last`."""
+    t = t.float()
+    return (t.transpose(1, 2) if channels_last else t).contiguous()
+
+
+def _back(t: Tensor, channels_last: bool) -> Tensor:
+    """An [N, L, C] result as [N, C, L]."""
+    return t.transpose(1, 2) if channels_last else t
+
+
+# --- one gate per channel ---
+
+def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
+    n, c, h, w = x.shape
+    mean, m2 = _f32((n, c)), _f32((n, c)) if with_m2 else None
+    _call("pool_hw", x, x, mean, m2, n, c, h * w)
+    return mean, m2
+
+
+def scale_c(x: Tensor, g: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    _call("scale_c", x, x, _factor(g, x), y, n, c, h * w)
+    return y
+
+
+def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, c))
+    _call("dot_hw", x, dy, x, out, n, c, h * w)
+    return out
+
+
+def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
+           m: Tensor | None = None) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = torch.empty_like(dy)
+    _call("grad_c", dy, dy, _factor(g, dy), _stat(a, dy), x, None if b is None else _stat(b, dy),
+          None if m is None else _stat(m, dy), dx, n, c, h * w)
+    return dx
+
+
+# --- Coordinate Attention ---
+
+def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    cl = _cl(x)
+    zh, zw = _f32((n, h, c) if cl else (n, c, h)), _f32((n, w, c) if cl else (n, c, w))
+    _call("pool_h_w", x, x, zh, zw, n, c, h, w)
+    return _back(zh, cl), _back(zw, cl)
+
+
+def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    _call("scale_hw", x, x, _factor(ah, x, _cl(x)), _factor(aw, x, _cl(x)), y, n, c, h, w)
+    return y
+
+
+def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    cl = _cl(x)
+    dah, daw = _f32((n, h, c) if cl else (n, c, h)), _f32((n, w, c) if cl else (n, c, w))
+    _call("dot_h_w", x, dy, x, _factor(ah, x, cl), _factor(aw, x, cl), dah, daw, n, c, h, w)
+    return _back(dah, cl), _back(daw, cl)
+
+
+def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    cl = _cl(dy)
+    dx = torch.empty_like(dy)
+    _call("grad_hw", dy, dy, _factor(ah, dy, cl), _factor(aw, dy, cl), _stat(bh, dy, cl), _stat(bw, dy, cl), dx,
+          n, c, h, w)
+    return dx
+
+
+# --- CBAM ---
+
+def pool_hw_avgmax(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n, c, h, w = x.shape
+    mean, top, at = _f32((n, c)), _f32((n, c)), torch.empty((n, c), dtype=torch.int64)
+    _call("pool_hw_avgmax", x, x, mean, top, at, n, c, h * w)
+    return mean, top, at
+
+
+def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n, c, h, w = x.shape
+    mean, top, at = _f32((n, h, w)), _f32((n, h, w)), torch.empty((n, h, w), dtype=torch.int64)
+    _call("pool_c_gated", x, x, _factor(mc, x), mean, top, at, n, c, h * w)
+    return mean, top, at
+
+
+def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    _call("scale_cs", x, x, _factor(mc, x), _factor(ms, x), y, n, c, h * w)
+    return y
+
+
+def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    dmc, dms = _f32((n, c)), _f32((n, h, w))
+    _call("dot_cs", x, dy, x, _factor(mc, x), _factor(ms, x), dmc, dms, n, c, h * w)
+    return dmc, dms
+
+
+def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, c))
+    _call("dot_x_s", x, x, _stat(u, x), _stat(v, x), argc.contiguous(), out, n, c, h * w)
+    return out
+
+
+def grad_cs(dy: Tensor, mc: Tensor, ms: Tensor, u: Tensor, v: Tensor, argc: Tensor,
+            a: Tensor, b: Tensor, arghw: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = torch.empty_like(dy)
+    _call("grad_cs", dy, dy, _factor(mc, dy), _factor(ms, dy), _stat(u, dy), _stat(v, dy), argc.contiguous(),
+          _stat(a, dy), _stat(b, dy), arghw.contiguous(), dx, n, c, h * w)
+    return dx
+
+
+# --- Triplet Attention ---
+
+def zpool3(x: Tensor, spatial: bool) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+    n, c, h, w = x.shape
+    cl = _cl(x)
+
+    def pool(shape: tuple[int, ...]) -> list[Tensor]:
+        return [_f32(shape), torch.empty(shape, dtype=torch.int64), _f32(shape)]
+
+    over_h, over_w = pool((n, w, c) if cl else (n, c, w)), pool((n, h, c) if cl else (n, c, h))
+    over_c = pool((n, h, w)) if spatial else [None, None, None]
+    _call("zpool3", x, x, *over_h, *over_w, *over_c, n, c, h, w)
+    pools = [tuple(_back(t, cl) for t in over_h), tuple(_back(t, cl) for t in over_w)]
+    return tuple(pools + ([tuple(over_c)] if spatial else []))
+
+
+def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> Tensor:
+    n, c, h, w = x.shape
+    cl = _cl(x)
+    y = torch.empty_like(x)
+    k = 2.0 if a_hw is None else 3.0
+    _call("scale_mean3", x, x, _stat(a_cw, x, cl), _stat(a_hc, x, cl), None if a_hw is None else _stat(a_hw, x), k, y,
+          n, c, h, w)
+    return y
+
+
+def dot3(dy: Tensor, x: Tensor, spatial: bool) -> tuple[Tensor, ...]:
+    n, c, h, w = x.shape
+    cl = _cl(x)
+    dh, dw = _f32((n, w, c) if cl else (n, c, w)), _f32((n, h, c) if cl else (n, c, h))
+    dc = _f32((n, h, w)) if spatial else None
+    _call("dot3", x, dy, x, dh, dw, dc, n, c, h, w)
+    return (_back(dh, cl), _back(dw, cl)) + ((dc,) if spatial else ())
+
+
+def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
+               pools: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> Tensor:
+    n, c, h, w = dy.shape
+    cl = _cl(dy)
+    dx = torch.empty_like(dy)
+    k = 2.0 if a_hw is None else 3.0
+    layouts = (cl, cl, False)
+    flat = []
+    for (v, index, u), layout in zip(pools, layouts):
+        flat += [_stat(v, dy, layout), (index.transpose(1, 2) if layout else index).contiguous(), _stat(u, dy, layout)]
+    flat += [None, None, None] * (3 - len(pools))
+    _call("grad_mean3", dy, dy, _stat(a_cw, dy, cl), _stat(a_hc, dy, cl),
+          None if a_hw is None else _stat(a_hw, dy), k, *flat, dx, n, c, h, w)
+    return dx

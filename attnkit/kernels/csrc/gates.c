@@ -1,0 +1,58 @@
+/* attnkit's fused gate kernels for the CPU: the primitives of attnkit/kernels/reference.py as single passes.
+ *
+ * gates_impl.h holds every kernel once, written for an element type T; it is included once for float32 and once
+ * for bfloat16 (stored as uint16, computed in float32, rounded to nearest even). Each kernel takes `cl`:
+ * 0 for NCHW, 1 for channels_last (NHWC). Per-sample factors and statistics are float32; in NHWC the wrapper
+ * passes [N, H, C] and [N, W, C] factors ("_t": transposed) so that the inner loop runs along C.
+ * Threads: OpenMP with an explicit count; each thread owns whole outputs and sums in a fixed order, so results do
+ * not depend on the thread count or timing. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+static inline float bf16_load(const uint16_t *p, i64 i) {
+    uint32_t bits = (uint32_t)p[i] << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t bf16_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return 0x7FC0;
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float bf16_round(float f) {
+    uint32_t bits = (uint32_t)bf16_bits(f) << 16;
+    float r;
+    memcpy(&r, &bits, 4);
+    return r;
+}
+
+/* a > b for a running maximum that keeps the first index and lets NaN win, as torch.max */
+static inline int beats(float a, float b) { return a > b || (a != a && b == b); }
+
+#define T float
+#define SFX f32
+#define LD(p, i) ((p)[i])
+#define ST(p, i, v) ((p)[i] = (v))
+#define RND(v) (v)
+#include "gates_impl.h"
+#undef T
+#undef SFX
+#undef LD
+#undef ST
+#undef RND
+
+#define T uint16_t
+#define SFX bf16
+#define LD(p, i) bf16_load(p, i)
+#define ST(p, i, v) ((p)[i] = bf16_bits(v))
+#define RND(v) bf16_round(v)
+#include "gates_impl.h"

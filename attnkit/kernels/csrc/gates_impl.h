@@ -1,0 +1,595 @@
+/* The kernels, once for an element type T (see gates.c): LD loads an element as float, ST stores a float rounded
+ * to T, RND rounds a float to T's precision. Factors arrive already rounded to T's precision. */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SFX)
+#ifndef CB
+#define CB 64 /* channels per NHWC work item */
+#define PB 512 /* positions per NCHW work item of a reduction over channels */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+
+/* ---------- one gate per channel ---------- */
+
+/* mean[n, c] over H×W, and m2[n, c] = Σ(x − mean)² when m2 is not NULL */
+void FN(pool_hw)(const T *x, float *mean, float *m2, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            double s = 0;
+#pragma omp simd reduction(+ : s)
+            for (i64 p = 0; p < HW; p++) s += LD(row, p);
+            const float mu = (float)(s / HW);
+            mean[r] = mu;
+            if (m2) {
+                double q = 0;
+#pragma omp simd reduction(+ : q)
+                for (i64 p = 0; p < HW; p++) { const float d = LD(row, p) - mu; q += (double)d * d; }
+                m2[r] = (float)q;
+            }
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB] = {0};
+        float mu[CB];
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(base + p * C, j);
+        for (i64 j = 0; j < cn; j++) { mu[j] = (float)(acc[j] / HW); mean[n * C + c0 + j] = mu[j]; acc[j] = 0; }
+        if (!m2) continue;
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) { const float d = LD(base + p * C, j) - mu[j]; acc[j] += (double)d * d; }
+        for (i64 j = 0; j < cn; j++) m2[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* y = x · g[n, c] */
+void FN(scale_c)(const T *x, const float *g, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const T *xr = x + r * (cl ? C : HW);
+        T *yr = y + r * (cl ? C : HW);
+        if (!cl) {
+            const float gr = g[r];
+            for (i64 p = 0; p < HW; p++) ST(yr, p, LD(xr, p) * gr);
+        } else {
+            const float *gr = g + (r / HW) * C;
+            for (i64 c = 0; c < C; c++) ST(yr, c, LD(xr, c) * gr[c]);
+        }
+    }
+}
+
+/* out[n, c] = Σ_hw dy·x */
+void FN(dot_hw)(const T *dy, const T *x, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *a = dy + r * HW, *b = x + r * HW;
+            double s = 0;
+#pragma omp simd reduction(+ : s)
+            for (i64 p = 0; p < HW; p++) s += LD(a, p) * LD(b, p);
+            out[r] = (float)s;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 off = n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(dy + off + p * C, j) * LD(x + off + p * C, j);
+        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* dx = dy·g[n, c] + a[n, c] (+ b[n, c]·(x − m[n, c]) when b is not NULL) */
+void FN(grad_c)(const T *dy, const float *g, const float *a, const T *x, const float *b, const float *m, T *dx,
+                i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float gr = g[r], ar = a[r];
+            if (b) {
+                const float br = b[r], mr = m[r];
+                for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar + br * (LD(x + off, p) - mr));
+            } else {
+                for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar);
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+            if (b) {
+                for (i64 c = 0; c < C; c++)
+                    ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c] + b[k + c] * (LD(x + off, c) - m[k + c]));
+            } else {
+                for (i64 c = 0; c < C; c++) ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c]);
+            }
+        }
+    }
+}
+
+/* ---------- Coordinate Attention: a gate per row and per column of each channel ----------
+ * NCHW: per-row factors [N, C, H], per-column [N, C, W]; NHWC: [N, H, C] and [N, W, C]. */
+
+/* zh = mean over W, zw = mean over H */
+void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *plane = x + r * H * W;
+            double *accw = calloc(W, sizeof(double));
+            for (i64 h = 0; h < H; h++) {
+                double s = 0;
+                for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
+                zh[r * H + h] = (float)(s / W);
+            }
+            for (i64 w = 0; w < W; w++) zw[r * W + w] = (float)(accw[w] / H);
+            free(accw);
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        double *accw = calloc(W * CB, sizeof(double));
+        for (i64 h = 0; h < H; h++) {
+            double acch[CB] = {0};
+            for (i64 w = 0; w < W; w++) {
+                const T *row = x + ((n * H + h) * W + w) * C + c0;
+                for (i64 j = 0; j < cn; j++) { const float v = LD(row, j); acch[j] += v; accw[w * CB + j] += v; }
+            }
+            for (i64 j = 0; j < cn; j++) zh[(n * H + h) * C + c0 + j] = (float)(acch[j] / W);
+        }
+        for (i64 w = 0; w < W; w++)
+            for (i64 j = 0; j < cn; j++) zw[(n * W + w) * C + c0 + j] = (float)(accw[w * CB + j] / H);
+        free(accw);
+    }
+}
+
+/* y = (x · aw) · ah */
+void FN(scale_hw)(const T *x, const float *ah, const float *aw, T *y, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 off = r * H * W;
+            for (i64 h = 0; h < H; h++) {
+                const float a = ah[r * H + h];
+                for (i64 w = 0; w < W; w++) ST(y + off, h * W + w, RND(LD(x + off, h * W + w) * aw[r * W + w]) * a);
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * H; r++) {
+        const i64 n = r / H;
+        const float *a = ah + r * C;
+        for (i64 w = 0; w < W; w++) {
+            const i64 off = (r * W + w) * C;
+            const float *b = aw + (n * W + w) * C;
+            for (i64 c = 0; c < C; c++) ST(y + off, c, RND(LD(x + off, c) * b[c]) * a[c]);
+        }
+    }
+}
+
+/* dah = Σ_w dy·x·aw, daw = Σ_h dy·x·ah */
+void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, float *dah, float *daw,
+                 i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 off = r * H * W;
+            double *accw = calloc(W, sizeof(double));
+            for (i64 h = 0; h < H; h++) {
+                const float a = ah[r * H + h];
+                double s = 0;
+                for (i64 w = 0; w < W; w++) {
+                    const float p = LD(dy + off, h * W + w) * LD(x + off, h * W + w);
+                    s += p * aw[r * W + w];
+                    accw[w] += p * a;
+                }
+                dah[r * H + h] = (float)s;
+            }
+            for (i64 w = 0; w < W; w++) daw[r * W + w] = (float)accw[w];
+            free(accw);
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        double *accw = calloc(W * CB, sizeof(double));
+        for (i64 h = 0; h < H; h++) {
+            const float *a = ah + (n * H + h) * C + c0;
+            double acch[CB] = {0};
+            for (i64 w = 0; w < W; w++) {
+                const i64 off = ((n * H + h) * W + w) * C + c0;
+                const float *b = aw + (n * W + w) * C + c0;
+                for (i64 j = 0; j < cn; j++) {
+                    const float p = LD(dy + off, j) * LD(x + off, j);
+                    acch[j] += p * b[j];
+                    accw[w * CB + j] += p * a[j];
+                }
+            }
+            for (i64 j = 0; j < cn; j++) dah[(n * H + h) * C + c0 + j] = (float)acch[j];
+        }
+        for (i64 w = 0; w < W; w++)
+            for (i64 j = 0; j < cn; j++) daw[(n * W + w) * C + c0 + j] = (float)accw[w * CB + j];
+        free(accw);
+    }
+}
+
+/* dx = dy·ah·aw + bh + bw */
+void FN(grad_hw)(const T *dy, const float *ah, const float *aw, const float *bh, const float *bw, T *dx,
+                 i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 off = r * H * W;
+            for (i64 h = 0; h < H; h++) {
+                const float a = ah[r * H + h], c = bh[r * H + h];
+                for (i64 w = 0; w < W; w++)
+                    ST(dx + off, h * W + w, LD(dy + off, h * W + w) * a * aw[r * W + w] + c + bw[r * W + w]);
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * H; r++) {
+        const i64 n = r / H;
+        const float *a = ah + r * C, *c = bh + r * C;
+        for (i64 w = 0; w < W; w++) {
+            const i64 off = (r * W + w) * C;
+            const float *b = aw + (n * W + w) * C, *d = bw + (n * W + w) * C;
+            for (i64 k = 0; k < C; k++) ST(dx + off, k, LD(dy + off, k) * a[k] * b[k] + c[k] + d[k]);
+        }
+    }
+}
+
+/* ---------- CBAM: channel gate mc [N, C], then spatial gate ms [N, HW] from the channel-gated map ---------- */
+
+/* the first index of the maximum of n floats, NaN first */
+static inline i64 FN(first_max)(const T *row, i64 n, i64 stride, float *best) {
+    float m = LD(row, 0);
+    i64 at = 0;
+    for (i64 i = 1; i < n; i++) {
+        const float v = LD(row, i * stride);
+        if (beats(v, m)) { m = v; at = i; }
+    }
+    *best = m;
+    return at;
+}
+
+/* mean, max and first index of the max over H×W, each [N, C] */
+void FN(pool_hw_avgmax)(const T *x, float *mean, float *top, i64 *top_at, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            double s = 0;
+#pragma omp simd reduction(+ : s)
+            for (i64 p = 0; p < HW; p++) s += LD(row, p);
+            mean[r] = (float)(s / HW);
+            top_at[r] = FN(first_max)(row, HW, 1, &top[r]);
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB];
+        float m[CB];
+        i64 at[CB];
+        for (i64 j = 0; j < cn; j++) { acc[j] = m[j] = LD(base, j); at[j] = 0; }
+        for (i64 p = 1; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(base + p * C, j);
+                acc[j] += v;
+                if (beats(v, m[j])) { m[j] = v; at[j] = p; }
+            }
+        for (i64 j = 0; j < cn; j++) {
+            mean[n * C + c0 + j] = (float)(acc[j] / HW);
+            top[n * C + c0 + j] = m[j];
+            top_at[n * C + c0 + j] = at[j];
+        }
+    }
+}
+
+/* mean, max and first index of the max over C of t = x·mc (rounded to T), each [N, HW] */
+void FN(pool_c_gated)(const T *x, const float *mc, float *mean, float *top, i64 *top_at, i64 N, i64 C, i64 HW,
+                      int cl, int nt) {
+    if (!cl) {
+        const i64 nb = (HW + PB - 1) / PB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 t = 0; t < N * nb; t++) {
+            const i64 n = t / nb, p0 = (t % nb) * PB, pn = MIN(PB, HW - p0);
+            double acc[PB];
+            float m[PB];
+            i64 at[PB];
+            for (i64 c = 0; c < C; c++) {
+                const T *row = x + (n * C + c) * HW + p0;
+                const float g = mc[n * C + c];
+                for (i64 j = 0; j < pn; j++) {
+                    const float v = RND(LD(row, j) * g);
+                    if (c == 0) { acc[j] = m[j] = v; at[j] = 0; continue; }
+                    acc[j] += v;
+                    if (beats(v, m[j])) { m[j] = v; at[j] = c; }
+                }
+            }
+            for (i64 j = 0; j < pn; j++) {
+                mean[n * HW + p0 + j] = (float)(acc[j] / C);
+                top[n * HW + p0 + j] = m[j];
+                top_at[n * HW + p0 + j] = at[j];
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * HW; r++) {
+        const T *row = x + r * C;
+        const float *g = mc + (r / HW) * C;
+        double s = 0;
+        float m = RND(LD(row, 0) * g[0]);
+        i64 at = 0;
+        for (i64 c = 0; c < C; c++) {
+            const float v = RND(LD(row, c) * g[c]);
+            s += v;
+            if (beats(v, m)) { m = v; at = c; }
+        }
+        mean[r] = (float)(s / C);
+        top[r] = m;
+        top_at[r] = at;
+    }
+}
+
+/* y = (x · mc) · ms */
+void FN(scale_cs)(const T *x, const float *mc, const float *ms, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float g = mc[r];
+            const float *s = ms + (r / C) * HW;
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, RND(LD(x + off, p) * g) * s[p]);
+        } else {
+            const float *g = mc + (r / HW) * C, s = ms[r];
+            for (i64 c = 0; c < C; c++) ST(y + off, c, RND(LD(x + off, c) * g[c]) * s);
+        }
+    }
+}
+
+/* dmc[n, c] = Σ_hw dy·x·ms, dms[n, hw] = Σ_c dy·(x·mc rounded to T) */
+void FN(dot_cs)(const T *dy, const T *x, const float *mc, const float *ms, float *dmc, float *dms,
+                i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *a = dy + n * C * HW, *b = x + n * C * HW;
+        const float *g = mc + n * C, *s = ms + n * HW;
+        double *acc = calloc(cl ? C : HW, sizeof(double));
+        if (!cl) {
+            for (i64 c = 0; c < C; c++) {
+                double t = 0;
+                for (i64 p = 0; p < HW; p++) {
+                    const float d = LD(a, c * HW + p), v = LD(b, c * HW + p);
+                    t += d * v * s[p];
+                    acc[p] += d * RND(v * g[c]);
+                }
+                dmc[n * C + c] = (float)t;
+            }
+            for (i64 p = 0; p < HW; p++) dms[n * HW + p] = (float)acc[p];
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                double t = 0;
+                for (i64 c = 0; c < C; c++) {
+                    const float d = LD(a, p * C + c), v = LD(b, p * C + c);
+                    acc[c] += d * v * s[p];
+                    t += d * RND(v * g[c]);
+                }
+                dms[n * HW + p] = (float)t;
+            }
+            for (i64 c = 0; c < C; c++) dmc[n * C + c] = (float)acc[c];
+        }
+        free(acc);
+    }
+}
+
+/* out[n, c] = Σ_hw x·(u[n, hw] + v[n, hw]·[c = argc[n, hw]]) */
+void FN(dot_x_s)(const T *x, const float *u, const float *v, const i64 *argc, float *out, i64 N, i64 C, i64 HW,
+                 int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *b = x + n * C * HW;
+        const float *un = u + n * HW, *vn = v + n * HW;
+        const i64 *an = argc + n * HW;
+        double *acc = calloc(C, sizeof(double));
+        if (!cl) {
+            for (i64 c = 0; c < C; c++) {
+                double t = 0;
+#pragma omp simd reduction(+ : t)
+                for (i64 p = 0; p < HW; p++) t += LD(b, c * HW + p) * un[p];
+                acc[c] = t;
+            }
+            for (i64 p = 0; p < HW; p++) acc[an[p]] += LD(b, an[p] * HW + p) * vn[p];
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                for (i64 c = 0; c < C; c++) acc[c] += LD(b, p * C + c) * un[p];
+                acc[an[p]] += LD(b, p * C + an[p]) * vn[p];
+            }
+        }
+        for (i64 c = 0; c < C; c++) out[n * C + c] = (float)acc[c];
+        free(acc);
+    }
+}
+
+/* dx = mc·(dy·ms + u + v·[c = argc]) + a[n, c] + b[n, c]·[hw = arghw[n, c]] */
+void FN(grad_cs)(const T *dy, const float *mc, const float *ms, const float *u, const float *v, const i64 *argc,
+                 const float *a, const float *b, const i64 *arghw, T *dx, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const i64 n = r / C, c = r % C, top = arghw[r];
+            const float g = mc[r], ar = a[r], br = b[r];
+            const float *s = ms + n * HW, *un = u + n * HW, *vn = v + n * HW;
+            const i64 *an = argc + n * HW;
+            for (i64 p = 0; p < HW; p++) {
+                const float t = LD(dy + off, p) * s[p] + un[p] + (an[p] == c ? vn[p] : 0.0f);
+                ST(dx + off, p, t * g + ar + (p == top ? br : 0.0f));
+            }
+        } else {
+            const i64 n = r / HW, p = r % HW, ac = argc[r];
+            const float s = ms[r], ur = u[r], vr = v[r];
+            const float *g = mc + n * C, *an = a + n * C, *bn = b + n * C;
+            const i64 *tn = arghw + n * C;
+            for (i64 c = 0; c < C; c++) {
+                const float t = LD(dy + off, c) * s + ur + (c == ac ? vr : 0.0f);
+                ST(dx + off, c, t * g[c] + an[c] + (tn[c] == p ? bn[c] : 0.0f));
+            }
+        }
+    }
+}
+
+/* ---------- Triplet Attention: Z-pools over H, W and C ----------
+ * Factors over the (C, W) plane are [N, C, W] (NHWC: [N, W, C]); over (C, H) [N, C, H] (NHWC: [N, H, C]); over
+ * (H, W) [N, HW]. */
+
+/* a running (max, first index, sum) */
+#define POOL_INIT(m, at, s, k, v) do { (m)[k] = (v); (at)[k] = 0; (s)[k] = (v); } while (0)
+#define POOL_STEP(m, at, s, k, v, i) do { (s)[k] += (v); if (beats((v), (m)[k])) { (m)[k] = (v); (at)[k] = (i); } } while (0)
+
+/* max, first index of the max and mean over H (mh, ih, uh), over W (mw, iw, uw) and, when mc is not NULL, over C */
+void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, float *uw, float *mc, i64 *ic,
+                float *uc, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    const i64 HW = H * W;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        double *sh = malloc((cl ? W * C : W) * sizeof(double));
+        double *sw = malloc((cl ? C : 1) * sizeof(double));
+        double *sc = malloc(HW * sizeof(double));
+        float *mwl = malloc((cl ? C : 1) * sizeof(float));
+        i64 *iwl = malloc((cl ? C : 1) * sizeof(i64));
+        for (i64 a = 0; a < (cl ? H : C); a++) {
+            for (i64 b = 0; b < (cl ? W : H); b++) {
+                const i64 h = cl ? a : b;
+                for (i64 cc = 0; cc < (cl ? C : W); cc++) {
+                    const i64 c = cl ? cc : a, w = cl ? b : cc, p = h * W + w;
+                    const float v = LD(x, cl ? (n * HW + p) * C + c : (n * C + c) * HW + p);
+                    const i64 kh = cl ? (n * W + w) * C + c : (n * C + c) * W + w; /* pool over H */
+                    const i64 khl = cl ? w * C + c : w;
+                    if (h == 0) { mh[kh] = v; ih[kh] = 0; sh[khl] = v; }
+                    else { sh[khl] += v; if (beats(v, mh[kh])) { mh[kh] = v; ih[kh] = h; } }
+                    const i64 kw = cl ? c : 0; /* pool over W, local until the row ends */
+                    if (w == 0) POOL_INIT(mwl, iwl, sw, kw, v); else POOL_STEP(mwl, iwl, sw, kw, v, w);
+                    if (w == W - 1) {
+                        const i64 o = cl ? (n * H + h) * C + c : (n * C + c) * H + h;
+                        mw[o] = mwl[kw]; iw[o] = iwl[kw]; uw[o] = (float)(sw[kw] / W);
+                    }
+                    if (mc) { /* pool over C */
+                        const i64 o = n * HW + p;
+                        if (c == 0) { mc[o] = v; ic[o] = 0; sc[p] = v; }
+                        else { sc[p] += v; if (beats(v, mc[o])) { mc[o] = v; ic[o] = c; } }
+                    }
+                }
+            }
+            if (!cl)
+                for (i64 w = 0; w < W; w++) uh[(n * C + a) * W + w] = (float)(sh[w] / H);
+        }
+        if (cl)
+            for (i64 k = 0; k < W * C; k++) uh[n * W * C + k] = (float)(sh[k] / H);
+        if (mc)
+            for (i64 p = 0; p < HW; p++) uc[n * HW + p] = (float)(sc[p] / C);
+        free(sh); free(sw); free(sc); free(mwl); free(iwl);
+    }
+}
+
+/* y = x · (a + b (+ s)) / k, a over (C, W), b over (C, H), s over (H, W) or NULL */
+void FN(scale_mean3)(const T *x, const float *a, const float *b, const float *s, float k, T *y,
+                     i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    const i64 HW = H * W;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * H : N * C); r++) {
+        const i64 n = cl ? r / H : r / C;
+        for (i64 u = 0; u < (cl ? W : H); u++) {
+            const i64 h = cl ? r % H : u, w0 = cl ? u : 0;
+            const i64 off = cl ? (r * W + u) * C : r * HW + h * W;
+            for (i64 v = 0; v < (cl ? C : W); v++) {
+                const i64 c = cl ? v : r % C, w = cl ? w0 : v;
+                float g = cl ? a[(n * W + w) * C + c] + b[(n * H + h) * C + c] : a[r * W + w] + b[r * H + h];
+                if (s) g += s[n * HW + h * W + w];
+                ST(y + off, v, LD(x + off, v) * RND(g / k));
+            }
+        }
+    }
+}
+
+/* Σ_h dy·x (dh), Σ_w dy·x (dw) and, when dc is not NULL, Σ_c dy·x */
+void FN(dot3)(const T *dy, const T *x, float *dh, float *dw, float *dc, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    const i64 HW = H * W;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        double *sh = calloc(cl ? W * C : W, sizeof(double));
+        double *sw = calloc(cl ? C : 1, sizeof(double));
+        double *sc = calloc(HW, sizeof(double));
+        for (i64 a = 0; a < (cl ? H : C); a++) {
+            for (i64 b = 0; b < (cl ? W : H); b++) {
+                const i64 h = cl ? a : b;
+                for (i64 cc = 0; cc < (cl ? C : W); cc++) {
+                    const i64 c = cl ? cc : a, w = cl ? b : cc, p = h * W + w;
+                    const i64 o = cl ? (n * HW + p) * C + c : (n * C + c) * HW + p;
+                    const float v = LD(dy, o) * LD(x, o);
+                    sh[cl ? w * C + c : w] += v;
+                    sw[cl ? c : 0] += v;
+                    sc[p] += v;
+                    if (w == W - 1) {
+                        dw[cl ? (n * H + h) * C + c : (n * C + c) * H + h] = (float)sw[cl ? c : 0];
+                        sw[cl ? c : 0] = 0;
+                    }
+                }
+            }
+            if (!cl)
+                for (i64 w = 0; w < W; w++) { dh[(n * C + a) * W + w] = (float)sh[w]; sh[w] = 0; }
+        }
+        if (cl)
+            for (i64 k = 0; k < W * C; k++) dh[n * W * C + k] = (float)sh[k];
+        if (dc)
+            for (i64 p = 0; p < HW; p++) dc[n * HW + p] = (float)sc[p];
+        free(sh); free(sw); free(sc);
+    }
+}
+
+/* dx = dy·(a + b (+ s)) / k + Σ over the pooled axes d of (u_d + v_d·[position along d = i_d]) */
+void FN(grad_mean3)(const T *dy, const float *a, const float *b, const float *s, float k,
+                    const float *vh, const i64 *ih, const float *uh, const float *vw, const i64 *iw, const float *uw,
+                    const float *vc, const i64 *ic, const float *uc, T *dx, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    const i64 HW = H * W;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * H : N * C); r++) {
+        const i64 n = cl ? r / H : r / C;
+        for (i64 u = 0; u < (cl ? W : H); u++) {
+            const i64 h = cl ? r % H : u;
+            const i64 off = cl ? (r * W + u) * C : r * HW + h * W;
+            for (i64 v = 0; v < (cl ? C : W); v++) {
+                const i64 c = cl ? v : r % C, w = cl ? u : v, p = h * W + w;
+                const i64 kh = cl ? (n * W + w) * C + c : r * W + w; /* index over (C, W) */
+                const i64 kw = cl ? (n * H + h) * C + c : r * H + h; /* index over (C, H) */
+                float g = a[kh] + b[kw];
+                if (s) g += s[n * HW + p];
+                float d = LD(dy + off, v) * RND(g / k);
+                d = d + uh[kh] + (ih[kh] == h ? vh[kh] : 0.0f);
+                d = d + uw[kw] + (iw[kw] == w ? vw[kw] : 0.0f);
+                if (s) d = d + uc[n * HW + p] + (ic[n * HW + p] == c ? vc[n * HW + p] : 0.0f);
+                ST(dx + off, v, d);
+            }
+        }
+    }
+}

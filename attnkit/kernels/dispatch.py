@@ -1,0 +1,103 @@
+"""Which path the attention modules take: a fused backend or the reference formulas.
+
+Modes (`set_mode`, the `use` context, or the ATTNKIT_KERNELS environment variable):
+  'auto'       fused where a backend serves the input (the default), the reference formulas elsewhere;
+  'reference'  always the reference formulas (plain torch ops, any device, dtype and layout);
+  'cpu', 'triton'  that backend, or an error saying why it cannot serve the input.
+The reference path also runs, whatever the mode, while a model is traced, scripted, compiled or exported, so
+exported graphs hold the plain formula.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from types import ModuleType
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+MODES = ("auto", "reference", "cpu", "triton")
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_mode = os.environ.get("ATTNKIT_KERNELS", "auto")
+
+
+def _checked(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(f"attnkit.kernels: mode must be one of {list(MODES)}, got {mode!r}.")
+    return mode  # type: ignore[return-value]
+
+
+def get_mode() -> str:
+    """The current mode."""
+    return _checked(_mode)
+
+
+def set_mode(mode: str) -> None:
+    """Set the mode for the whole process."""
+    global _mode
+    _mode = _checked(mode)
+
+
+@contextlib.contextmanager
+def use(mode: str) -> Iterator[None]:
+    """Run a block in `mode`, e.g. `with attnkit.kernels.use("reference"): y = net(x)`."""
+    global _mode
+    previous, _mode = _mode, _checked(mode)
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+def _graph_capture() -> bool:
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export())
+
+
+def _layout_ok(x: Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _why_not(name: str, x: Tensor) -> str | None:
+    """Why backend `name` cannot serve `x`, or None if it can."""
+    if not _layout_ok(x):
+        return f"needs a contiguous NCHW or channels_last tensor, got strides {x.stride()} for shape {tuple(x.shape)}"
+    if name == "cpu":
+        from . import cpu
+        if x.device.type != "cpu":
+            return f"serves CPU tensors, got one on {x.device}"
+        if x.dtype not in CPU_DTYPES:
+            return f"serves {[str(d) for d in CPU_DTYPES]}, got {x.dtype}"
+        return cpu.unavailable()
+    from . import triton as triton_backend
+    if x.device.type != "cuda" and not triton_backend.interpreting():
+        return f"serves CUDA tensors (or any under TRITON_INTERPRET=1), got one on {x.device}"
+    if x.dtype not in TRITON_DTYPES:
+        return f"serves {[str(d) for d in TRITON_DTYPES]}, got {x.dtype}"
+    return triton_backend.unavailable()
+
+
+def backend_for(x: object) -> ModuleType | None:
+    """The backend that runs the fused path for input `x` in the current mode, or None for the reference path."""
+    mode = get_mode()
+    if mode == "reference" or type(x) is not Tensor or _graph_capture():
+        return None
+    if mode == "auto":
+        name = "cpu" if x.device.type == "cpu" else "triton"
+        return None if _why_not(name, x) else _load(name)
+    reason = _why_not(mode, x)
+    if reason:
+        raise RuntimeError(f"attnkit.kernels mode {mode!r}: the {mode} backend {reason}. Use mode 'auto' to fall "
+                           f"back to the reference formulas.")
+    return _load(mode)
+
+
+def _load(name: str) -> ModuleType:
+    if name == "cpu":
+        from . import cpu
+        return cpu
+    from . import triton as triton_backend
+    return triton_backend

@@ -1,0 +1,165 @@
+"""The fused paths' primitives written as plain torch ops: the specification each backend (cpu.py, triton.py) matches.
+
+Shapes: x and dy are N×C×H×W in their own dtype and memory format; per-sample factors and statistics are float32
+(float64 for float64 input) with the shapes named below ([N, C] per channel, [N, C, H] per row of a channel,
+[N, C, W] per column, [N, H, W] per position); argmax indices are int64. Every product with x is rounded to x's
+dtype after each factor, as the modules' reference formulas round it (`x * g.to(x.dtype)`), and a maximum's
+index is the first one, as torch.max along a dimension reports it. Outputs keep x's memory format.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _f(t: Tensor) -> Tensor:
+    """In at least float32, as the modules compute statistics."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _round(t: Tensor, like: Tensor) -> Tensor:
+    """Round a factor to the input's dtype and back: the value `factor.to(x.dtype)` has in the reference."""
+    return t.to(like.dtype).to(t.dtype)
+
+
+def _one_hot(index: Tensor, size: int, dim: int) -> Tensor:
+    """1 where the position along `dim` equals `index` (which lacks `dim`), else 0, as float32."""
+    shape = [1] * (index.dim() + 1)
+    shape[dim] = size
+    positions = torch.arange(size, device=index.device).view(shape)
+    return (index.unsqueeze(dim) == positions).float()
+
+
+# --- one gate per channel: SE, ECA, SRM, Gather-Excite (global extent) ---
+
+def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
+    """mean[N, C] over H×W, and the sum of squared deviations from it, M2[N, C], when asked."""
+    xf = _f(x)
+    mean = xf.mean((2, 3))
+    return mean, ((xf - mean[:, :, None, None]) ** 2).sum((2, 3)) if with_m2 else None
+
+
+def scale_c(x: Tensor, g: Tensor) -> Tensor:
+    """y = x · g[n, c]."""
+    return x * g.to(x.dtype)[:, :, None, None]
+
+
+def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
+    """Σ_hw dy·x, [N, C]."""
+    return (_f(dy) * _f(x)).sum((2, 3))
+
+
+def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
+           m: Tensor | None = None) -> Tensor:
+    """dx = dy·g[n, c] + a[n, c] (+ b[n, c]·(x − m[n, c]) when b is given), rounded to dy's dtype once."""
+    dx = _f(dy) * _round(g, dy)[:, :, None, None] + a[:, :, None, None]
+    if b is not None:
+        dx = dx + b[:, :, None, None] * (_f(x) - m[:, :, None, None])
+    return dx.to(dy.dtype)
+
+
+# --- Coordinate Attention: one gate per row and one per column of each channel ---
+
+def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean over W [N, C, H], mean over H [N, C, W])."""
+    xf = _f(x)
+    return xf.mean(3), xf.mean(2)
+
+
+def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
+    """y = x · aw[n, c, w] · ah[n, c, h] (the reference's order of rounding)."""
+    return x * aw.to(x.dtype)[:, :, None, :] * ah.to(x.dtype)[:, :, :, None]
+
+
+def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_w dy·x·aw [N, C, H], Σ_h dy·x·ah [N, C, W]), with the factors as rounded in the forward."""
+    p = _f(dy) * _f(x)
+    return (p * _round(aw, x)[:, :, None, :]).sum(3), (p * _round(ah, x)[:, :, :, None]).sum(2)
+
+
+def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
+    """dx = dy·ah·aw + bh[n, c, h] + bw[n, c, w]."""
+    dx = _f(dy) * _round(ah, dy)[:, :, :, None] * _round(aw, dy)[:, :, None, :]
+    return (dx + bh[:, :, :, None] + bw[:, :, None, :]).to(dy.dtype)
+
+
+# --- CBAM: a channel gate, then a spatial gate pooled from the channel-gated map ---
+
+def pool_hw_avgmax(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, max, index of the first max) over H×W, each [N, C]; the index counts h·W + w."""
+    xf = _f(x).flatten(2)
+    values, index = torch.max(xf, 2)
+    return xf.mean(2), values, index
+
+
+def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, max, index of the first max) over C of x·mc (rounded to x's dtype), each [N, H, W]."""
+    t = _f(scale_c(x, mc))
+    values, index = torch.max(t, 1)
+    return t.mean(1), values, index
+
+
+def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    """y = (x · mc[n, c]) · ms[n, h, w]."""
+    return scale_c(x, mc) * ms.to(x.dtype)[:, None]
+
+
+def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dy·x·ms [N, C], Σ_c dy·(x·mc) [N, H, W]), factors as rounded in the forward."""
+    p = _f(dy) * _f(x)
+    return (p * _round(ms, x)[:, None]).sum((2, 3)), (_f(dy) * _f(scale_c(x, mc))).sum(1)
+
+
+def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
+    """Σ_hw x·(u[n, h, w] + v[n, h, w]·[c = argc[n, h, w]]), [N, C]."""
+    weight = u[:, None] + v[:, None] * _one_hot(argc, x.shape[1], 1)
+    return (_f(x) * weight).sum((2, 3))
+
+
+def grad_cs(dy: Tensor, mc: Tensor, ms: Tensor, u: Tensor, v: Tensor, argc: Tensor,
+            a: Tensor, b: Tensor, arghw: Tensor) -> Tensor:
+    """dx = mc·(dy·ms + u + v·[c = argc]) + a[n, c] + b[n, c]·[h·W + w = arghw[n, c]]."""
+    n, c, h, w = dy.shape
+    t = _f(dy) * _round(ms, dy)[:, None] + u[:, None] + v[:, None] * _one_hot(argc, c, 1)
+    at_max = _one_hot(arghw, h * w, 2).view(n, c, h, w)
+    return (t * _round(mc, dy)[:, :, None, None] + a[:, :, None, None] + b[:, :, None, None] * at_max).to(dy.dtype)
+
+
+# --- Triplet Attention: Z-pools over H, over W and over C; the mean of three gates ---
+
+def zpool3(x: Tensor, spatial: bool) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+    """For H ([N, C, W]), W ([N, C, H]) and, if `spatial`, C ([N, H, W]): (max, index of the first max, mean)."""
+    xf = _f(x)
+    pools = []
+    for dim in (2, 3, 1)[: 3 if spatial else 2]:
+        values, index = torch.max(xf, dim)
+        pools.append((values, index, xf.mean(dim)))
+    return tuple(pools)
+
+
+def _mean_gate(a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> Tensor:
+    gates = [a_cw[:, :, None, :], a_hc[:, :, :, None]] + ([a_hw[:, None]] if a_hw is not None else [])
+    return sum(gates) / len(gates)
+
+
+def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> Tensor:
+    """y = x · (a_cw[n, c, w] + a_hc[n, c, h] (+ a_hw[n, h, w])) / (number of gates)."""
+    return x * _mean_gate(a_cw, a_hc, a_hw).to(x.dtype)
+
+
+def dot3(dy: Tensor, x: Tensor, spatial: bool) -> tuple[Tensor, ...]:
+    """Σ_h dy·x [N, C, W], Σ_w dy·x [N, C, H] and, if `spatial`, Σ_c dy·x [N, H, W]."""
+    p = _f(dy) * _f(x)
+    return tuple(p.sum(dim) for dim in (2, 3, 1)[: 3 if spatial else 2])
+
+
+def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
+               pools: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> Tensor:
+    """dx = dy·gate + Σ over the pooled axes d of (u_d + v_d·[position along d = argmax_d]), where each pool is
+    (v_d, argmax_d, u_d): the gradient of the max, the max's index and the gradient of the mean, already divided by
+    the axis' length."""
+    n, c, h, w = dy.shape
+    dx = _f(dy) * _round(_mean_gate(a_cw, a_hc, a_hw), dy)
+    for dim, (v, index, u) in zip((2, 3, 1), pools):
+        dx = dx + u.unsqueeze(dim) + v.unsqueeze(dim) * _one_hot(index, dy.shape[dim], dim)
+    return dx.to(dy.dtype)

@@ -1,0 +1,77 @@
+"""Inputs for every primitive of attnkit/kernels/reference.py, to compare a backend with the reference."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (2, 70, 4, 9), (1, 1, 5, 2)]
+
+
+def feature_map(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, ties: bool, seed: int) -> Tensor:
+    """x with ties (small integers, so maxima repeat) or without, in the given dtype and memory format."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=g).float() if ties else torch.randn(shape, generator=g)
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
+    """name -> function(ops) calling that primitive of the backend `ops` on inputs made from x and dy."""
+    n, c, h, w = x.shape
+    g = torch.Generator().manual_seed(1)
+
+    def f(*shape: int) -> Tensor:
+        return torch.rand(shape, generator=g) + 0.5
+
+    def index(size: int, *shape: int) -> Tensor:
+        return torch.randint(0, size, shape, generator=g)
+
+    gc, a, b, m = f(n, c), f(n, c), f(n, c), f(n, c)
+    ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
+    ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
+    a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
+    pools = ((f(n, c, w), index(h, n, c, w), f(n, c, w)), (f(n, c, h), index(w, n, c, h), f(n, c, h)))
+    pools += ((f(n, h, w), index(c, n, h, w), f(n, h, w)),) if spatial else ()
+    return {
+        "pool_hw": lambda ops: ops.pool_hw(x, False)[:1],
+        "pool_hw m2": lambda ops: ops.pool_hw(x, True),
+        "scale_c": lambda ops: ops.scale_c(x, gc),
+        "dot_hw": lambda ops: ops.dot_hw(dy, x),
+        "grad_c": lambda ops: ops.grad_c(dy, gc, a),
+        "grad_c x": lambda ops: ops.grad_c(dy, gc, a, x, b, m),
+        "pool_h_w": lambda ops: ops.pool_h_w(x),
+        "scale_hw": lambda ops: ops.scale_hw(x, ah, aw),
+        "dot_h_w": lambda ops: ops.dot_h_w(dy, x, ah, aw),
+        "grad_hw": lambda ops: ops.grad_hw(dy, ah, aw, bh, bw),
+        "pool_hw_avgmax": lambda ops: ops.pool_hw_avgmax(x),
+        "pool_c_gated": lambda ops: ops.pool_c_gated(x, gc),
+        "scale_cs": lambda ops: ops.scale_cs(x, gc, ms),
+        "dot_cs": lambda ops: ops.dot_cs(dy, x, gc, ms),
+        "dot_x_s": lambda ops: ops.dot_x_s(x, u, v, argc),
+        "grad_cs": lambda ops: ops.grad_cs(dy, gc, ms, u, v, argc, a, b, arghw),
+        "zpool3": lambda ops: [t for pool in ops.zpool3(x, spatial) for t in pool],
+        "scale_mean3": lambda ops: ops.scale_mean3(x, a_cw, a_hc, a_hw),
+        "dot3": lambda ops: ops.dot3(dy, x, spatial),
+        "grad_mean3": lambda ops: ops.grad_mean3(dy, a_cw, a_hc, a_hw, pools),
+    }
+
+
+def outputs(result: object) -> list[Tensor]:
+    return [t for t in (result if isinstance(result, (tuple, list)) else [result]) if t is not None]
+
+
+def assert_close(got: Tensor, want: Tensor, rtol: float, what: str) -> None:
+    """Equal shapes and dtypes; integer tensors exactly; floats within rtol of the reference's largest value (both
+    below 1e-6 where the reference is zero but for rounding)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    if not want.is_floating_point():
+        assert torch.equal(got, want), f"{what}: indices differ at {(got != want).nonzero()[:5].tolist()}"
+        return
+    scale = want.float().abs().max()
+    if scale < 1e-6:  # zero but for rounding (e.g. the gradient of a bias followed by BatchNorm): both must be
+        assert got.float().abs().max() < 1e-6, f"{what}: {got.float().abs().max():.2e} where the reference is 0"
+        return
+    error = (got.float() - want.float()).abs().max() / scale
+    assert error <= rtol, f"{what}: max error {error:.2e} of the largest value, tolerance {rtol:.0e}"
