@@ -35,8 +35,9 @@ static inline float bf16_round(float f) {
     return r;
 }
 
-/* a > b for a running maximum that keeps the first index and lets NaN win, as torch.max */
-static inline int beats(float a, float b) { return a > b || (a != a && b == b); }
+/* a > b: a running maximum keeps the first index, as torch.max (a NaN in x makes the gate NaN either way; which
+ * position its max gradient reaches is not specified) */
+static inline int beats(float a, float b) { return a > b; }
 
 #define T float
 #define SFX f32

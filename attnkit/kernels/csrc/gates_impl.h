@@ -124,11 +124,12 @@ void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, 
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *plane = x + r * H * W;
-            double *accw = calloc(W, sizeof(double));
+            float *accw = calloc(W, sizeof(float));
             for (i64 h = 0; h < H; h++) {
-                double s = 0;
+                float s = 0;
+#pragma omp simd reduction(+ : s)
                 for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
-                zh[r * H + h] = (float)(s / W);
+                zh[r * H + h] = s / W;
             }
             for (i64 w = 0; w < W; w++) zw[r * W + w] = (float)(accw[w] / H);
             free(accw);
@@ -186,10 +187,11 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
-            double *accw = calloc(W, sizeof(double));
+            float *accw = calloc(W, sizeof(float));
             for (i64 h = 0; h < H; h++) {
                 const float a = ah[r * H + h];
-                double s = 0;
+                float s = 0;
+#pragma omp simd reduction(+ : s)
                 for (i64 w = 0; w < W; w++) {
                     const float p = LD(dy + off, h * W + w) * LD(x + off, h * W + w);
                     s += p * aw[r * W + w];
@@ -256,16 +258,15 @@ void FN(grad_hw)(const T *dy, const float *ah, const float *aw, const float *bh,
 
 /* ---------- CBAM: channel gate mc [N, C], then spatial gate ms [N, HW] from the channel-gated map ---------- */
 
-/* the first index of the maximum of n floats, NaN first */
-static inline i64 FN(first_max)(const T *row, i64 n, i64 stride, float *best) {
+/* the first index of the maximum of n contiguous values: a vectorised max, then a scan for it */
+static inline i64 FN(first_max)(const T *row, i64 n, float *best) {
     float m = LD(row, 0);
-    i64 at = 0;
-    for (i64 i = 1; i < n; i++) {
-        const float v = LD(row, i * stride);
-        if (beats(v, m)) { m = v; at = i; }
-    }
+#pragma omp simd reduction(max : m)
+    for (i64 i = 0; i < n; i++) { const float v = LD(row, i); m = v > m ? v : m; }
     *best = m;
-    return at;
+    for (i64 i = 0; i < n; i++)
+        if (LD(row, i) == m) return i;
+    return 0;
 }
 
 /* mean, max and first index of the max over H×W, each [N, C] */
@@ -278,7 +279,7 @@ void FN(pool_hw_avgmax)(const T *x, float *mean, float *top, i64 *top_at, i64 N,
 #pragma omp simd reduction(+ : s)
             for (i64 p = 0; p < HW; p++) s += LD(row, p);
             mean[r] = (float)(s / HW);
-            top_at[r] = FN(first_max)(row, HW, 1, &top[r]);
+            top_at[r] = FN(first_max)(row, HW, &top[r]);
         }
         return;
     }
@@ -316,12 +317,12 @@ void FN(pool_c_gated)(const T *x, const float *mc, float *mean, float *top, i64 
             double acc[PB];
             float m[PB];
             i64 at[PB];
-            for (i64 c = 0; c < C; c++) {
+            for (i64 j = 0; j < pn; j++) { acc[j] = m[j] = RND(LD(x + n * C * HW + p0, j) * mc[n * C]); at[j] = 0; }
+            for (i64 c = 1; c < C; c++) {
                 const T *row = x + (n * C + c) * HW + p0;
                 const float g = mc[n * C + c];
                 for (i64 j = 0; j < pn; j++) {
                     const float v = RND(LD(row, j) * g);
-                    if (c == 0) { acc[j] = m[j] = v; at[j] = 0; continue; }
                     acc[j] += v;
                     if (beats(v, m[j])) { m[j] = v; at[j] = c; }
                 }
@@ -377,16 +378,19 @@ void FN(dot_cs)(const T *dy, const T *x, const float *mc, const float *ms, float
         const float *g = mc + n * C, *s = ms + n * HW;
         double *acc = calloc(cl ? C : HW, sizeof(double));
         if (!cl) {
+            float *accp = calloc(HW, sizeof(float));
             for (i64 c = 0; c < C; c++) {
-                double t = 0;
+                float t = 0;
+#pragma omp simd reduction(+ : t)
                 for (i64 p = 0; p < HW; p++) {
                     const float d = LD(a, c * HW + p), v = LD(b, c * HW + p);
                     t += d * v * s[p];
-                    acc[p] += d * RND(v * g[c]);
+                    accp[p] += d * RND(v * g[c]);
                 }
-                dmc[n * C + c] = (float)t;
+                dmc[n * C + c] = t;
             }
-            for (i64 p = 0; p < HW; p++) dms[n * HW + p] = (float)acc[p];
+            for (i64 p = 0; p < HW; p++) dms[n * HW + p] = accp[p];
+            free(accp);
         } else {
             for (i64 p = 0; p < HW; p++) {
                 double t = 0;
@@ -471,6 +475,50 @@ void FN(grad_cs)(const T *dy, const float *mc, const float *ms, const float *u, 
 void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, float *uw, float *mc, i64 *ic,
                 float *uc, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
     const i64 HW = H * W;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            float *sh = malloc(W * sizeof(float));
+            double *sc = malloc(HW * sizeof(double));
+            for (i64 c = 0; c < C; c++) {
+                const T *plane = x + (n * C + c) * HW;
+                float *th = mh + (n * C + c) * W, *uth = uh + (n * C + c) * W;
+                i64 *ith = ih + (n * C + c) * W;
+                for (i64 w = 0; w < W; w++) { th[w] = sh[w] = LD(plane, w); ith[w] = 0; }
+                for (i64 h = 1; h < H; h++)
+                    for (i64 w = 0; w < W; w++) {
+                        const float v = LD(plane, h * W + w);
+                        sh[w] += v;
+                        if (beats(v, th[w])) { th[w] = v; ith[w] = h; }
+                    }
+                for (i64 w = 0; w < W; w++) uth[w] = sh[w] / H;
+                for (i64 h = 0; h < H; h++) {
+                    const i64 o = (n * C + c) * H + h;
+                    float t = 0;
+#pragma omp simd reduction(+ : t)
+                    for (i64 w = 0; w < W; w++) t += LD(plane, h * W + w);
+                    uw[o] = t / W;
+                    iw[o] = FN(first_max)(plane + h * W, W, &mw[o]);
+                }
+                if (!mc) continue;
+                float *tc = mc + n * HW;
+                i64 *itc = ic + n * HW;
+                if (c == 0) {
+                    for (i64 p = 0; p < HW; p++) { tc[p] = LD(plane, p); sc[p] = tc[p]; itc[p] = 0; }
+                    continue;
+                }
+                for (i64 p = 0; p < HW; p++) {
+                    const float v = LD(plane, p);
+                    sc[p] += v;
+                    if (beats(v, tc[p])) { tc[p] = v; itc[p] = c; }
+                }
+            }
+            if (mc)
+                for (i64 p = 0; p < HW; p++) uc[n * HW + p] = (float)(sc[p] / C);
+            free(sh); free(sc);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 n = 0; n < N; n++) {
         double *sh = malloc((cl ? W * C : W) * sizeof(double));
@@ -535,6 +583,34 @@ void FN(scale_mean3)(const T *x, const float *a, const float *b, const float *s,
 /* Σ_h dy·x (dh), Σ_w dy·x (dw) and, when dc is not NULL, Σ_c dy·x */
 void FN(dot3)(const T *dy, const T *x, float *dh, float *dw, float *dc, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
     const i64 HW = H * W;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            float *sh = malloc(W * sizeof(float));
+            double *sc = calloc(HW, sizeof(double));
+            for (i64 c = 0; c < C; c++) {
+                const i64 off = (n * C + c) * HW;
+                for (i64 w = 0; w < W; w++) sh[w] = 0;
+                for (i64 h = 0; h < H; h++) {
+                    float t = 0;
+#pragma omp simd reduction(+ : t)
+                    for (i64 w = 0; w < W; w++) {
+                        const float v = LD(dy + off, h * W + w) * LD(x + off, h * W + w);
+                        t += v;
+                        sh[w] += v;
+                    }
+                    dw[(n * C + c) * H + h] = t;
+                }
+                for (i64 w = 0; w < W; w++) dh[(n * C + c) * W + w] = sh[w];
+                if (dc)
+                    for (i64 p = 0; p < HW; p++) sc[p] += LD(dy + off, p) * LD(x + off, p);
+            }
+            if (dc)
+                for (i64 p = 0; p < HW; p++) dc[n * HW + p] = (float)sc[p];
+            free(sh); free(sc);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 n = 0; n < N; n++) {
         double *sh = calloc(cl ? W * C : W, sizeof(double));
@@ -572,6 +648,37 @@ void FN(grad_mean3)(const T *dy, const float *a, const float *b, const float *s,
                     const float *vh, const i64 *ih, const float *uh, const float *vw, const i64 *iw, const float *uw,
                     const float *vc, const i64 *ic, const float *uc, T *dx, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
     const i64 HW = H * W;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 n = r / C, c = r % C, off = r * HW;
+            const float *ar = a + r * W, *uhr = uh + r * W, *vhr = vh + r * W;
+            const i64 *ihr = ih + r * W;
+            for (i64 h = 0; h < H; h++) {
+                const float br = b[r * H + h], uwr = uw[r * H + h], vwr = vw[r * H + h];
+                const i64 iwr = iw[r * H + h], p0 = h * W;
+                if (s) {
+                    const float *sn = s + n * HW + p0, *ucn = uc + n * HW + p0, *vcn = vc + n * HW + p0;
+                    const i64 *icn = ic + n * HW + p0;
+                    for (i64 w = 0; w < W; w++) {
+                        float d = LD(dy + off, p0 + w) * RND((ar[w] + br + sn[w]) / k);
+                        d = d + uhr[w] + (ihr[w] == h ? vhr[w] : 0.0f);
+                        d = d + uwr + (iwr == w ? vwr : 0.0f);
+                        d = d + ucn[w] + (icn[w] == c ? vcn[w] : 0.0f);
+                        ST(dx + off, p0 + w, d);
+                    }
+                } else {
+                    for (i64 w = 0; w < W; w++) {
+                        float d = LD(dy + off, p0 + w) * RND((ar[w] + br) / k);
+                        d = d + uhr[w] + (ihr[w] == h ? vhr[w] : 0.0f);
+                        d = d + uwr + (iwr == w ? vwr : 0.0f);
+                        ST(dx + off, p0 + w, d);
+                    }
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 r = 0; r < (cl ? N * H : N * C); r++) {
         const i64 n = cl ? r / H : r / C;
