@@ -1,0 +1,271 @@
+"""The Triton backend (attnkit/kernels/triton.py) against its specification, reference.py.
+
+Without CUDA the kernels run under Triton's interpreter on the CPU: the `runnable` fixture sets TRITON_INTERPRET=1
+for this module's tests (the backend jits its kernels at first use, so that is early enough for them). Triton
+decides when it is imported whether its own library (tl.sum, tl.max, ...) is interpreted, and in the default test run
+conftest.py has imported it already (attnkit.train -> torch.utils.flop_counter -> triton), so the fixture also wraps
+that library for the interpreter, as an import under TRITON_INTERPRET=1 would have; both undone after the module.
+Shapes are tiny and odd, as the interpreter is slow.
+
+Every comparison runs the reference on the same inputs: full-size outputs (y, dx) must be bit-identical (every
+rounding to x's dtype as the reference writes it) and keep x's memory format, argmax indices identical (the first
+maximum, on inputs full of ties), float32 statistics within 1e-5 of the reference relative to their norm (both sum
+the same rounded values in float32, in different orders).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from attnkit.kernels import reference
+from attnkit.kernels import triton as backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runnable():
+    """Without CUDA, the interpreter with Triton's own jitted functions wrapped for it (if Triton was imported before
+    TRITON_INTERPRET was set); a skip, with the backend's reason, where it cannot run all the same."""
+    with pytest.MonkeyPatch.context() as patch:
+        if DEVICE == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
+        if DEVICE == "cpu" and backend.triton is not None:
+            from triton.runtime import JITFunction
+            from triton.runtime.interpreter import InterpretedFunction
+
+            wrapped: dict[int, InterpretedFunction] = {}
+            for module in (backend.tl, backend.tl.standard):
+                for name, value in list(vars(module).items()):
+                    if isinstance(value, JITFunction):  # the same function under two names: one wrapper
+                        patch.setattr(module, name, wrapped.setdefault(id(value), InterpretedFunction(value.fn)))
+        if backend.unavailable():
+            pytest.skip(f"the Triton backend cannot run here: it {backend.unavailable()}")
+        yield
+
+
+SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (1, 1, 5, 2)]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class Inputs:
+    """Random inputs for one shape, dtype and layout; with `ties`, small integers, so that maxima repeat."""
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, layout: torch.memory_format,
+                 ties: bool = False, seed: int = 0):
+        self.shape, self.dtype, self.layout, self.ties = shape, dtype, layout, ties
+        self.generator = torch.Generator().manual_seed(seed)
+        self.x, self.dy = self.full(), self.full()
+
+    def _values(self, *shape: int) -> torch.Tensor:
+        if self.ties:
+            return torch.randint(-3, 4, shape, generator=self.generator).float()
+        return torch.randn(shape, generator=self.generator)
+
+    def full(self) -> torch.Tensor:
+        return self._values(*self.shape).to(self.dtype).contiguous(memory_format=self.layout).to(DEVICE)
+
+    def f(self, *dims: str) -> torch.Tensor:
+        """A float32 factor over the named dims, e.g. f("n", "c")."""
+        sizes = dict(zip("nchw", self.shape))
+        values = self._values(*[sizes[d] for d in dims])
+        return (values.abs() + 1 if self.ties else values).to(DEVICE)  # positive integers keep ties in x·mc
+
+    def index(self, high: int, *dims: str) -> torch.Tensor:
+        sizes = dict(zip("nchw", self.shape))
+        return torch.randint(high, [sizes[d] for d in dims], generator=self.generator).to(DEVICE)
+
+    def pools(self, spatial: bool) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]:
+        """(v, argmax, u) for the pools over H, W and (spatial) C, as grad_mean3 takes them."""
+        _, c, h, w = self.shape
+        pools = ((self.f("n", "c", "w"), self.index(h, "n", "c", "w"), self.f("n", "c", "w")),
+                 (self.f("n", "c", "h"), self.index(w, "n", "c", "h"), self.f("n", "c", "h")),
+                 (self.f("n", "h", "w"), self.index(c, "n", "h", "w"), self.f("n", "h", "w")))
+        return pools if spatial else pools[:2]
+
+
+# (test id, primitive, its arguments from Inputs)
+CASES = [
+    ("pool_hw", "pool_hw", lambda i: (i.x, True)),
+    ("pool_hw-mean", "pool_hw", lambda i: (i.x, False)),
+    ("scale_c", "scale_c", lambda i: (i.x, i.f("n", "c"))),
+    ("dot_hw", "dot_hw", lambda i: (i.dy, i.x)),
+    ("grad_c", "grad_c", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"))),
+    ("grad_c-m2", "grad_c", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"), i.x, i.f("n", "c"), i.f("n", "c"))),
+    ("pool_h_w", "pool_h_w", lambda i: (i.x,)),
+    ("scale_hw", "scale_hw", lambda i: (i.x, i.f("n", "c", "h"), i.f("n", "c", "w"))),
+    ("dot_h_w", "dot_h_w", lambda i: (i.dy, i.x, i.f("n", "c", "h"), i.f("n", "c", "w"))),
+    ("grad_hw", "grad_hw", lambda i: (i.dy, i.f("n", "c", "h"), i.f("n", "c", "w"), i.f("n", "c", "h"),
+                                      i.f("n", "c", "w"))),
+    ("pool_hw_avgmax", "pool_hw_avgmax", lambda i: (i.x,)),
+    ("pool_c_gated", "pool_c_gated", lambda i: (i.x, i.f("n", "c"))),
+    ("scale_cs", "scale_cs", lambda i: (i.x, i.f("n", "c"), i.f("n", "h", "w"))),
+    ("dot_cs", "dot_cs", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "h", "w"))),
+    ("dot_x_s", "dot_x_s", lambda i: (i.x, i.f("n", "h", "w"), i.f("n", "h", "w"),
+                                      i.index(i.shape[1], "n", "h", "w"))),
+    ("grad_cs", "grad_cs", lambda i: (i.dy, i.f("n", "c"), i.f("n", "h", "w"), i.f("n", "h", "w"), i.f("n", "h", "w"),
+                                      i.index(i.shape[1], "n", "h", "w"), i.f("n", "c"), i.f("n", "c"),
+                                      i.index(i.shape[2] * i.shape[3], "n", "c"))),
+    ("zpool3", "zpool3", lambda i: (i.x, True)),
+    ("zpool3-hw", "zpool3", lambda i: (i.x, False)),
+    ("scale_mean3", "scale_mean3", lambda i: (i.x, i.f("n", "c", "w"), i.f("n", "c", "h"), i.f("n", "h", "w"))),
+    ("scale_mean3-hw", "scale_mean3", lambda i: (i.x, i.f("n", "c", "w"), i.f("n", "c", "h"), None)),
+    ("dot3", "dot3", lambda i: (i.dy, i.x, True)),
+    ("dot3-hw", "dot3", lambda i: (i.dy, i.x, False)),
+    ("grad_mean3", "grad_mean3", lambda i: (i.dy, i.f("n", "c", "w"), i.f("n", "c", "h"), i.f("n", "h", "w"),
+                                            i.pools(True))),
+    ("grad_mean3-hw", "grad_mean3", lambda i: (i.dy, i.f("n", "c", "w"), i.f("n", "c", "h"), None, i.pools(False))),
+]
+NAMES = [name for name, _, _ in CASES]
+ARGMAX = ["pool_hw_avgmax", "pool_c_gated", "zpool3", "zpool3-hw"]
+
+
+def assert_matches(got: object, want: object, layout: torch.memory_format, where: str = "output") -> None:
+    """got equals want as the module docstring says, recursively through tuples."""
+    if want is None or isinstance(want, tuple):
+        assert type(got) is type(want), f"{where}: {type(got).__name__}, expected {type(want).__name__}"
+        for k, (g, w) in enumerate(zip(got or (), want or ())):
+            assert_matches(g, w, layout, f"{where}[{k}]")
+        assert len(got or ()) == len(want or ()), f"{where}: {len(got)} outputs, expected {len(want)}"
+        return
+    assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device), where
+    if want.dim() == 4:
+        assert got.is_contiguous(memory_format=layout), f"{where}: strides {got.stride()}, not x's layout"
+        assert torch.equal(got, want), f"{where}: {(got != want).sum()} elements differ from the reference"
+    elif want.dtype == torch.int64:
+        assert torch.equal(got, want), f"{where}: indices {got.flatten().tolist()} != {want.flatten().tolist()}"
+    else:
+        error = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)
+        assert error <= 1e-5, f"{where}: relative error {error:.2e}"
+
+
+def flat(result: object) -> list[torch.Tensor]:
+    """The tensors of a primitive's result, in order."""
+    return [t for r in result for t in flat(r)] if isinstance(result, tuple) else [result]
+
+
+def both(case: str, inputs: Inputs) -> tuple[object, object]:
+    """(the backend's result, the reference's) for a case of CASES on the same arguments."""
+    _, primitive, make = next(c for c in CASES if c[0] == case)
+    args = make(inputs)
+    return getattr(backend, primitive)(*args), getattr(reference, primitive)(*args)
+
+
+def run_case(case: str, shape: tuple[int, int, int, int], dtype: torch.dtype, layout: torch.memory_format,
+             ties: bool = False) -> None:
+    assert_matches(*both(case, Inputs(shape, dtype, layout, ties)), layout)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few elements, and C in chunks of two blocks for a 1×5×3×7 input, so that every loop, mask and
+    merge of partial results runs more than once on a tiny input."""
+    for name, value in (("_TILE", 16), ("_RUN_P", 4), ("_RUN_C", 2), ("_PROGRAMS", 6)):
+        monkeypatch.setattr(backend, name, value)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", NAMES)
+def test_float32(case, shape, layout):
+    run_case(case, shape, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", NAMES)
+def test_half(case, dtype, layout):
+    run_case(case, (2, 5, 3, 7), dtype, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", ARGMAX)
+def test_ties_take_the_first_maximum(case, dtype, layout):
+    run_case(case, (3, 17, 6, 5), dtype, layout, ties=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("case", NAMES)
+def test_small_blocks(case, layout, small_blocks):
+    run_case(case, (1, 5, 3, 7), torch.float32, layout, ties=case in ARGMAX)
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("case", ARGMAX)
+def test_nan_wins_the_maximum(case, layout, blocks, request):
+    """Like torch.max: a NaN is the maximum, the first NaN its index; a row of -inf keeps index 0."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    inputs = Inputs((2, 5, 3, 7), torch.float32, layout, ties=True)
+    inputs.x[0, 1, 2, 3] = inputs.x[1, 2, 0, 0] = inputs.x[1, 2, 1, 5] = inputs.x[1, 4, 2, 6] = float("nan")
+    inputs.x[0, 3] = float("-inf")
+    got, want = both(case, inputs)
+    for g, w in zip(flat(got), flat(want), strict=True):
+        assert torch.equal(g, w) if w.dtype == torch.int64 else torch.allclose(g, w, rtol=1e-5, equal_nan=True)
+    assert any(w.isnan().any() for w in flat(want) if w.is_floating_point())
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_m2_is_accurate_for_a_large_mean(blocks, request):
+    """M2 of values spread by 0.01 around 1000 within 1e-5 of float64's (the reference's own float32 two-pass sum,
+    centred on a rounded mean, is off by about 1e-5 here)."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    x = 1000 + 0.01 * torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    exact = x.double()
+    exact = ((exact - exact.mean((2, 3), keepdim=True)) ** 2).sum((2, 3))
+    mean, m2 = backend.pool_hw(x.to(DEVICE), True)
+    assert (m2.cpu().double() - exact).abs().max() / exact.abs().max() <= 1e-5
+    assert torch.allclose(mean.cpu(), x.double().mean((2, 3)).float(), rtol=1e-7)
+
+
+def test_mixed_layouts_and_other_strides():
+    """dy and x in different layouts; an x in neither layout (copied to NCHW first)."""
+    inputs = Inputs((2, 5, 3, 7), torch.float32, torch.channels_last)
+    dy, mc, ms = inputs.dy.contiguous(), inputs.f("n", "c"), inputs.f("n", "h", "w")
+    assert_matches(backend.dot_hw(dy, inputs.x), reference.dot_hw(dy, inputs.x), torch.channels_last)
+    assert_matches(backend.dot_cs(dy, inputs.x, mc, ms), reference.dot_cs(dy, inputs.x, mc, ms), torch.channels_last)
+    g = inputs.f("n", "c")
+    for x in inputs.full().transpose(2, 3)[:, :, 1:], inputs.full()[..., 2:3]:  # strides of neither layout
+        assert torch.equal(backend.scale_c(x, g), reference.scale_c(x, g))
+        assert_matches(backend.pool_hw(x, True), reference.pool_hw(x, True), torch.contiguous_format)
+
+
+def test_deterministic():
+    """Reductions that split C into chunks give bit-identical results run after run."""
+    inputs = Inputs((3, 17, 6, 5), torch.bfloat16, torch.channels_last)
+    args = (inputs.dy, inputs.x, inputs.f("n", "c"), inputs.f("n", "h", "w"))
+    first = backend.dot_cs(*args)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(backend.dot_cs(*args), first))
+
+
+def test_helpers():
+    assert backend.interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert backend.unavailable() is None
+    inputs = Inputs((1, 3, 2, 2), torch.float32, torch.contiguous_format)
+    with pytest.raises(ValueError, match="grad_mean3: 3 pools"):
+        backend.grad_mean3(inputs.dy, inputs.f("n", "c", "w"), inputs.f("n", "c", "h"), inputs.f("n", "h", "w"),
+                           inputs.pools(False))
+    with pytest.raises(ValueError, match="needs an N×C×H×W tensor"):
+        backend.scale_c(inputs.x.double(), inputs.f("n", "c"))
+
+
+def test_imports_without_triton(monkeypatch):
+    """Without the triton package the module still imports and says why it cannot run."""
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    spec = importlib.util.spec_from_file_location("_attnkit_triton_without_triton", backend.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.unavailable() == "needs the triton package: pip install triton"
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        module.pool_hw(torch.zeros(1, 1, 1, 1), False)
