@@ -38,7 +38,7 @@ from torch import nn
 
 import attnkit
 import attnkit.kernels
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import cpu_name, median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = {  # name: N×C×H×W
     "r50-s3-b32": (32, 512, 28, 28),  # SE-ResNet-50, stage 3 (conv3_x), batch 32
@@ -90,19 +90,8 @@ def in_mode(mode: str, fn: Callable[[], None]) -> Callable[[], None]:
 def fused_backend(x: torch.Tensor) -> str:
     """The backend mode 'auto' runs for input x ('cpu', 'triton'), or 'reference' where none serves it."""
     with attnkit.kernels.use("auto"):
-        try:
-            backend = attnkit.kernels.backend_for(x)
-        except ImportError:  # the backend's module is not in this checkout (yet)
-            return "reference"
+        backend = attnkit.kernels.backend_for(x)
     return backend.__name__.rsplit(".", 1)[-1] if backend else "reference"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def machine(device: str) -> str:

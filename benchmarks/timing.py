@@ -1,9 +1,20 @@
-"""What the benchmarks share: timing functions that take turns, so a slow phase of the machine affects them alike."""
+"""What the benchmarks share: timing functions that take turns, so a slow phase of the machine affects them alike, and
+the name of the machine they ran on."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def median_ms(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[float]:

@@ -10,7 +10,6 @@ writes of every epoch, and for the trainer its set-up too, which the hand loop's
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, build_model, seed_everything, train
 from attnkit.train.trainer import model_arch
 from attnkit.train.optim import build_optimizer, build_schedule
+from timing import cpu_name  # benchmarks/timing.py, beside this script
 
 
 def hand_loop(config: TrainConfig) -> tuple[float, float, int]:
@@ -66,14 +66,6 @@ def trainer_run(config: TrainConfig) -> tuple[float, float, int]:
     images = len(result.history) * (2048 // config.batch_size) * config.batch_size
     # the whole call, set-up included (data, model, FLOP count); the hand loop's total leaves its set-up out
     return result.train_seconds, elapsed, images
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
