@@ -83,8 +83,7 @@ def _arg(value: object) -> object:
 def _call(name: str, like: Tensor, *args: object) -> None:
     """Run kernel `name` for `like`'s dtype; appends the layout flag and the thread count."""
     function = getattr(_library(), f"{name}_{SUFFIX[like.dtype]}")
-    cl = not like.is_contiguous()
-    function(*map(_arg, args), ctypes.c_int(cl), ctypes.c_int(torch.get_num_threads()))
+    function(*map(_arg, args), ctypes.c_int(_cl(like)), ctypes.c_int(torch.get_num_threads()))
 
 
 def _cl(x: Tensor) -> bool:
@@ -95,16 +94,15 @@ def _f32(shape: tuple[int, ...] | torch.Size) -> Tensor:
     return torch.empty(shape, dtype=torch.float32)
 
 
-def _factor(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
-    """A float32 factor rounded to x's dtype, contiguous; [N, C, L] as [N, L, C] when `channels_last`."""
-    t = t.to(x.dtype).float() if x.dtype != torch.float32 else t.float()
-    return (t.transpose(1, 2) if channels_last else t).contiguous()
-
-
-def _stat(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
+def _stat(t: Tensor, channels_last: bool = False) -> Tensor:
     """A float32 statistic, contiguous; [N, C, L] as [N, L, C] when `channels_last`."""
     t = t.float()
     return (t.transpose(1, 2) if channels_last else t).contiguous()
+
+
+def _factor(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
+    """A factor rounded to x's dtype, as a float32 statistic (`_stat`)."""
+    return _stat(t.to(x.dtype), channels_last)
 
 
 def _back(t: Tensor, channels_last: bool) -> Tensor:
@@ -139,8 +137,8 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
            m: Tensor | None = None) -> Tensor:
     n, c, h, w = dy.shape
     dx = torch.empty_like(dy)
-    _call("grad_c", dy, dy, _factor(g, dy), _stat(a, dy), x, None if b is None else _stat(b, dy),
-          None if m is None else _stat(m, dy), dx, n, c, h * w)
+    _call("grad_c", dy, dy, _factor(g, dy), _stat(a), x, None if b is None else _stat(b),
+          None if m is None else _stat(m), dx, n, c, h * w)
     return dx
 
 
@@ -173,7 +171,7 @@ def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tenso
     n, c, h, w = dy.shape
     cl = _cl(dy)
     dx = torch.empty_like(dy)
-    _call("grad_hw", dy, dy, _factor(ah, dy, cl), _factor(aw, dy, cl), _stat(bh, dy, cl), _stat(bw, dy, cl), dx,
+    _call("grad_hw", dy, dy, _factor(ah, dy, cl), _factor(aw, dy, cl), _stat(bh, cl), _stat(bw, cl), dx,
           n, c, h, w)
     return dx
 
@@ -211,7 +209,7 @@ def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tenso
 def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
     n, c, h, w = x.shape
     out = _f32((n, c))
-    _call("dot_x_s", x, x, _stat(u, x), _stat(v, x), argc.contiguous(), out, n, c, h * w)
+    _call("dot_x_s", x, x, _stat(u), _stat(v), argc.contiguous(), out, n, c, h * w)
     return out
 
 
@@ -219,8 +217,8 @@ def grad_cs(dy: Tensor, mc: Tensor, ms: Tensor, u: Tensor, v: Tensor, argc: Tens
             a: Tensor, b: Tensor, arghw: Tensor) -> Tensor:
     n, c, h, w = dy.shape
     dx = torch.empty_like(dy)
-    _call("grad_cs", dy, dy, _factor(mc, dy), _factor(ms, dy), _stat(u, dy), _stat(v, dy), argc.contiguous(),
-          _stat(a, dy), _stat(b, dy), arghw.contiguous(), dx, n, c, h * w)
+    _call("grad_cs", dy, dy, _factor(mc, dy), _factor(ms, dy), _stat(u), _stat(v), argc.contiguous(),
+          _stat(a), _stat(b), arghw.contiguous(), dx, n, c, h * w)
     return dx
 
 
@@ -245,7 +243,7 @@ def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> T
     cl = _cl(x)
     y = torch.empty_like(x)
     k = 2.0 if a_hw is None else 3.0
-    _call("scale_mean3", x, x, _stat(a_cw, x, cl), _stat(a_hc, x, cl), None if a_hw is None else _stat(a_hw, x), k, y,
+    _call("scale_mean3", x, x, _stat(a_cw, cl), _stat(a_hc, cl), None if a_hw is None else _stat(a_hw), k, y,
           n, c, h, w)
     return y
 
@@ -268,8 +266,8 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     layouts = (cl, cl, False)
     flat = []
     for (v, index, u), layout in zip(pools, layouts):
-        flat += [_stat(v, dy, layout), (index.transpose(1, 2) if layout else index).contiguous(), _stat(u, dy, layout)]
+        flat += [_stat(v, layout), (index.transpose(1, 2) if layout else index).contiguous(), _stat(u, layout)]
     flat += [None, None, None] * (3 - len(pools))
-    _call("grad_mean3", dy, dy, _stat(a_cw, dy, cl), _stat(a_hc, dy, cl),
-          None if a_hw is None else _stat(a_hw, dy), k, *flat, dx, n, c, h, w)
+    _call("grad_mean3", dy, dy, _stat(a_cw, cl), _stat(a_hc, cl),
+          None if a_hw is None else _stat(a_hw), k, *flat, dx, n, c, h, w)
     return dx

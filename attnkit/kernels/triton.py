@@ -565,10 +565,14 @@ def _blocks_3d(c: int, h: int, w: int, channels_first: bool) -> tuple[int, int, 
     return min(_pow2(c), _RUN_C, max(1, fit // bh)), bh, bw
 
 
-def _c_chunk(n: int, c: int, p_blocks: int, block_c: int) -> int:
-    """Channels per program for a pass over C: all of them, or fewer so that about _PROGRAMS programs run."""
+def _channel_chunks(n: int, c: int, p: int, s: tuple[int, int, int]) -> tuple[int, int, int, int, int]:
+    """The tiling of a pass over C: (BLOCK_C, BLOCK_P, position blocks, channels per program, programs along C).
+    A program takes all the channels, or fewer so that about _PROGRAMS programs run."""
+    block_c, block_p = _blocks(c, p, s)
+    p_blocks = triton.cdiv(p, block_p)
     chunks = max(1, min(triton.cdiv(c, block_c), _PROGRAMS // max(1, n * p_blocks)))
-    return triton.cdiv(triton.cdiv(c, chunks), block_c) * block_c
+    chunk = triton.cdiv(triton.cdiv(c, chunks), block_c) * block_c
+    return block_c, block_p, p_blocks, chunk, triton.cdiv(c, chunk)
 
 
 def _launch(kernel: Callable, grid: tuple[int, ...], *args: object, **constexprs: object) -> None:
@@ -705,10 +709,7 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _ready()
     x, s = _full(x)
     n, c, h, w = x.shape
-    bc, bp = _blocks(c, h * w, s)
-    p_blocks = triton.cdiv(h * w, bp)
-    chunk = _c_chunk(n, c, p_blocks, bc)
-    parts = triton.cdiv(c, chunk)
+    bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, s)
     total, top = _stats(n, parts, h, w, like=x), _stats(n, parts, h, w, like=x)
     top_at = _stats(n, parts, h, w, like=x, dtype=torch.int32)
     _launch(_pool_c_gated_kernel, (p_blocks, parts, n), x, _small(mc), total, top, top_at, c, h * w, chunk, *s,
@@ -731,10 +732,7 @@ def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tenso
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = x.shape
-    bc, bp = _blocks(c, h * w, s)
-    p_blocks = triton.cdiv(h * w, bp)
-    chunk = _c_chunk(n, c, p_blocks, bc)
-    parts = triton.cdiv(c, chunk)
+    bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, s)
     by_c, by_p = _stats(n, c, p_blocks, like=x), _stats(n, parts, h, w, like=x)
     _launch(_dot_cs_kernel, (p_blocks, parts, n), dy, x, _small(mc), _small(ms), by_c, by_p, c, h * w, chunk, *ds,
             *s, BLOCK_C=bc, BLOCK_P=bp)
@@ -746,11 +744,9 @@ def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
     _ready()
     x, s = _full(x)
     n, c, h, w = x.shape
-    bc, bp = _blocks(c, h * w, s)
-    p_blocks = triton.cdiv(h * w, bp)
-    chunk = _c_chunk(n, c, p_blocks, bc)
+    bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, s)
     by_c = _stats(n, c, p_blocks, like=x)
-    _launch(_dot_x_s_kernel, (p_blocks, triton.cdiv(c, chunk), n), x, _small(u), _small(v), _small(argc), by_c, c,
+    _launch(_dot_x_s_kernel, (p_blocks, parts, n), x, _small(u), _small(v), _small(argc), by_c, c,
             h * w, chunk, *s, BLOCK_C=bc, BLOCK_P=bp)
     return by_c.sum(2)
 
