@@ -15,8 +15,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -90,6 +92,34 @@ def _cl(x: Tensor) -> bool:
     return not x.is_contiguous()
 
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's madvise on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = ctypes.CDLL(None, use_errno=True).madvise
+    function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return function
+
+
+def _output_like(x: Tensor) -> Tensor:
+    """An uninitialised tensor like x for a kernel to write. A large one is asked to be backed by huge pages: a
+    fresh allocation of that size is a new mapping whose every 4 KiB page the kernel faults in and zeroes on first
+    write, which costs several times the write itself; 2 MiB pages cut the faults 512-fold (what torch's
+    THP_MEM_ALLOC_ENABLE does for every allocation). Memory already in use is only marked, never moved."""
+    y = torch.empty_like(x)
+    madvise = _madvise()
+    start = -(-y.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (y.data_ptr() + y.nbytes) // HUGE_PAGE * HUGE_PAGE
+    if madvise is not None and end > start:
+        madvise(start, end - start, MADV_HUGEPAGE)  # advice only: where refused, the pages stay small
+    return y
+
+
 def _f32(shape: tuple[int, ...] | torch.Size) -> Tensor:
     return torch.empty(shape, dtype=torch.float32)
 
@@ -121,7 +151,7 @@ def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
 
 def scale_c(x: Tensor, g: Tensor) -> Tensor:
     n, c, h, w = x.shape
-    y = torch.empty_like(x)
+    y = _output_like(x)
     _call("scale_c", x, x, _factor(g, x), y, n, c, h * w)
     return y
 
@@ -136,10 +166,35 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
            m: Tensor | None = None) -> Tensor:
     n, c, h, w = dy.shape
-    dx = torch.empty_like(dy)
+    dx = _output_like(dy)
     _call("grad_c", dy, dy, _factor(g, dy), _stat(a), x, None if b is None else _stat(b),
           None if m is None else _stat(m), dx, n, c, h * w)
     return dx
+
+
+# --- Gather-Excite θ, global extent ---
+
+def _kernel_map(k: Tensor, channels_last: bool) -> Tensor:
+    """k [C, H, W] as float32 [C, HW], or [HW, C] for channels_last input."""
+    k = k.float().flatten(1)
+    return (k.t() if channels_last else k).contiguous()
+
+
+def pool_k(x: Tensor, k: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, c))
+    _call("pool_k", x, x, _kernel_map(k, _cl(x)), out, n, c, h * w)
+    return out
+
+
+def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool,
+           with_dk: bool) -> tuple[Tensor | None, Tensor | None]:
+    n, c, h, w = dy.shape
+    cl = _cl(dy)
+    dx = _output_like(dy) if with_dx else None
+    dk = _f32((h * w, c) if cl else (c, h * w)) if with_dk else None
+    _call("grad_k", dy, dy, _factor(g, dy), _stat(a), x, _kernel_map(k, cl), dx, dk, n, c, h * w)
+    return dx, None if dk is None else (dk.t() if cl else dk).reshape(c, h, w)
 
 
 # --- Coordinate Attention ---
@@ -154,7 +209,7 @@ def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
     n, c, h, w = x.shape
-    y = torch.empty_like(x)
+    y = _output_like(x)
     _call("scale_hw", x, x, _factor(ah, x, _cl(x)), _factor(aw, x, _cl(x)), y, n, c, h, w)
     return y
 
@@ -170,7 +225,7 @@ def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tens
 def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
     n, c, h, w = dy.shape
     cl = _cl(dy)
-    dx = torch.empty_like(dy)
+    dx = _output_like(dy)
     _call("grad_hw", dy, dy, _factor(ah, dy, cl), _factor(aw, dy, cl), _stat(bh, cl), _stat(bw, cl), dx,
           n, c, h, w)
     return dx
@@ -194,7 +249,7 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     n, c, h, w = x.shape
-    y = torch.empty_like(x)
+    y = _output_like(x)
     _call("scale_cs", x, x, _factor(mc, x), _factor(ms, x), y, n, c, h * w)
     return y
 
@@ -216,7 +271,7 @@ def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
 def grad_cs(dy: Tensor, mc: Tensor, ms: Tensor, u: Tensor, v: Tensor, argc: Tensor,
             a: Tensor, b: Tensor, arghw: Tensor) -> Tensor:
     n, c, h, w = dy.shape
-    dx = torch.empty_like(dy)
+    dx = _output_like(dy)
     _call("grad_cs", dy, dy, _factor(mc, dy), _factor(ms, dy), _stat(u), _stat(v), argc.contiguous(),
           _stat(a), _stat(b), arghw.contiguous(), dx, n, c, h * w)
     return dx
@@ -241,7 +296,7 @@ def zpool3(x: Tensor, spatial: bool) -> tuple[tuple[Tensor, Tensor, Tensor], ...
 def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> Tensor:
     n, c, h, w = x.shape
     cl = _cl(x)
-    y = torch.empty_like(x)
+    y = _output_like(x)
     k = 2.0 if a_hw is None else 3.0
     _call("scale_mean3", x, x, _stat(a_cw, cl), _stat(a_hc, cl), None if a_hw is None else _stat(a_hw), k, y,
           n, c, h, w)
@@ -261,7 +316,7 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
                pools: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> Tensor:
     n, c, h, w = dy.shape
     cl = _cl(dy)
-    dx = torch.empty_like(dy)
+    dx = _output_like(dy)
     k = 2.0 if a_hw is None else 3.0
     layouts = (cl, cl, False)
     flat = []

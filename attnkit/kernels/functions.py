@@ -86,6 +86,37 @@ def channel_gate(backend: ModuleType, x: Tensor, gate: Callable[..., Tensor], mo
     return backend.scale_c(x, gate(mean) if m2 is None else gate(mean, m2))
 
 
+# --- Gather-Excite θ and θ⁺ with the global extent: the gather is a depthwise kernel covering the map ---
+
+class _GatheredChannelGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: ModuleType, gate: Callable, x: Tensor, kernel: Tensor, *params: Tensor) -> Tensor:
+        leaves, g = _small_graph(gate, [backend.pool_k(x, kernel.detach()[:, 0])])
+        ctx.backend, ctx.leaves, ctx.g = backend, leaves, g
+        ctx.save_for_backward(x, kernel, *params)
+        return backend.scale_c(x, g.detach())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, kernel, *params = ctx.saved_tensors
+        backend, g = ctx.backend, ctx.g
+        dy = dy.contiguous(memory_format=_layout(x))
+        (dgathered,), dparams = _backprop([g], [backend.dot_hw(dy, x)], ctx.leaves, params)
+        dx, dk = backend.grad_k(dy, g.detach(), dgathered, x, kernel.detach()[:, 0], *ctx.needs_input_grad[2:4])
+        return (None, None, dx, None if dk is None else dk[:, None].to(kernel.dtype), *dparams)
+
+
+def gathered_channel_gate(backend: ModuleType, x: Tensor, kernel: Tensor, gate: Callable[[Tensor], Tensor],
+                          module: nn.Module) -> Tensor:
+    """y = x · gate(Σ_hw x·kernel[c, 0, h, w]), kernel being the [C, 1, H, W] weight of a depthwise convolution
+    covering the map and gate mapping the float [N, C] gathered values to the [N, C] gate."""
+    params = _params(module)
+    if _needs_graph(x, params):
+        return _GatheredChannelGate.apply(backend, gate, x, kernel, *[p for p in params if p is not kernel])
+    return backend.scale_c(x, gate(backend.pool_k(x, kernel.detach()[:, 0])))
+
+
 # --- Coordinate Attention: a gate per row and per column of each channel ---
 
 class _RowColumnGate(torch.autograd.Function):

@@ -58,6 +58,21 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     return dx.to(dy.dtype)
 
 
+# --- Gather-Excite θ, global extent: a depthwise kernel k [C, H, W] covering the map gathers each channel ---
+
+def pool_k(x: Tensor, k: Tensor) -> Tensor:
+    """Σ_hw x·k[c, h, w], [N, C]: the depthwise convolution whose kernel covers the map."""
+    return (_f(x) * _f(k)).sum((2, 3))
+
+
+def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool,
+           with_dk: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dx = dy·g[n, c] + a[n, c]·k[c, h, w] rounded to dy's dtype once, dk[c, h, w] = Σ_n a[n, c]·x), each only
+    when asked."""
+    dx = (_f(dy) * _round(g, dy)[:, :, None, None] + a[:, :, None, None] * _f(k)).to(dy.dtype) if with_dx else None
+    return dx, (a[:, :, None, None] * _f(x)).sum(0) if with_dk else None
+
+
 # --- Coordinate Attention: one gate per row and one per column of each channel ---
 
 def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -230,6 +230,31 @@ def _grad_c_kernel(dy, g, a, x, b, m, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, WI
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
 
+# --- Gather-Excite θ, global extent: a depthwise kernel k [C, P] covering the map ---
+
+@_triton
+def _grad_k_kernel(dy, g, a, x, k, dx, dk, N, C, P, dsn, dsc, dsp, sn, sc, sp, WITH_DX: tl.constexpr,
+                   WITH_DK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·g[n, c] + a[n, c]·k[c, p] and dk[c, p] = Σ_n a[n, c]·x on a tile of channels and positions, the
+    batch walked in order (one program owns each dk element: no atomics)."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (c < C)[:, None] & (p < P)[None, :]
+    kernel = tl.load(k + c[:, None] * P + p[None, :], mask=mask, other=0.0)
+    total = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for n in range(0, N):
+        an = tl.load(a + n * C + c, mask=c < C, other=0.0)[:, None]
+        if WITH_DX:
+            at = _at(tl.cast(n, tl.int64), c, p, dsn, dsc, dsp)
+            gn = _round(tl.load(g + n * C + c, mask=c < C), dy)[:, None]
+            out = tl.load(dy + at, mask=mask).to(tl.float32) * gn + an * kernel
+            tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
+        if WITH_DK:
+            total += an * tl.load(x + _at(tl.cast(n, tl.int64), c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+    if WITH_DK:
+        tl.store(dk + c[:, None] * P + p[None, :], total, mask=mask)
+
+
 # --- Coordinate Attention: a gate per row and per column of each channel ---
 
 @_triton
@@ -647,6 +672,36 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     dx = torch.empty_like(dy)
     _elementwise(_grad_c_kernel, dy, ds, dy, g, a, x, b, m, dx, *s, WITH_B=with_b)
     return dx
+
+
+def pool_k(x: Tensor, k: Tensor) -> Tensor:
+    """Σ_hw x·k[c, h, w], [N, C]."""
+    _ready()
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    out = _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    # Σ_p k·x: dot_hw's kernel with k as its first operand, the same [C, P] for every sample (stride 0 over N)
+    _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), _small(k), x, out, c, h * w, 0, h * w, 1, *s, BLOCK_C=bc,
+            BLOCK_P=bp)
+    return out
+
+
+def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool,
+           with_dk: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dx = dy·g[n, c] + a[n, c]·k[c, h, w], dk[c, h, w] = Σ_n a[n, c]·x), each only when asked."""
+    _ready()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    n, c, h, w = dy.shape
+    a = _small(a)
+    dx = torch.empty_like(dy) if with_dx else None
+    dk = _stats(c, h, w, like=dy) if with_dk else None
+    bc, bp = _blocks(c, h * w, ds)
+    _launch(_grad_k_kernel, (triton.cdiv(h * w, bp), triton.cdiv(c, bc)), dy, _small(g), a, x, _small(k),
+            dy if dx is None else dx, a if dk is None else dk, n, c, h * w, *ds, *s,  # unwritten stand-ins
+            WITH_DX=with_dx, WITH_DK=with_dk, BLOCK_C=bc, BLOCK_P=bp)
+    return dx, dk
 
 
 def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:

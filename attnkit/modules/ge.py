@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from ..kernels.functions import channel_gate
+from ..kernels.functions import channel_gate, gathered_channel_gate
 from ..registry import register
 from ._common import AttentionModule, gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
 
@@ -131,11 +131,22 @@ class GatherExcite(AttentionModule):
         with gate_math(mean):
             return self.gate(self.excite(mean[:, :, None, None])).flatten(1)
 
+    def _excite_gathered(self, gathered: Tensor) -> Tensor:
+        """The gate from the global gather's depthwise sums (float [N, C]): the convolution's bias if it has one
+        (once attnkit.fuse has folded the BN into it), the rest of ξ_G (BN), ξ_E and the gate."""
+        conv, rest = self.gather[0], self.gather[1:]
+        z = gathered.to(conv.weight.dtype)[:, :, None, None]
+        with gate_math(gathered):
+            return self.gate(self.excite(rest(z if conv.bias is None else z + conv.bias[:, None, None]))).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x) if self.gather is None and self.extent == 0 else None
-        if backend is not None:  # θ⁻ over the whole map: a gate per channel from the means
+        backend = kernels.backend_for(x) if self.extent == 0 else None
+        if backend is not None and self.gather is None:  # θ⁻: a gate per channel from the means
             return channel_gate(backend, x, self._excite_means, self)
+        if backend is not None:  # θ, θ⁺: from the depthwise kernel covering the map
+            check_gather_size(x, self.spatial_size)
+            return gathered_channel_gate(backend, x, self.gather[0].weight, self._excite_gathered, self)
         g = self.attention(x)
         if self.extent:
             g = F.interpolate(g, size=x.shape[2:], mode="nearest")

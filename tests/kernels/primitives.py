@@ -29,6 +29,7 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         return torch.randint(0, size, shape, generator=g)
 
     gc, a, b, m = f(n, c), f(n, c), f(n, c), f(n, c)
+    k = f(c, h, w) - 1.0
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
     a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
@@ -41,6 +42,10 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "dot_hw": lambda ops: ops.dot_hw(dy, x),
         "grad_c": lambda ops: ops.grad_c(dy, gc, a),
         "grad_c x": lambda ops: ops.grad_c(dy, gc, a, x, b, m),
+        "pool_k": lambda ops: ops.pool_k(x, k),
+        "grad_k": lambda ops: ops.grad_k(dy, gc, a, x, k, True, True),
+        "grad_k dx": lambda ops: ops.grad_k(dy, gc, a, x, k, True, False),
+        "grad_k dk": lambda ops: ops.grad_k(dy, gc, a, x, k, False, True),
         "pool_h_w": lambda ops: ops.pool_h_w(x),
         "scale_hw": lambda ops: ops.scale_hw(x, ah, aw),
         "dot_h_w": lambda ops: ops.dot_h_w(dy, x, ah, aw),

@@ -115,6 +115,79 @@ void FN(grad_c)(const T *dy, const float *g, const float *a, const T *x, const f
     }
 }
 
+/* ---------- Gather-Excite θ, global extent: a depthwise kernel k covering the map ----------
+ * k is [C, HW] for NCHW and [HW, C] for NHWC, float32. */
+
+/* out[n, c] = Σ_hw x·k[c, hw] */
+void FN(pool_k)(const T *x, const float *k, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            const float *kr = k + (r % C) * HW;
+            double s = 0;
+#pragma omp simd reduction(+ : s)
+            for (i64 p = 0; p < HW; p++) s += LD(row, p) * kr[p];
+            out[r] = (float)s;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(base + p * C, j) * k[p * C + c0 + j];
+        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* dx = dy·g[n, c] + a[n, c]·k[c, hw] when dx is not NULL; dk[c, hw] = Σ_n a[n, c]·x when dk is not NULL (same
+ * layout as k). One pass: each thread owns whole channels (NCHW) or positions (NHWC) across the batch, so dk's sums
+ * run over n in order. */
+void FN(grad_k)(const T *dy, const float *g, const float *a, const T *x, const float *k, T *dx, float *dk,
+                i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 c = 0; c < C; c++) {
+            const float *kc = k + c * HW;
+            float *dkc = dk ? dk + c * HW : NULL;
+            for (i64 n = 0; n < N; n++) {
+                const i64 r = n * C + c, off = r * HW;
+                const float gr = g[r], ar = a[r];
+                if (dx)
+                    for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar * kc[p]);
+                if (dkc) {
+                    if (n == 0)
+                        for (i64 p = 0; p < HW; p++) dkc[p] = ar * LD(x + off, p);
+                    else
+                        for (i64 p = 0; p < HW; p++) dkc[p] += ar * LD(x + off, p);
+                }
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 p = 0; p < HW; p++) {
+        const float *kp = k + p * C;
+        float *dkp = dk ? dk + p * C : NULL;
+        for (i64 n = 0; n < N; n++) {
+            const i64 off = (n * HW + p) * C;
+            const float *gn = g + n * C, *an = a + n * C;
+            if (dx)
+                for (i64 c = 0; c < C; c++) ST(dx + off, c, LD(dy + off, c) * gn[c] + an[c] * kp[c]);
+            if (dkp) {
+                if (n == 0)
+                    for (i64 c = 0; c < C; c++) dkp[c] = an[c] * LD(x + off, c);
+                else
+                    for (i64 c = 0; c < C; c++) dkp[c] += an[c] * LD(x + off, c);
+            }
+        }
+    }
+}
+
 /* ---------- Coordinate Attention: a gate per row and per column of each channel ----------
  * NCHW: per-row factors [N, C, H], per-column [N, C, W]; NHWC: [N, H, C] and [N, W, C]. */
 
