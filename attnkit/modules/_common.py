@@ -26,6 +26,7 @@ __all__ = [
     "one_of",
     "stat_dtype",
     "gate_math",
+    "pooled_maps_for_conv",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -158,6 +159,16 @@ def gate_math(x: Tensor) -> contextlib.AbstractContextManager:
     if isinstance(x, Tensor):  # a torch.fx Proxy while tracing: nothing to switch
         return torch.autocast(device_type=x.device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
+    """Pooled maps (N×2×A×B) in `dtype`, laid out for the 2 -> 1 channel gate convolution of CBAM and Triplet
+    Attention: channels_last on the CPU, where PyTorch runs that convolution's backward about 3× faster from it
+    (32×2×512×28 maps: 93 -> 28 ms forward+backward; 32×2×28×28: 5.6 -> 2.0 ms). A torch.fx Proxy passes as is."""
+    pooled = pooled.to(dtype)
+    if isinstance(pooled, Tensor) and pooled.device.type == "cpu":
+        return pooled.contiguous(memory_format=torch.channels_last)
+    return pooled
 
 
 class AttentionModule(nn.Module):

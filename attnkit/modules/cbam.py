@@ -16,6 +16,7 @@ from ._common import (
     make_gate,
     odd_kernel,
     one_of,
+    pooled_maps_for_conv,
     reduced_width,
     stat_dtype,
 )
@@ -98,7 +99,7 @@ class SpatialGate(nn.Module):
     def from_pools(self, pooled: Tensor) -> Tensor:
         """Ms, N×1×H×W, from the pools over C (N×2×H×W, in `order`)."""
         with gate_math(pooled):
-            return self.gate(self.bn(self.conv(pooled.to(self.conv.weight.dtype))))
+            return self.gate(self.bn(self.conv(pooled_maps_for_conv(pooled, self.conv.weight.dtype))))
 
 
 @register("cbam")

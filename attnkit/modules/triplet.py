@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import triplet_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
+from ._common import AttentionModule, gate_math, make_gate, odd_kernel, pooled_maps_for_conv, stat_dtype
 
 
 def z_pool(x: Tensor, dim: int) -> Tensor:
@@ -26,7 +26,7 @@ class AttentionGate(nn.Module):
         self.gate = make_gate("TripletAttention", gate)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.gate(self.bn(self.conv(pooled.to(self.conv.weight.dtype))))
+        return self.gate(self.bn(self.conv(pooled_maps_for_conv(pooled, self.conv.weight.dtype))))
 
 
 @register("triplet")

@@ -540,10 +540,6 @@ void FN(grad_cs)(const T *dy, const float *mc, const float *ms, const float *u, 
  * Factors over the (C, W) plane are [N, C, W] (NHWC: [N, W, C]); over (C, H) [N, C, H] (NHWC: [N, H, C]); over
  * (H, W) [N, HW]. */
 
-/* a running (max, first index, sum) */
-#define POOL_INIT(m, at, s, k, v) do { (m)[k] = (v); (at)[k] = 0; (s)[k] = (v); } while (0)
-#define POOL_STEP(m, at, s, k, v, i) do { (s)[k] += (v); if (beats((v), (m)[k])) { (m)[k] = (v); (at)[k] = (i); } } while (0)
-
 /* max, first index of the max and mean over H (mh, ih, uh), over W (mw, iw, uw) and, when mc is not NULL, over C */
 void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, float *uw, float *mc, i64 *ic,
                 float *uc, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
@@ -561,17 +557,21 @@ void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, f
                 for (i64 h = 1; h < H; h++)
                     for (i64 w = 0; w < W; w++) {
                         const float v = LD(plane, h * W + w);
-                        sh[w] += v;
-                        if (beats(v, th[w])) { th[w] = v; ith[w] = h; }
+                        const int more = beats(v, th[w]);
+                        sh[w] += v; th[w] = more ? v : th[w]; ith[w] = more ? h : ith[w];
                     }
                 for (i64 w = 0; w < W; w++) uth[w] = sh[w] / H;
-                for (i64 h = 0; h < H; h++) {
+                for (i64 h = 0; h < H; h++) { /* rows are short: one scalar pass for the sum, max and its index */
+                    const T *row = plane + h * W;
+                    float t = LD(row, 0), top = t;
+                    i64 at = 0;
+                    for (i64 w = 1; w < W; w++) {
+                        const float v = LD(row, w);
+                        t += v;
+                        if (beats(v, top)) { top = v; at = w; }
+                    }
                     const i64 o = (n * C + c) * H + h;
-                    float t = 0;
-#pragma omp simd reduction(+ : t)
-                    for (i64 w = 0; w < W; w++) t += LD(plane, h * W + w);
-                    uw[o] = t / W;
-                    iw[o] = FN(first_max)(plane + h * W, W, &mw[o]);
+                    uw[o] = t / W; mw[o] = top; iw[o] = at;
                 }
                 if (!mc) continue;
                 float *tc = mc + n * HW;
@@ -582,8 +582,8 @@ void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, f
                 }
                 for (i64 p = 0; p < HW; p++) {
                     const float v = LD(plane, p);
-                    sc[p] += v;
-                    if (beats(v, tc[p])) { tc[p] = v; itc[p] = c; }
+                    const int more = beats(v, tc[p]);
+                    sc[p] += v; tc[p] = more ? v : tc[p]; itc[p] = more ? c : itc[p];
                 }
             }
             if (mc)
@@ -592,44 +592,51 @@ void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, f
         }
         return;
     }
+    /* NHWC: a row of C values per position; the pools over H and W keep running [W, C] and [C] state, the pool over
+     * C reduces each row */
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 n = 0; n < N; n++) {
-        double *sh = malloc((cl ? W * C : W) * sizeof(double));
-        double *sw = malloc((cl ? C : 1) * sizeof(double));
-        double *sc = malloc(HW * sizeof(double));
-        float *mwl = malloc((cl ? C : 1) * sizeof(float));
-        i64 *iwl = malloc((cl ? C : 1) * sizeof(i64));
-        for (i64 a = 0; a < (cl ? H : C); a++) {
-            for (i64 b = 0; b < (cl ? W : H); b++) {
-                const i64 h = cl ? a : b;
-                for (i64 cc = 0; cc < (cl ? C : W); cc++) {
-                    const i64 c = cl ? cc : a, w = cl ? b : cc, p = h * W + w;
-                    const float v = LD(x, cl ? (n * HW + p) * C + c : (n * C + c) * HW + p);
-                    const i64 kh = cl ? (n * W + w) * C + c : (n * C + c) * W + w; /* pool over H */
-                    const i64 khl = cl ? w * C + c : w;
-                    if (h == 0) { mh[kh] = v; ih[kh] = 0; sh[khl] = v; }
-                    else { sh[khl] += v; if (beats(v, mh[kh])) { mh[kh] = v; ih[kh] = h; } }
-                    const i64 kw = cl ? c : 0; /* pool over W, local until the row ends */
-                    if (w == 0) POOL_INIT(mwl, iwl, sw, kw, v); else POOL_STEP(mwl, iwl, sw, kw, v, w);
-                    if (w == W - 1) {
-                        const i64 o = cl ? (n * H + h) * C + c : (n * C + c) * H + h;
-                        mw[o] = mwl[kw]; iw[o] = iwl[kw]; uw[o] = (float)(sw[kw] / W);
-                    }
-                    if (mc) { /* pool over C */
-                        const i64 o = n * HW + p;
-                        if (c == 0) { mc[o] = v; ic[o] = 0; sc[p] = v; }
-                        else { sc[p] += v; if (beats(v, mc[o])) { mc[o] = v; ic[o] = c; } }
+        float *th = mh + n * W * C, *sh = calloc(W * C, sizeof(float));
+        i64 *ith = ih + n * W * C;
+        for (i64 h = 0; h < H; h++) {
+            const i64 q = (n * H + h) * C;
+            float *tw = mw + q, *sw = uw + q;
+            i64 *itw = iw + q;
+            for (i64 w = 0; w < W; w++) {
+                const i64 p = h * W + w;
+                const T *row = x + (n * HW + p) * C;
+                float *thw = th + w * C, *shw = sh + w * C;
+                i64 *ithw = ith + w * C;
+                if (h == 0) {
+                    for (i64 c = 0; c < C; c++) { const float v = LD(row, c); thw[c] = v; ithw[c] = 0; shw[c] = v; }
+                } else {
+                    for (i64 c = 0; c < C; c++) {
+                        const float v = LD(row, c);
+                        const int more = beats(v, thw[c]);
+                        shw[c] += v; thw[c] = more ? v : thw[c]; ithw[c] = more ? h : ithw[c];
                     }
                 }
+                if (w == 0) {
+                    for (i64 c = 0; c < C; c++) { const float v = LD(row, c); tw[c] = v; itw[c] = 0; sw[c] = v; }
+                } else {
+                    for (i64 c = 0; c < C; c++) {
+                        const float v = LD(row, c);
+                        const int more = beats(v, tw[c]);
+                        sw[c] += v; tw[c] = more ? v : tw[c]; itw[c] = more ? w : itw[c];
+                    }
+                }
+                if (mc) {
+                    float t = 0;
+#pragma omp simd reduction(+ : t)
+                    for (i64 c = 0; c < C; c++) t += LD(row, c);
+                    uc[n * HW + p] = t / C;
+                    ic[n * HW + p] = FN(first_max)(row, C, &mc[n * HW + p]);
+                }
             }
-            if (!cl)
-                for (i64 w = 0; w < W; w++) uh[(n * C + a) * W + w] = (float)(sh[w] / H);
+            for (i64 c = 0; c < C; c++) sw[c] /= W;
         }
-        if (cl)
-            for (i64 k = 0; k < W * C; k++) uh[n * W * C + k] = (float)(sh[k] / H);
-        if (mc)
-            for (i64 p = 0; p < HW; p++) uc[n * HW + p] = (float)(sc[p] / C);
-        free(sh); free(sw); free(sc); free(mwl); free(iwl);
+        for (i64 k = 0; k < W * C; k++) uh[n * W * C + k] = sh[k] / H;
+        free(sh);
     }
 }
 
@@ -637,17 +644,35 @@ void FN(zpool3)(const T *x, float *mh, i64 *ih, float *uh, float *mw, i64 *iw, f
 void FN(scale_mean3)(const T *x, const float *a, const float *b, const float *s, float k, T *y,
                      i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
     const i64 HW = H * W;
+    if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 r = 0; r < (cl ? N * H : N * C); r++) {
-        const i64 n = cl ? r / H : r / C;
-        for (i64 u = 0; u < (cl ? W : H); u++) {
-            const i64 h = cl ? r % H : u, w0 = cl ? u : 0;
-            const i64 off = cl ? (r * W + u) * C : r * HW + h * W;
-            for (i64 v = 0; v < (cl ? C : W); v++) {
-                const i64 c = cl ? v : r % C, w = cl ? w0 : v;
-                float g = cl ? a[(n * W + w) * C + c] + b[(n * H + h) * C + c] : a[r * W + w] + b[r * H + h];
-                if (s) g += s[n * HW + h * W + w];
-                ST(y + off, v, LD(x + off, v) * RND(g / k));
+        for (i64 r = 0; r < N * C; r++) {
+            const float *ar = a + r * W;
+            for (i64 h = 0; h < H; h++) {
+                const float bh = b[r * H + h];
+                const i64 off = r * HW + h * W;
+                if (s) {
+                    const float *sr = s + (r / C) * HW + h * W;
+                    for (i64 w = 0; w < W; w++) ST(y + off, w, LD(x + off, w) * RND((ar[w] + bh + sr[w]) / k));
+                } else {
+                    for (i64 w = 0; w < W; w++) ST(y + off, w, LD(x + off, w) * RND((ar[w] + bh) / k));
+                }
+            }
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * H; r++) {
+        const i64 n = r / H, h = r % H;
+        const float *br = b + r * C;
+        for (i64 w = 0; w < W; w++) {
+            const float *ar = a + (n * W + w) * C;
+            const i64 off = (r * W + w) * C;
+            if (s) {
+                const float sv = s[n * HW + h * W + w];
+                for (i64 c = 0; c < C; c++) ST(y + off, c, LD(x + off, c) * RND((ar[c] + br[c] + sv) / k));
+            } else {
+                for (i64 c = 0; c < C; c++) ST(y + off, c, LD(x + off, c) * RND((ar[c] + br[c]) / k));
             }
         }
     }
@@ -686,33 +711,22 @@ void FN(dot3)(const T *dy, const T *x, float *dh, float *dw, float *dc, i64 N, i
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 n = 0; n < N; n++) {
-        double *sh = calloc(cl ? W * C : W, sizeof(double));
-        double *sw = calloc(cl ? C : 1, sizeof(double));
-        double *sc = calloc(HW, sizeof(double));
-        for (i64 a = 0; a < (cl ? H : C); a++) {
-            for (i64 b = 0; b < (cl ? W : H); b++) {
-                const i64 h = cl ? a : b;
-                for (i64 cc = 0; cc < (cl ? C : W); cc++) {
-                    const i64 c = cl ? cc : a, w = cl ? b : cc, p = h * W + w;
-                    const i64 o = cl ? (n * HW + p) * C + c : (n * C + c) * HW + p;
-                    const float v = LD(dy, o) * LD(x, o);
-                    sh[cl ? w * C + c : w] += v;
-                    sw[cl ? c : 0] += v;
-                    sc[p] += v;
-                    if (w == W - 1) {
-                        dw[cl ? (n * H + h) * C + c : (n * C + c) * H + h] = (float)sw[cl ? c : 0];
-                        sw[cl ? c : 0] = 0;
-                    }
+        float *dhn = dh + n * W * C;
+        for (i64 k = 0; k < W * C; k++) dhn[k] = 0;
+        for (i64 h = 0; h < H; h++) {
+            float *dwr = dw + (n * H + h) * C;
+            for (i64 c = 0; c < C; c++) dwr[c] = 0;
+            for (i64 w = 0; w < W; w++) {
+                const i64 o = (n * HW + h * W + w) * C;
+                float *dhw = dhn + w * C, t = 0;
+#pragma omp simd reduction(+ : t)
+                for (i64 c = 0; c < C; c++) {
+                    const float v = LD(dy + o, c) * LD(x + o, c);
+                    dhw[c] += v; dwr[c] += v; t += v;
                 }
+                if (dc) dc[n * HW + h * W + w] = t;
             }
-            if (!cl)
-                for (i64 w = 0; w < W; w++) { dh[(n * C + a) * W + w] = (float)sh[w]; sh[w] = 0; }
         }
-        if (cl)
-            for (i64 k = 0; k < W * C; k++) dh[n * W * C + k] = (float)sh[k];
-        if (dc)
-            for (i64 p = 0; p < HW; p++) dc[n * HW + p] = (float)sc[p];
-        free(sh); free(sw); free(sc);
     }
 }
 
@@ -753,22 +767,31 @@ void FN(grad_mean3)(const T *dy, const float *a, const float *b, const float *s,
         return;
     }
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 r = 0; r < (cl ? N * H : N * C); r++) {
-        const i64 n = cl ? r / H : r / C;
-        for (i64 u = 0; u < (cl ? W : H); u++) {
-            const i64 h = cl ? r % H : u;
-            const i64 off = cl ? (r * W + u) * C : r * HW + h * W;
-            for (i64 v = 0; v < (cl ? C : W); v++) {
-                const i64 c = cl ? v : r % C, w = cl ? u : v, p = h * W + w;
-                const i64 kh = cl ? (n * W + w) * C + c : r * W + w; /* index over (C, W) */
-                const i64 kw = cl ? (n * H + h) * C + c : r * H + h; /* index over (C, H) */
-                float g = a[kh] + b[kw];
-                if (s) g += s[n * HW + p];
-                float d = LD(dy + off, v) * RND(g / k);
-                d = d + uh[kh] + (ih[kh] == h ? vh[kh] : 0.0f);
-                d = d + uw[kw] + (iw[kw] == w ? vw[kw] : 0.0f);
-                if (s) d = d + uc[n * HW + p] + (ic[n * HW + p] == c ? vc[n * HW + p] : 0.0f);
-                ST(dx + off, v, d);
+    for (i64 r = 0; r < N * H; r++) {
+        const i64 n = r / H, h = r % H;
+        const float *br = b + r * C, *uwr = uw + r * C, *vwr = vw + r * C;
+        const i64 *iwr = iw + r * C;
+        for (i64 w = 0; w < W; w++) {
+            const i64 kh = (n * W + w) * C, off = (r * W + w) * C, p = n * HW + h * W + w;
+            const float *ar = a + kh, *uhr = uh + kh, *vhr = vh + kh;
+            const i64 *ihr = ih + kh;
+            if (s) {
+                const float sv = s[p], ucv = uc[p], vcv = vc[p];
+                const i64 icv = ic[p];
+                for (i64 c = 0; c < C; c++) {
+                    float d = LD(dy + off, c) * RND((ar[c] + br[c] + sv) / k);
+                    d = d + uhr[c] + (ihr[c] == h ? vhr[c] : 0.0f);
+                    d = d + uwr[c] + (iwr[c] == w ? vwr[c] : 0.0f);
+                    d = d + ucv + (icv == c ? vcv : 0.0f);
+                    ST(dx + off, c, d);
+                }
+            } else {
+                for (i64 c = 0; c < C; c++) {
+                    float d = LD(dy + off, c) * RND((ar[c] + br[c]) / k);
+                    d = d + uhr[c] + (ihr[c] == h ? vhr[c] : 0.0f);
+                    d = d + uwr[c] + (iwr[c] == w ? vwr[c] : 0.0f);
+                    ST(dx + off, c, d);
+                }
             }
         }
     }
