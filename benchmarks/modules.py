@@ -8,12 +8,14 @@ formulas, at network-sized shapes, in one run.
 The implementations, each timed in its own attnkit.kernels mode: "attnkit fused (B)" in mode 'auto', B being the
 backend `attnkit.kernels.backend_for(x)` picks for the input ('reference' where none serves it: the row then
 repeats the reference); "attnkit reference" in mode 'reference'; "timm"; "attnkit compiled", torch.compile of
-the module, compiled and run in mode 'reference'. Modules without a fused form (ge-theta) run their reference
-formulas in both attnkit rows. The closing table gives the fused path's forward+backward speed-up over the others.
+the module, compiled and run in mode 'reference'. The closing table gives the fused path's forward+backward speed-up
+over the others. Modules train (BatchNorm on batch statistics), but for the batch-1 shape r50-s3-b1, the inference
+case, which runs them in eval mode.
 
 The floor: a gate module reads x to pool it, then reads x and writes y: 3|x| bytes forward; backward reads dy
 and x to reduce and reads dy again to write dx: 4|x| more (7|x| in all). CBAM, Coordinate Attention and
-Triplet Attention pool twice or along two axes: 4|x| forward, 8|x| in all. The bandwidth is that of a copy of
+Triplet Attention pool twice or along two axes: 4|x| forward, 8|x| in all; Gather-Excite θ's backward reads x
+once more for its depthwise kernel's gradient: 8|x| in all. The bandwidth is that of a copy of
 x measured in the same run; each figure is printed as milliseconds and as a multiple of its floor.
 
 The glibc allocator decides much of the backward's cost on CPU (fresh mmaps for full-size temporaries are zeroed
@@ -46,6 +48,7 @@ SHAPES = {  # name: N×C×H×W
     "mbv2-b32": (32, 144, 56, 56),  # MobileNetV2 / EfficientNet-B0, the expanded 56×56 block, batch 32
     "r50-s3-b1": (1, 512, 28, 28),  # batch-1 inference
 }
+INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on its running statistics)
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the environment a figure depends on, written before the command line in the markdown file
@@ -171,24 +174,24 @@ def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     return attnkit.create(name, channels)
 
 
-def prepared(module: nn.Module, x: torch.Tensor) -> nn.Module:
-    """module in training mode, on x's device and dtype."""
-    return module.to(x.device, x.dtype).train()
+def prepared(module: nn.Module, x: torch.Tensor, training: bool) -> nn.Module:
+    """module in training or eval mode, on x's device and dtype."""
+    return module.to(x.device, x.dtype).train(training)
 
 
-def impls(name: str, x: torch.Tensor, backend: str, with_compile: bool) -> list[Impl]:
+def impls(name: str, x: torch.Tensor, backend: str, with_compile: bool, training: bool) -> list[Impl]:
     """The implementations of module `name` for input x; `backend` names the fused one. The fused and reference
     rows time the same module, in modes 'auto' and 'reference'."""
     _, c, h, w = x.shape
-    ours = prepared(attnkit_module(name, c, (h, w)), x)
+    ours = prepared(attnkit_module(name, c, (h, w)), x, training)
     found = [Impl("fused", f"attnkit fused ({backend})", ours, "auto"),
              Impl("reference", "attnkit reference", ours, "reference")]
     theirs = timm_module(name, c, (h, w))
     if theirs is not None:
-        found.append(Impl("timm", "timm", prepared(theirs, x), "reference"))
+        found.append(Impl("timm", "timm", prepared(theirs, x, training), "reference"))
     if with_compile:
         with attnkit.kernels.use("reference"):
-            compiled = torch.compile(prepared(attnkit_module(name, c, (h, w)), x))
+            compiled = torch.compile(prepared(attnkit_module(name, c, (h, w)), x, training))
         found.append(Impl("compiled", "attnkit compiled", compiled, "reference"))
     return found
 
@@ -236,8 +239,8 @@ def bench_shape(report: Report, shape_name: str, args: argparse.Namespace) -> di
     backend = fused_backend(x)
     results: dict[str, dict[str, float]] = {}
     for name in args.modules.split(","):
-        found = impls(name, x, backend, args.compile)
-        passes = (4, 8) if name in TWO_POOLS else (3, 7)
+        found = impls(name, x, backend, args.compile, training=shape_name not in INFERENCE)
+        passes = (4, 8) if name in TWO_POOLS else (3, 8) if name == "ge-theta" else (3, 7)
         floors = [p * x.nbytes / bandwidth * 1e3 for p in passes]
         try:
             fwd = median_ms([timed(i, forward(i.module, x), args.device) for i in found], args.warmup, args.repeats)

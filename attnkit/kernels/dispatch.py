@@ -1,7 +1,7 @@
 """Which path the attention modules take: a fused backend or the reference formulas.
 
 Modes (`set_mode`, the `use` context, or the ATTNKIT_KERNELS environment variable):
-  'auto'       fused where a backend serves the input (the default), the reference formulas elsewhere;
+  'auto'       fused where a backend serves the input and it pays (the default), the reference formulas elsewhere;
   'reference'  always the reference formulas (plain torch ops, any device, dtype and layout);
   'cpu', 'triton'  that backend, or an error saying why it cannot serve the input.
 The reference path also runs, whatever the mode, while a model is traced, scripted, compiled or exported, so
@@ -20,6 +20,10 @@ from torch import Tensor
 MODES = ("auto", "reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# 'auto' on the CPU: below this input size the fused path's fixed costs (Python, ctypes, thread start-up: ~50 µs a
+# module) outweigh the traffic it saves; measured on the 2-core machine of BENCHMARKS.md, where fused forward+backward
+# takes 1.1-1.3× the reference's time at 32-128 KiB and 0.3-0.9× from 1 MiB up, for every module
+CPU_MIN_BYTES = 1 << 20
 
 _mode = os.environ.get("ATTNKIT_KERNELS", "auto")
 
@@ -87,6 +91,8 @@ def backend_for(x: object) -> ModuleType | None:
         return None
     if mode == "auto":
         name = "cpu" if x.device.type == "cpu" else "triton"
+        if name == "cpu" and x.numel() * x.element_size() < CPU_MIN_BYTES:
+            return None
         return None if _why_not(name, x) else _load(name)
     reason = _why_not(mode, x)
     if reason:

@@ -72,7 +72,7 @@ def _float(run):
 @pytest.mark.parametrize("spec", ["se", "srm", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)", "coord",
                                   "triplet"])
 def test_fused_is_the_default_and_runs_without_autograd(spec):
-    x = torch.randn(2, 24, 5, 6)
+    x = torch.randn(2, 24, 80, 80)  # 1.2 MiB: at least dispatch.CPU_MIN_BYTES
     module = randomised(create(spec, x.shape), seed=3).eval()
     assert kernels.get_mode() == "auto" and kernels.backend_for(x) is cpu
     with torch.no_grad():
@@ -80,6 +80,21 @@ def test_fused_is_the_default_and_runs_without_autograd(spec):
         with kernels.use("reference"):
             y_ref = module(x)
     assert_close(y, y_ref, 1e-5, spec)
+
+
+def test_auto_leaves_small_inputs_to_the_reference_formulas():
+    small = torch.randn(2, 24, 5, 6)
+    assert kernels.backend_for(small) is None
+    with kernels.use("cpu"):
+        assert kernels.backend_for(small) is cpu
+    calls, pool_hw = [], cpu.pool_hw
+    module = attnkit.create("se", 24)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "pool_hw", lambda *args: calls.append(args) or pool_hw(*args))
+        module(small)
+        assert not calls
+        module(torch.randn(2, 24, 80, 80))
+        assert len(calls) == 1
 
 
 def test_parameters_that_do_not_train_get_no_gradient_and_frozen_input_gets_none():
@@ -101,7 +116,7 @@ def test_saved_for_backward_is_x_and_small_tensors(spec):
         sizes.append(t.numel())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with kernels.use("cpu"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     full = [s for s in sizes if s >= x.numel()]
     assert full == [x.numel()], f"full-size tensors saved: {len(full)}"
