@@ -191,7 +191,7 @@ def impls(name: str, x: torch.Tensor, backend: str, with_compile: bool, training
         found.append(Impl("timm", "timm", prepared(theirs, x, training), "reference"))
     if with_compile:
         with attnkit.kernels.use("reference"):
-            compiled = torch.compile(prepared(attnkit_module(name, c, (h, w)), x, training))
+            compiled = torch.compile(prepared(attnkit_module(name, c, (h, w)), x, training), dynamic=False)
         found.append(Impl("compiled", "attnkit compiled", compiled, "reference"))
     return found
 

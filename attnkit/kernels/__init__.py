@@ -9,7 +9,7 @@ one to write dx, saving only x and the small pooled tensors (functions.py). Each
 The modules' own forward formulas stay the reference path.
 
 Choosing (dispatch.py): `attnkit.kernels.set_mode(m)`, `with attnkit.kernels.use(m): ...` or ATTNKIT_KERNELS=m,
-with m one of 'auto' (fused where a backend serves the input, on the CPU from 1 MiB, else the reference: the
+with m one of 'auto' (fused where a backend serves the input and it pays, see dispatch.py, else the reference: the
 default), 'reference', 'cpu' or 'triton' (that backend or an error). Tracing, scripting, torch.compile and export
 always see the reference formulas. The fused path's backward cannot be differentiated again: for double backward
 (gradient penalties), use 'reference'.

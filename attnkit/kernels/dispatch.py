@@ -24,6 +24,11 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # module) outweigh the traffic it saves; measured on the 2-core machine of BENCHMARKS.md, where fused forward+backward
 # takes 1.1-1.3× the reference's time at 32-128 KiB and 0.3-0.9× from 1 MiB up, for every module
 CPU_MIN_BYTES = 1 << 20
+# 'auto' on the CPU, for a forward without autograd of a module whose reference formula already makes the fused
+# forward's two passes (a mean, then a product: SE, ECA, GE θ⁻): the fused path gains only from 32 MiB, where glibc
+# maps every allocation afresh (its dynamic mmap threshold stops there) and the CPU backend's huge-page hint halves
+# the page faults of the output (49 MiB: 11 ms against torch's 28 ms for the product); below, it is 1.0-1.4× slower
+CPU_FRESH_BYTES = 32 << 20
 
 _mode = os.environ.get("ATTNKIT_KERNELS", "auto")
 
@@ -84,15 +89,18 @@ def _why_not(name: str, x: Tensor) -> str | None:
     return triton_backend.unavailable()
 
 
-def backend_for(x: object) -> ModuleType | None:
-    """The backend that runs the fused path for input `x` in the current mode, or None for the reference path."""
+def backend_for(x: object, forward_pays: bool = True) -> ModuleType | None:
+    """The backend that runs the fused path for input `x` in the current mode, or None for the reference path.
+    `forward_pays=False`: the module's reference forward is already the fused one's passes (see CPU_FRESH_BYTES)."""
     mode = get_mode()
     if mode == "reference" or type(x) is not Tensor or _graph_capture():
         return None
     if mode == "auto":
         name = "cpu" if x.device.type == "cpu" else "triton"
-        if name == "cpu" and x.numel() * x.element_size() < CPU_MIN_BYTES:
-            return None
+        if name == "cpu":
+            size = x.numel() * x.element_size()
+            if size < CPU_MIN_BYTES or (not forward_pays and not torch.is_grad_enabled() and size < CPU_FRESH_BYTES):
+                return None
         return None if _why_not(name, x) else _load(name)
     reason = _why_not(mode, x)
     if reason:

@@ -73,7 +73,7 @@ class ECA(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x)
+        backend = kernels.backend_for(x, forward_pays=False)
         if backend is not None:
             return channel_gate(backend, x, self.excite, self)
         return x * self.excitation(x).to(x.dtype)

@@ -141,7 +141,7 @@ class GatherExcite(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x) if self.extent == 0 else None
+        backend = kernels.backend_for(x, forward_pays=self.gather is not None) if self.extent == 0 else None
         if backend is not None and self.gather is None:  # θ⁻: a gate per channel from the means
             return channel_gate(backend, x, self._excite_means, self)
         if backend is not None:  # θ, θ⁺: from the depthwise kernel covering the map

@@ -59,7 +59,7 @@ class SqueezeExcite(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x)
+        backend = kernels.backend_for(x, forward_pays=False)
         if backend is not None:
             return channel_gate(backend, x, lambda mean: self.excite(mean[:, :, None, None]).flatten(1), self)
         return x * self.excitation(x).to(x.dtype)

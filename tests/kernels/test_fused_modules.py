@@ -69,7 +69,7 @@ def _float(run):
     return y.float(), [None if g is None else g.float() for g in grads], [b.float() for b in buffers]
 
 
-@pytest.mark.parametrize("spec", ["se", "srm", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)", "coord",
+@pytest.mark.parametrize("spec", ["srm", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)", "coord",
                                   "triplet"])
 def test_fused_is_the_default_and_runs_without_autograd(spec):
     x = torch.randn(2, 24, 80, 80)  # 1.2 MiB: at least dispatch.CPU_MIN_BYTES
@@ -95,6 +95,29 @@ def test_auto_leaves_small_inputs_to_the_reference_formulas():
         assert not calls
         module(torch.randn(2, 24, 80, 80))
         assert len(calls) == 1
+
+
+def test_auto_keeps_the_reference_forward_of_mean_then_product_gates_without_autograd():
+    """SE, ECA and GE θ⁻ forward without autograd: their reference formula makes the fused passes already, so 'auto'
+    keeps it but where the output is large enough for the CPU backend's allocation to pay."""
+    x = torch.randn(2, 24, 80, 80)  # 1.2 MiB
+    assert kernels.backend_for(x, forward_pays=False) is cpu  # recording autograd: the backward pays
+    with torch.no_grad():
+        assert kernels.backend_for(x, forward_pays=False) is None and kernels.backend_for(x) is cpu
+        assert kernels.backend_for(torch.empty(40, 256, 32, 32), forward_pays=False) is cpu  # 40 MiB
+    calls, pool_hw = [], cpu.pool_hw
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(cpu, "pool_hw", lambda *args: calls.append(args) or pool_hw(*args))
+        for spec in ["se", "eca", "ge"]:
+            attnkit.create(spec, 24)(x)
+        assert not calls
+        attnkit.create("srm", 24).eval()(x)
+        assert len(calls) == 1
+    module = randomised(attnkit.create("se", 24), seed=5)
+    with torch.no_grad(), kernels.use("cpu"):  # forced, the fused forward runs and equals the reference
+        y = module(x)
+    with torch.no_grad(), kernels.use("reference"):
+        assert_close(y, module(x), 1e-5, "se without autograd")
 
 
 def test_parameters_that_do_not_train_get_no_gradient_and_frozen_input_gets_none():
