@@ -2,8 +2,9 @@
 attnkit's reference formulas, timm's module where timm has the same one, and torch.compile of attnkit's reference
 formulas, at network-sized shapes, in one run.
 
-    python benchmarks/modules.py [--shapes r50-s3-b32,mbv2-b32,r50-s3-b1] [--modules se,eca,cbam] [--repeats 15]
-        [--device cpu|cuda] [--dtype float32|bfloat16] [--channels-last] [--no-compile] [--markdown BENCHMARKS.md]
+    python benchmarks/modules.py [--shapes r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1] [--modules se,eca,cbam]
+        [--repeats 15] [--device cpu|cuda] [--dtype float32|bfloat16] [--channels-last] [--no-compile]
+        [--markdown BENCHMARKS.md]
 
 The implementations, each timed in its own attnkit.kernels mode: "attnkit fused (B)" in mode 'auto', B being the
 backend `attnkit.kernels.backend_for(x)` picks for the input ('reference' where none serves it: the row then
@@ -264,7 +265,7 @@ def speedups(results: dict[str, dict[str, dict[str, float]]], name: str, key: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="r50-s3-b32,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
     parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)

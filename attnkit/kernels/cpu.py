@@ -110,7 +110,7 @@ def _output_like(x: Tensor) -> Tensor:
     """An uninitialised tensor like x for a kernel to write. A large one is asked to be backed by huge pages: a
     fresh allocation of that size is a new mapping whose every 4 KiB page the kernel faults in and zeroes on first
     write, which costs several times the write itself; 2 MiB pages cut the faults 512-fold (what torch's
-    THP_MEM_ALLOC_ENABLE does for every allocation). Memory already in use is only marked, never moved."""
+    THP_MEM_ALLOC_ENABLE does for every large allocation). Memory already in use is only marked, never moved."""
     y = torch.empty_like(x)
     madvise = _madvise()
     start = -(-y.data_ptr() // HUGE_PAGE) * HUGE_PAGE

@@ -20,9 +20,9 @@ from torch import Tensor
 MODES = ("auto", "reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# 'auto' on the CPU: below this input size the fused path's fixed costs (Python, ctypes, thread start-up: ~50 µs a
-# module) outweigh the traffic it saves; measured on the 2-core machine of BENCHMARKS.md, where fused forward+backward
-# takes 1.1-1.3× the reference's time at 32-128 KiB and 0.3-0.9× from 1 MiB up, for every module
+# 'auto' on the CPU: below this input size the fused path's fixed costs (Python, ctypes, the passes' set-up: ~50 µs
+# a module) outweigh the traffic it saves. benchmarks/threshold.py on the 2-core machine of BENCHMARKS.md: fused
+# forward+backward takes 1.0-1.4× the reference's time at 32-128 KiB, 0.6-1.2× at 512 KiB, 0.4-0.9× from 2 MiB
 CPU_MIN_BYTES = 1 << 20
 # 'auto' on the CPU, for a forward without autograd of a module whose reference formula already makes the fused
 # forward's two passes (a mean, then a product: SE, ECA, GE θ⁻): the fused path gains only from 32 MiB, where glibc

@@ -43,3 +43,21 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for name in one:
         assert all(torch.equal(a, b) for a, b in zip(one[name], two[name])), name
+
+
+def test_large_outputs_ask_for_huge_pages_and_stay_exact(monkeypatch):
+    """A kernel's output spanning whole 2 MiB pages is advised as huge pages (on Linux), only inside its own bytes;
+    the values are the reference's."""
+    advised = []
+    madvise = cpu._madvise()
+    if madvise is None:
+        pytest.skip("madvise is Linux's")
+    monkeypatch.setattr(cpu, "_madvise", lambda: lambda start, length, advice: advised.append((start, length)) or
+                        madvise(start, length, advice))
+    x = feature_map((4, 64, 64, 80), torch.float32, False, ties=False, seed=4)  # 5 MiB: holds a whole 2 MiB page
+    g = torch.rand(4, 64)
+    y = cpu.scale_c(x, g)
+    assert_close(y, reference.scale_c(x, g), 1e-6, "scale_c")
+    ((start, length),) = advised
+    assert start % cpu.HUGE_PAGE == 0 and length % cpu.HUGE_PAGE == 0 and length > 0
+    assert y.data_ptr() <= start and start + length <= y.data_ptr() + y.nbytes
