@@ -243,14 +243,15 @@ def _grad_k_kernel(dy, g, a, x, k, dx, dk, N, C, P, dsn, dsc, dsp, sn, sc, sp, W
     kernel = tl.load(k + c[:, None] * P + p[None, :], mask=mask, other=0.0)
     total = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for n in range(0, N):
+        sample = tl.cast(n, tl.int64)  # a Python int under the interpreter, which _at cannot convert
         an = tl.load(a + n * C + c, mask=c < C, other=0.0)[:, None]
         if WITH_DX:
-            at = _at(tl.cast(n, tl.int64), c, p, dsn, dsc, dsp)
+            at = _at(sample, c, p, dsn, dsc, dsp)
             gn = _round(tl.load(g + n * C + c, mask=c < C), dy)[:, None]
             out = tl.load(dy + at, mask=mask).to(tl.float32) * gn + an * kernel
             tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
         if WITH_DK:
-            total += an * tl.load(x + _at(tl.cast(n, tl.int64), c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+            total += an * tl.load(x + _at(sample, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
     if WITH_DK:
         tl.store(dk + c[:, None] * P + p[None, :], total, mask=mask)
 
