@@ -38,10 +38,14 @@ def test_fused_equals_reference_in_float32(spec, shape, channels_last, training)
     want = run_in_mode(copy.deepcopy(module), x, dy, "reference")
     got = run_in_mode(copy.deepcopy(module), x, dy, "cpu")
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    # SRM's BatchNorm normalises C statistics over a batch of 3 or 4: it amplifies the last-bit differences of the
-    # pooled moments (the fused ones, summed in float64, are the closer to exact)
-    rtol = 1e-4 if spec == "srm" and training else 1e-5
-    assert max(errors(got, want)) <= rtol
+    if spec == "srm" and training:
+        # SRM's BatchNorm normalises C statistics over a batch of 3 or 4, which amplifies the last-bit differences of
+        # the pooled moments (up to ~1e-4 on some CPUs' kernels): both paths are measured against float64, and the
+        # fused path is as exact as the reference (within 1.5 times its error, as in bfloat16 below)
+        exact = run_in_mode(copy.deepcopy(module).double(), x.double(), dy.double(), "reference")
+        assert max(errors(_float64(got), exact)) <= max(1e-5, 1.5 * max(errors(_float64(want), exact)))
+    else:
+        assert max(errors(got, want)) <= 1e-5
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -62,6 +66,11 @@ def test_fused_is_as_exact_as_the_reference_in_bfloat16(spec, shape, params_dtyp
     assert fused[0].dtype == torch.bfloat16
     fused_error, reference_error = max(errors(_float(fused), exact)), max(errors(_float(reference), exact))
     assert fused_error <= max(1e-2, 1.5 * reference_error), (fused_error, reference_error)
+
+
+def _float64(run):
+    y, grads, buffers = run
+    return y.double(), [None if g is None else g.double() for g in grads], [b.double() for b in buffers]
 
 
 def _float(run):
