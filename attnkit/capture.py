@@ -2,76 +2,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .modules import (
-    BAM,
-    CBAM,
-    ECA,
-    SRM,
-    CoordAttention,
-    GatherExcite,
-    GlobalContext,
-    SelectiveKernel,
-    SqueezeExcite,
-    TripletAttention,
-)
+from .modules.base import gate_probes, is_attention_module
 
 __all__ = ["Gates", "capture"]
 
 Gates = dict[str, dict[str, list[Tensor]]]
-# (submodule whose forward is observed, gate name, its value from the submodule's inputs and output)
-Probe = tuple[nn.Module, str, Callable[[tuple, Tensor], Tensor]]
-
-
-def _output(inputs: tuple, out: Tensor) -> Tensor:
-    return out
-
-
-def _coord(m: CoordAttention) -> list[Probe]:
-    return [(m.conv_h, "a_h", lambda i, o: m.gate(o)), (m.conv_w, "a_w", lambda i, o: m.gate(o))]
-
-
-def _gc(m: GlobalContext) -> list[Probe]:
-    probes: list[Probe] = []
-    if m.conv_mask is not None:  # softmax of the mask logits over the H·W positions, as GlobalContext.context()
-        probes.append((m.conv_mask, "weights",
-                       lambda i, o: o.to(torch.promote_types(o.dtype, torch.float32)).flatten(1).softmax(1).view(o.shape)))
-    transforms = [(m.channel_mul_conv, "mul", lambda i, o: torch.sigmoid(o)), (m.channel_add_conv, "add", _output)]
-    transforms = [(t, name, f) for t, name, f in transforms if t is not None]
-    probes.append((transforms[0][0], "context", lambda i, o: i[0]))  # the context is each transform's input
-    return probes + transforms
-
-
-def _sk(m: SelectiveKernel) -> list[Probe]:
-    return [(m.fc_select, "paths", lambda i, o: o.unflatten(1, (len(m.paths), m.out_channels)).softmax(dim=1))]
-
-
-_PROBES: list[tuple[type, Callable[[nn.Module], list[Probe]]]] = [
-    (SqueezeExcite, lambda m: [(m.gate, "channel", _output)]),
-    (ECA, lambda m: [(m.gate, "channel", lambda i, o: o[:, 0, :, None, None])]),  # N×1×C -> N×C×1×1
-    (SRM, lambda m: [(m.gate, "channel", _output)]),
-    (GatherExcite, lambda m: [(m.gate, "gate", _output)]),
-    (CBAM, lambda m: [(m.channel_gate, "channel", _output)]
-     + ([(m.spatial_gate, "spatial", _output)] if m.spatial_gate is not None else [])),
-    (BAM, lambda m: [(m.gate, "attention", _output)]),
-    (CoordAttention, _coord),
-    (TripletAttention, lambda m: [
-        (m.cw, "cw", lambda i, o: o.transpose(1, 2)),  # N×1×C×W -> N×C×1×W
-        (m.hc, "hc", lambda i, o: o.permute(0, 3, 2, 1)),  # N×1×H×C -> N×C×H×1
-        *([(m.hw, "hw", _output)] if m.hw is not None else []),
-    ]),
-    (GlobalContext, _gc),
-    (SelectiveKernel, _sk),
-]
-
-
-def _probes(module: nn.Module) -> list[Probe] | None:
-    return next((probes(module) for cls, probes in _PROBES if isinstance(module, cls)), None)
 
 
 @contextlib.contextmanager
@@ -84,7 +25,8 @@ def capture(model: nn.Module) -> Iterator[Gates]:
 
     `gates[name][gate]` is a list with one detached tensor per forward pass of that module, in call order;
     `name` is the attention module's name in model.named_modules() (with attach(identity_init=True) the
-    wrapped module's, `layer1.0.attn.module`). Each module's entry is there, empty, before it runs. Gates:
+    wrapped module's, `layer1.0.attn.module`). Each module's entry is there, empty, before it runs. Each module
+    declares its gates (`gate_probes()`, attnkit.modules.base); those of attnkit's modules:
 
         se, eca, srm   channel             N×C×1×1
         ge             gate                N×C×h×w, before upsampling (h = w = 1 for the global extent)
@@ -99,8 +41,9 @@ def capture(model: nn.Module) -> Iterator[Gates]:
     Forward hooks on the submodules that compute the gates are registered on entering the block and removed
     on leaving it, also when it raises; outside the block nothing is registered. The hooks read what the
     modules compute and change no output; inside the block the modules run their reference formulas (see
-    attnkit.kernels), which call those submodules. Modules of other classes are not recorded; a network without
-    attention gives an empty dict.
+    attnkit.kernels), which call those submodules. A module registered with attnkit.register that declares no
+    gates has its child `gate` recorded as "gate" (or an empty entry without one); modules that are not
+    attention modules are not recorded, and a network without attention gives an empty dict.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture: `model` must be an nn.Module, got {type(model).__name__}.")
@@ -108,11 +51,10 @@ def capture(model: nn.Module) -> Iterator[Gates]:
     handles = []
     try:
         for name, module in model.named_modules():
-            probes = _probes(module)
-            if probes is None:
+            if not is_attention_module(module):
                 continue
             gates[name] = {}
-            for submodule, gate, value in probes:
+            for submodule, gate, value in gate_probes(module):
                 records = gates[name].setdefault(gate, [])
 
                 def hook(m: nn.Module, inputs: tuple, out: Tensor, value=value, records=records) -> None:

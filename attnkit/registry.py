@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from torch import nn
 
-__all__ = ["register", "list_modules", "get_module_class", "parse_spec", "create", "did_you_mean", "check_kwargs"]
+__all__ = ["register", "list_modules", "registered_classes", "get_module_class", "parse_spec", "create", "did_you_mean", "check_kwargs", "build"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -50,6 +50,11 @@ def register(name: str, *, override: bool = False) -> Callable[[F], F]:
         return factory
 
     return decorator
+
+
+def registered_classes() -> set[type]:
+    """The registered factories that are classes (the types of the modules the registry builds)."""
+    return {factory for factory in _REGISTRY.values() if isinstance(factory, type)}
 
 
 def list_modules() -> list[str]:
@@ -127,16 +132,22 @@ def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any],
             )
 
 
+def build(name: str, spec_kwargs: dict[str, Any], channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """The module registered as `name` for `channels` channels, with a parsed spec's keyword arguments and further
+    keywords (giving one in both places is an error)."""
+    factory = get_module_class(name)
+    both = sorted(set(spec_kwargs) & set(kwargs))
+    if both:
+        raise ValueError(f"Attention module {name!r}: {', '.join(both)} given both in the spec and as keywords.")
+    merged = {**spec_kwargs, **kwargs}
+    check_kwargs(name, factory, merged)
+    return factory(channels, **merged)
+
+
 def create(spec: str, channels: int, **kwargs: Any) -> nn.Module:
     """Build the attention module that `spec` names for a feature map of `channels` channels.
 
     Keyword arguments are merged with those in the spec; giving one in both places is an error.
     """
     name, spec_kwargs = parse_spec(spec)
-    factory = get_module_class(name)
-    both = sorted(set(spec_kwargs) & set(kwargs))
-    if both:
-        raise ValueError(f"Attention spec {spec!r}: {', '.join(both)} given both in the spec and as keywords.")
-    merged = {**spec_kwargs, **kwargs}
-    check_kwargs(name, factory, merged)
-    return factory(channels, **merged)
+    return build(name, spec_kwargs, channels, kwargs)

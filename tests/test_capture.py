@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import attnkit
-from attnkit.modules._common import AttentionModule
+from attnkit.modules.base import AttentionModule
 
 from .modules.cases import CASES, build, case_id
 from .modules.reference import TRAIN_MODES, assert_close, batch_norm, conv1x1, conv2d_same, feature_map, randomize

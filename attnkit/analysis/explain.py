@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..capture import capture
+from ..modules.base import spatial_map
 from ..data import Dataset
 from ..registry import did_you_mean
 from ..train.checkpoint import load_checkpoint
@@ -36,7 +37,6 @@ _METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
 # Every grid has the same geometry: PANEL_INCHES square panels, HEADER_INCHES of title, at DPI dots per inch.
 PANEL_INCHES, HEADER_INCHES, DPI, ROWS_PER_FILE = 1.6, 0.5, 100, 8
 _POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
-_SPATIAL_GATES = ("spatial", "hw", "attention", "gate", "weights")  # capture()'s names of gates with an H×W extent
 
 
 @dataclass
@@ -152,15 +152,6 @@ def grad_cam(model: nn.Module, x: Tensor, target_layer: str, classes: Sequence[i
 
 
 # ---------------------------------------------------------------------------------------------- attention maps
-def _spatial_map(gates: dict[str, list[Tensor]]) -> tuple[str, Tensor] | None:
-    """The N×h×w map of one module's gates (first forward pass), or None where it gates channels only."""
-    first = {name: values[0].float() for name, values in gates.items() if values}
-    if "a_h" in first:  # coordinate attention: the gate at (i, j) is a_h(i)·a_w(j)
-        return "a_h·a_w", (first["a_h"] * first["a_w"]).mean(1)
-    return next(((name, first[name].mean(1)) for name in _SPATIAL_GATES
-                 if name in first and first[name].shape[-2:].numel() > 1), None)
-
-
 def _attention(model: nn.Module, x: Tensor) -> tuple[Tensor, list[AttentionMap], list[str]]:
     """The logits of x, every spatial attention map, in network order, and notes on the modules that have none."""
     with torch.no_grad(), capture(model) as gates:
@@ -168,7 +159,8 @@ def _attention(model: nn.Module, x: Tensor) -> tuple[Tensor, list[AttentionMap],
     kinds = {name: type(module).__name__ for name, module in model.named_modules() if name in gates}
     maps, channel_only = [], {}
     for name, site_gates in gates.items():
-        found = _spatial_map(site_gates)
+        first = {gate: values[0] for gate, values in site_gates.items() if values}
+        found = spatial_map(model.get_submodule(name), first) if first else None
         if found is None:
             channel_only.setdefault(kinds[name], []).append(name)
         else:

@@ -18,18 +18,7 @@ from torch import Tensor, nn
 from ..capture import capture
 from ..data import Dataset
 from ..data.loader import Loader
-from ..modules import (
-    BAM,
-    CBAM,
-    ECA,
-    SRM,
-    CoordAttention,
-    GatherExcite,
-    GlobalContext,
-    SelectiveKernel,
-    SqueezeExcite,
-    TripletAttention,
-)
+from ..modules.base import channel_weights as module_channel_weights, channel_weights_unavailable
 from .report import text_table
 
 __all__ = ["ChannelWeights", "GateStats", "channel_sites", "channel_weights", "gate_stats", "sample_batches",
@@ -39,68 +28,37 @@ PANEL_INCHES = (4.0, 3.2)  # one panel of excitation.png and correlation.png; a 
 DPI = 100
 PLOTTED_CLASSES = 10  # excitation.png draws the first ten classes and their mean; the CSV has every class
 
-Reduce = Callable[[dict[str, Tensor]], Tensor]  # one forward pass's gates of a module -> N×C channel weights
+SUPPORTED = ("modules that declare channel weights (attnkit's se, eca, srm, ge, cbam, bam, coord, gc with fusion 'mul', "
+             "and sk)")
 
 
-def _spatial_mean(gate: str) -> Reduce:
-    return lambda g: g[gate].float().mean((2, 3))
-
-
-def _coord(g: dict[str, Tensor]) -> Tensor:
-    # x is scaled by a_h[h]·a_w[w]; the mean of that product over the positions factors into the two means
-    return g["a_h"].float().mean((2, 3)) * g["a_w"].float().mean((2, 3))
-
-
-def _gc(m: GlobalContext) -> Reduce | str:
-    if m.channel_mul_conv is None:
-        return f"fusion {m.fusion!r} has no multiplicative channel gate; build it with fusion 'mul'"
-    return _spatial_mean("mul")
-
-
-# Each module's weight per channel (a function of its captured gates), or why it has none; one entry per class
-# that attnkit.capture records.
-_CHANNEL_WEIGHTS: list[tuple[type, Callable[[nn.Module], Reduce | str]]] = [
-    (SqueezeExcite, lambda m: _spatial_mean("channel")),
-    (ECA, lambda m: _spatial_mean("channel")),
-    (SRM, lambda m: _spatial_mean("channel")),
-    (CBAM, lambda m: _spatial_mean("channel")),  # Mc; the spatial gate is left out
-    (GatherExcite, lambda m: _spatial_mean("gate")),  # local extents: the mean over the gathered positions
-    (BAM, lambda m: _spatial_mean("attention")),  # σ(Mc + Ms) averaged over positions; x is scaled by 1 + it
-    (CoordAttention, lambda m: _coord),
-    (GlobalContext, _gc),
-    (SelectiveKernel, lambda m: lambda g: g["paths"][:, 0].float().flatten(1)),  # the first path's weight
-    (TripletAttention, lambda m: "its gates are C×W, H×C and H×W maps, not one weight per channel"),
-]
-SUPPORTED = "se, eca, srm, ge, cbam, bam, coord, gc with fusion 'mul', and sk"
-
-
-def _reducers(model: nn.Module) -> dict[str, Reduce]:
-    """The attention modules of `model` that have channel weights, by attnkit.capture's names; an error naming
-    the others when none has any."""
+def _channel_sites(model: nn.Module) -> list[str]:
+    """The attention modules of `model` that have channel weights, by attnkit.capture's names; an error naming the
+    others when none has any."""
     with capture(model) as gates:
         names = list(gates)
     if not names:
         raise ValueError(f"{type(model).__name__} has no attention module; channel statistics need a network "
                          f"trained with --attn ({SUPPORTED}).")
-    reducers, refused = {}, {}
+    sites, refused = [], {}
     for name in names:
         module = model.get_submodule(name)
-        found = next(rule for cls, rule in _CHANNEL_WEIGHTS if isinstance(module, cls))(module)
-        if isinstance(found, str):
-            refused.setdefault(f"{type(module).__name__} ({found})", []).append(name)
+        reason = channel_weights_unavailable(module)
+        if reason is None:
+            sites.append(name)
         else:
-            reducers[name] = found
-    if not reducers:
+            refused.setdefault(f"{type(module).__name__} ({reason})", []).append(name)
+    if not sites:
         listed = "; ".join(f"{what} at {', '.join(at[:3])}{', ...' if len(at) > 3 else ''}" for what, at in refused.items())
         raise ValueError(f"no attention module of {type(model).__name__} has channel weights: {listed}. "
                          f"Channel statistics take {SUPPORTED}.")
-    return reducers
+    return sites
 
 
 def channel_sites(model: nn.Module) -> list[str]:
     """The names (attnkit.capture's) of the attention modules of `model` that have channel weights; an error naming
     the others when none has any."""
-    return list(_reducers(model))
+    return _channel_sites(model)
 
 
 @dataclass
@@ -123,7 +81,7 @@ def channel_weights(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) 
     """Run `model` in eval mode on `batches` of (images, labels) and keep one weight per channel and sample at each
     attention site: the channel gate (se, eca, srm, cbam's Mc, gc's multiplicative transform), the gate averaged
     over positions (bam's σ(Mc + Ms), ge with a local extent, coord's a_h·a_w), or sk's weight of its first path."""
-    reducers = _reducers(model)
+    sites = _channel_sites(model)
     sizes: dict[str, tuple[int, ...]] = {}  # the gated map's H×W, in the order the modules run
 
     def record(name: str) -> Callable[..., None]:
@@ -131,8 +89,8 @@ def channel_weights(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) 
             sizes.setdefault(name, tuple(out.shape[2:]))
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in reducers]
-    weights: dict[str, list[np.ndarray]] = {name: [] for name in reducers}
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in sites]
+    weights: dict[str, list[np.ndarray]] = {name: [] for name in sites}
     labels = []
     device = next(model.parameters()).device
     training = model.training
@@ -141,12 +99,13 @@ def channel_weights(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) 
         for x, y in batches:
             with capture(model) as gates:
                 model(x.to(device))
-            for name, reduce in reducers.items():
+            for name in sites:
                 runs = len(next(iter(gates[name].values())))
                 if runs != 1:
                     raise ValueError(f"{name} ran {runs} times in one forward pass; channel statistics need each "
                                      f"attention module to run once per pass.")
-                weights[name].append(reduce({gate: values[0] for gate, values in gates[name].items()}).cpu().numpy())
+                first = {gate: values[0] for gate, values in gates[name].items()}
+                weights[name].append(module_channel_weights(model.get_submodule(name), first).cpu().numpy())
             labels.append(y.numpy())
     finally:
         model.train(training)

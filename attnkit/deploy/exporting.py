@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..modules import GatherExcite
+from ..modules.base import fixed_spatial_size
 from .folding import fuse
 
 __all__ = ["FORMATS", "ExportCheck", "ExportReport", "export"]
@@ -113,11 +113,12 @@ def _within(shape: tuple[int, ...], ranges: Ranges) -> tuple[int, ...]:
 def _check_sizes_taken(model: nn.Module, shapes: list[tuple[int, ...]], dynamic_size: bool) -> None:
     """Say clearly, before exporting, when the model itself cannot run at a shape the export would allow."""
     for path, module in model.named_modules():
-        if dynamic_size and isinstance(module, GatherExcite) and module.spatial_size is not None:
-            h, w = module.spatial_size
+        size = fixed_spatial_size(module) if dynamic_size else None
+        if size is not None:
             raise ValueError(
-                f"--dynamic-size: {path} is a Gather-Excite θ with a global gather, a {h}×{w} kernel that covers the "
-                f"map, so the model takes one input size only ({h}×{w} there). Export with a fixed size."
+                f"--dynamic-size: {path} ({type(module).__name__}) takes {size[0]}×{size[1]} feature maps only (a "
+                f"Gather-Excite θ with a global gather has a kernel that covers the map), so the model takes one input "
+                f"size only. Export with a fixed size."
             )
     for shape in shapes:
         try:

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from ..registry import did_you_mean
 
 __all__ = [
-    "AttentionModule",
     "check_feature_map",
     "make_activation",
     "make_gate",
@@ -169,24 +168,3 @@ def pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
     if isinstance(pooled, Tensor) and pooled.device.type == "cpu":
         return pooled.contiguous(memory_format=torch.channels_last)
     return pooled
-
-
-class AttentionModule(nn.Module):
-    """Base of attnkit's modules: records `channels` and validates the input of `forward`.
-
-    Subclasses that contain a BatchNorm which may see too few values to train list what it sees in
-    `batchnorm_views` (see `check_feature_map`).
-    """
-
-    batchnorm_views: BatchNormViews = ()
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.channels = positive_int(type(self).__name__, "channels", channels)
-
-    def check_input(self, x: Tensor) -> Tensor:
-        views = self.batchnorm_views if self.training else ()
-        return check_feature_map(x, self.channels, type(self).__name__, views)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from .base import AttentionModule
 
 
 @register("bam")
@@ -32,6 +33,7 @@ class BAM(AttentionModule):
 
     batchnorm_views = (((), 1),)  # BatchNorm1d over the pooled channel descriptor
     placement = "stage"  # attach(): one per network bottleneck, before each downsampling
+    gate_name = "attention"  # σ(Mc + Ms) (or σ(Mc·Ms)); the module returns x·(1 + this)
 
     def __init__(
         self,

@@ -10,7 +10,6 @@ from .. import kernels
 from ..kernels.functions import channel_spatial_gate
 from ..registry import register
 from ._common import (
-    AttentionModule,
     gate_math,
     make_activation,
     make_gate,
@@ -20,6 +19,7 @@ from ._common import (
     reduced_width,
     stat_dtype,
 )
+from .base import AttentionModule, Probe, output
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
 CHANNEL_POOLS = ("max", "mean")
@@ -127,6 +127,8 @@ class CBAM(AttentionModule):
         act, gate: the MLP's activation and the gating function of both gates.
     """
 
+    gate_name = "channel"  # Mc, for the channel weights; the spatial gate is left out there
+
     def __init__(
         self,
         channels: int,
@@ -179,6 +181,11 @@ class CBAM(AttentionModule):
             return spatial.from_pools(torch.stack([pools[kind] for kind in spatial.order], dim=1)).squeeze(1)
 
         return channel_spatial_gate(backend, x, channel_weights, spatial_weights, self)
+
+    def gate_probes(self) -> list[Probe]:
+        """Mc as "channel" (N×C×1×1) and Ms as "spatial" (N×1×H×W, unless no_spatial); channel weights are Mc."""
+        spatial = [] if self.spatial_gate is None else [(self.spatial_gate, "spatial", output)]
+        return [(self.channel_gate, "channel", output), *spatial]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

@@ -1,13 +1,16 @@
 """Coordinate Attention."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
 from ..kernels.functions import row_column_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, make_gate, positive_int, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, make_gate, positive_int, reduced_width, stat_dtype
+from .base import AttentionModule, Probe
 
 
 @register("coord")
@@ -72,6 +75,21 @@ class CoordAttention(AttentionModule):
     def _gates_from_pools(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
         a_h, a_w = self.attention_from_pools(z_h, z_w)
         return a_h.squeeze(3), a_w.squeeze(2)
+
+    def gate_probes(self) -> list[Probe]:
+        """aʰ as "a_h" (N×C×H×1) and aʷ as "a_w" (N×C×1×W)."""
+        return [(self.conv_h, "a_h", lambda inputs, out: self.gate(out)), (self.conv_w, "a_w", lambda inputs, out: self.gate(out))]
+
+    def channel_weights_unavailable(self) -> str | None:
+        return None
+
+    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
+        """The mean over positions of the product aʰ(i)·aʷ(j) by which x is scaled, which factors into the two means."""
+        return gates["a_h"].float().mean((2, 3)) * gates["a_w"].float().mean((2, 3))
+
+    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
+        """aʰ(i)·aʷ(j), averaged over the channels."""
+        return "a_h·a_w", (gates["a_h"].float() * gates["a_w"].float()).mean(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_gate, odd_kernel, stat_dtype
+from ._common import gate_math, make_gate, odd_kernel, stat_dtype
+from .base import AttentionModule, Probe
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -36,6 +37,8 @@ class ECA(AttentionModule):
         gamma, beta: γ and b of the formula.
         gate: 'sigmoid' or 'hard_sigmoid'.
     """
+
+    gate_name = "channel"
 
     def __init__(
         self,
@@ -70,6 +73,10 @@ class ECA(AttentionModule):
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights s, N×C×1×1."""
         return self.excite(x.mean((2, 3), dtype=stat_dtype(x)))[:, :, None, None]
+
+    def gate_probes(self) -> list[Probe]:
+        """s as "channel", N×C×1×1 (the gate's output is N×1×C)."""
+        return [(self.gate, "channel", lambda inputs, out: out[:, 0, :, None, None])]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, one_of, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, one_of, reduced_width, stat_dtype
+from .base import AttentionModule, Probe, output
 
 FUSIONS = ("add", "mul")
 
@@ -35,6 +36,7 @@ class GlobalContext(AttentionModule):
     """
 
     first_stage = 2  # attach(): stages c3-c5 of a ResNet, as in the paper
+    gate_name = "mul"
 
     def __init__(
         self,
@@ -77,6 +79,25 @@ class GlobalContext(AttentionModule):
             xs = x.to(torch.promote_types(self.conv_mask.weight.dtype, stat_dtype(x)))
             weights = self.conv_mask(xs.to(self.conv_mask.weight.dtype)).to(xs.dtype).flatten(1).softmax(dim=1)
             return torch.bmm(xs.flatten(2), weights.unsqueeze(2)).unsqueeze(3)
+
+    def gate_probes(self) -> list[Probe]:
+        """"weights": the attention pooling's softmax over the H·W positions (N×1×H×W, pooling 'att'); "context": c
+        (N×C×1×1); "mul": σ(transform(c)) and "add": transform(c) (N×C×1×1), for the fusions used. Channel weights
+        are "mul"."""
+        probes: list[Probe] = []
+        if self.conv_mask is not None:  # as context(): the mask logits' softmax over the positions
+            probes.append((self.conv_mask, "weights", lambda inputs, out: out.to(torch.promote_types(out.dtype, torch.float32))
+                           .flatten(1).softmax(1).view(out.shape)))
+        transforms = [(self.channel_mul_conv, "mul", lambda inputs, out: torch.sigmoid(out)),
+                      (self.channel_add_conv, "add", output)]
+        transforms = [(t, name, f) for t, name, f in transforms if t is not None]
+        probes.append((transforms[0][0], "context", lambda inputs, out: inputs[0]))  # each transform's input is c
+        return probes + transforms
+
+    def channel_weights_unavailable(self) -> str | None:
+        if self.channel_mul_conv is None:
+            return f"fusion {self.fusion!r} has no multiplicative channel gate; build it with fusion 'mul'"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import channel_gate, gathered_channel_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from .base import AttentionModule
 
 VARIANTS = ("minus", "theta", "plus")
 
@@ -138,6 +139,11 @@ class GatherExcite(AttentionModule):
         z = gathered.to(conv.weight.dtype)[:, :, None, None]
         with gate_math(gathered):
             return self.gate(self.excite(rest(z if conv.bias is None else z + conv.bias[:, None, None]))).flatten(1)
+
+    @property
+    def fixed_spatial_size(self) -> tuple[int, int] | None:
+        """θ and θ⁺ with the global extent gather with a kernel the size of the map: they take that size only."""
+        return self.spatial_size
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

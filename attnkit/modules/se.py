@@ -6,7 +6,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, make_gate, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, make_gate, reduced_width, stat_dtype
+from .base import AttentionModule
 
 
 @register("se")
@@ -29,6 +30,8 @@ class SqueezeExcite(AttentionModule):
         act: hidden activation (name or nn.Module class).
         gate: 'sigmoid' or 'hard_sigmoid' (or an nn.Module class).
     """
+
+    gate_name = "channel"
 
     def __init__(
         self,

@@ -1,12 +1,13 @@
 """Selective Kernel convolution."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_activation, odd_kernel, positive_int, reduced_width, stat_dtype
+from ._common import gate_math, make_activation, odd_kernel, positive_int, reduced_width, stat_dtype
+from .base import AttentionModule, Probe
 
 
 @register("sk")
@@ -34,6 +35,7 @@ class SelectiveKernel(AttentionModule):
 
     batchnorm_views = (((), 1),)  # BatchNorm over z = W_z GAP(U)
     placement = "conv"  # attach(): in place of each block's 3×3 convolution
+    gate_name = "paths"
 
     def __init__(
         self,
@@ -90,6 +92,15 @@ class SelectiveKernel(AttentionModule):
             z = self.act(self.bn(self.fc_reduce(pooled.to(self.fc_reduce.weight.dtype))))
             logits = self.fc_select(z)
             return logits.unflatten(1, (len(self.paths), self.out_channels)).softmax(dim=1)
+
+    def gate_probes(self) -> list[Probe]:
+        """"paths": the softmax over the M paths, N×M×C×1×1."""
+        return [(self.fc_select, "paths",
+                 lambda inputs, out: out.unflatten(1, (len(self.paths), self.out_channels)).softmax(dim=1))]
+
+    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
+        """The first path's weight per channel."""
+        return gates["paths"][:, 0].float().flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_gate, stat_dtype
+from ._common import gate_math, make_gate, stat_dtype
+from .base import AttentionModule
 
 
 @torch.fx.wrap
@@ -44,6 +45,8 @@ class SRM(AttentionModule):
     """
 
     batchnorm_views = (((), 1),)  # BatchNorm over the per-sample style integration
+
+    gate_name = "channel"
 
     def __init__(self, channels: int, *, eps: float = 1e-5, gate: str | type[nn.Module] = "sigmoid") -> None:
         super().__init__(channels)

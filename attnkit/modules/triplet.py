@@ -1,13 +1,16 @@
 """Triplet Attention."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
 from ..kernels.functions import triplet_gate
 from ..registry import register
-from ._common import AttentionModule, gate_math, make_gate, odd_kernel, pooled_maps_for_conv, stat_dtype
+from ._common import gate_math, make_gate, odd_kernel, pooled_maps_for_conv, stat_dtype
+from .base import AttentionModule, Probe, output
 
 
 def z_pool(x: Tensor, dim: int) -> Tensor:
@@ -83,6 +86,22 @@ class TripletAttention(AttentionModule):
         z = [torch.stack(pools[i: i + 2], dim=1) for i in range(0, len(pools), 2)]
         a_cw, a_hc, *a_hw = self.attention_from_pools(*z)
         return [a_cw.squeeze(2), a_hc.squeeze(3), *(a.squeeze(1) for a in a_hw)]
+
+    def gate_probes(self) -> list[Probe]:
+        """The branch gates as "cw" (N×C×1×W), "hc" (N×C×H×1) and "hw" (N×1×H×W, unless no_spatial)."""
+        spatial = [] if self.hw is None else [(self.hw, "hw", output)]
+        return [
+            (self.cw, "cw", lambda inputs, out: out.transpose(1, 2)),  # N×1×C×W -> N×C×1×W
+            (self.hc, "hc", lambda inputs, out: out.permute(0, 3, 2, 1)),  # N×1×H×C -> N×C×H×1
+            *spatial,
+        ]
+
+    def channel_weights_unavailable(self) -> str:
+        return "its gates are C×W, H×C and H×W maps, not one weight per channel"
+
+    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor] | None:
+        """The (H, W) branch's gate; None with no_spatial."""
+        return ("hw", gates["hw"].float().mean(1)) if "hw" in gates else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

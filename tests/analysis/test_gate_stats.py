@@ -12,15 +12,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import attnkit
 from attnkit import cli
 from attnkit.analysis.gate_stats import DPI, PANEL_INCHES, _correlation, channel_weights, gate_stats
 from attnkit.analysis.runs import load_run
 from attnkit.data import load_dataset
+from attnkit.modules.base import channel_weights as module_channel_weights, channel_weights_unavailable
 from attnkit.train import TrainConfig, build_model, model_from_checkpoint, train
 from attnkit.train.checkpoint import save_checkpoint
 from attnkit.train.trainer import model_arch
+
+from ..modules.cases import DEFAULT_CASES, build, case_id
 
 STAGE_SITES = ["layer1.2.attn", "layer2.2.attn", "layer3.2.attn"]  # ResNet-20: three stages of three blocks
 
@@ -151,11 +155,19 @@ def test_max_samples_takes_samples_evenly_spaced_over_the_split(se_checkpoint):
     assert all(w.shape == (50, w.shape[1]) for w in stats.samples.weights.values())
 
 
-def test_every_module_capture_records_is_either_reduced_or_refused():
-    from attnkit.analysis.gate_stats import _CHANNEL_WEIGHTS
-    from attnkit.capture import _PROBES
-
-    assert {cls for cls, _ in _PROBES} == {cls for cls, _ in _CHANNEL_WEIGHTS}
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=[case_id(c) for c in DEFAULT_CASES])
+def test_every_registered_module_gives_one_weight_per_channel_or_says_why(case):
+    torch.manual_seed(0)
+    module = build(*case, 16, (6, 5)).eval()
+    reason = channel_weights_unavailable(module)
+    if reason is not None:
+        assert isinstance(reason, str) and len(reason) > 10
+        return
+    with torch.no_grad(), attnkit.capture(nn.Sequential(module)) as gates:
+        module(torch.randn(3, 16, 6, 5))
+    (recorded,) = gates.values()
+    weights = module_channel_weights(module, {gate: values[0] for gate, values in recorded.items()})
+    assert weights.shape == (3, module.out_channels if case[0] == "sk" else 16) and torch.isfinite(weights).all()
 
 
 @pytest.mark.parametrize("spec, gate", [

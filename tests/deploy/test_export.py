@@ -129,7 +129,7 @@ def test_unfolded_export_keeps_the_batchnorms(tmp_path):
 def test_global_gather_refuses_a_dynamic_size_clearly(tmp_path):
     model = attnkit.create_model("resnet20", num_classes=10)
     attnkit.attach(model, "ge(variant='theta', spatial_size=8)", stages=(3,))
-    with pytest.raises(ValueError, match=r"layer3\.\d\.attn is a Gather-Excite θ .* 8×8 .* fixed size"):
+    with pytest.raises(ValueError, match=r"layer3\.\d\.attn \(GatherExcite\) takes 8×8 feature maps only .* Export with a fixed size"):
         attnkit.export(model, tmp_path / "m.onnx", input_shape=(3, 32, 32), dynamic_size=True)
     report = attnkit.export(model, tmp_path / "m.onnx", input_shape=(3, 32, 32), dynamic_batch=True)
     assert report.max_rel_error < 1e-4

@@ -1,0 +1,162 @@
+"""What an attention module declares about itself, which attnkit's tools read instead of keeping tables of their own.
+
+    placement, first_stage   attach(where="auto"): where in a network the module goes
+    gate_probes()            attnkit.capture: the gates it records, by name
+    channel_weights()        attnkit stats / prune: one weight per channel and sample, from one pass's gates
+    spatial_map()            attnkit explain: the N×h×w map to draw, from one pass's gates
+    fixed_spatial_size       attnkit export: the one input size the module takes, if it takes only one
+
+AttentionModule gives every name a default. A registered module that does not subclass it may define any of them;
+the functions below fall back to the same defaults, which read a child called `gate` (the convention of attnkit's
+modules and of timm's): its output is the recorded gate "gate", and its spatial mean the channel weights.
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Mapping
+
+from torch import Tensor, nn
+
+from ..registry import registered_classes
+from . import _common
+from ._common import BatchNormViews, positive_int
+
+__all__ = [
+    "AttentionModule",
+    "Probe",
+    "PLACEMENTS",
+    "channel_weights",
+    "channel_weights_unavailable",
+    "fixed_spatial_size",
+    "gate_probes",
+    "is_attention_module",
+    "output",
+    "placement_of",
+    "spatial_map",
+    "spatial_mean",
+]
+
+# (submodule whose forward is observed, gate name, the gate's value from that submodule's inputs and output)
+Probe = tuple[nn.Module, str, Callable[[tuple, Tensor], Tensor]]
+PLACEMENTS = ("block", "stage", "conv")
+
+
+def output(inputs: tuple, out: Tensor) -> Tensor:
+    """A probe's value: the observed submodule's output as it is."""
+    return out
+
+
+class AttentionModule(nn.Module):
+    """Base of attnkit's modules: records `channels`, validates the input of `forward`, and declares defaults for
+    what the tools read (this file's docstring).
+
+    Subclasses that contain a BatchNorm which may see too few values to train list what it sees in
+    `batchnorm_views` (see `check_feature_map`).
+    """
+
+    #: "block": inside every block, where the block's layout says (before the residual addition, after the
+    #: depthwise stage, ...); "stage": once before every downsampling (BAM); "conv": in place of each block's
+    #: 3×3 convolution (SK).
+    placement: ClassVar[str] = "block"
+    #: with where="auto", the first stage (1-based; a stage ends at each downsampling) that gets the module
+    first_stage: ClassVar[int] = 1
+    #: the name under which capture() records the child `gate`, and whose spatial mean channel_weights() takes
+    gate_name: ClassVar[str] = "gate"
+    batchnorm_views: BatchNormViews = ()
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = positive_int(type(self).__name__, "channels", channels)
+
+    def check_input(self, x: Tensor) -> Tensor:
+        views = self.batchnorm_views if self.training else ()
+        # through the module, where torch.fx.wrap patches it while tracing
+        return _common.check_feature_map(x, self.channels, type(self).__name__, views)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+    @property
+    def fixed_spatial_size(self) -> tuple[int, int] | None:
+        """(H, W) when the module takes feature maps of that size only (a kernel that covers the map), else None."""
+        return None
+
+    def gate_probes(self) -> list[Probe]:
+        """The gates attnkit.capture records: the output of the child `gate`, named `gate_name`."""
+        gate = getattr(self, "gate", None)
+        return [(gate, _gate_name(self), output)] if isinstance(gate, nn.Module) else []
+
+    def channel_weights_unavailable(self) -> str | None:
+        """Why channel_weights() has nothing to give (None when it has)."""
+        if any(name == _gate_name(self) for _, name, _ in gate_probes(self)):
+            return None
+        return f"it records no gate {_gate_name(self)!r} to take channel weights from"
+
+    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
+        """One weight per channel and sample (N×C, float32) from one forward pass's gates: the spatial mean of the
+        gate `gate_name` (N×C×h×w)."""
+        return spatial_mean(self, gates, _gate_name(self))
+
+    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor] | None:
+        """(gate name, N×h×w map) to draw over the image: the first gate with more than one position, averaged over
+        its channels; None when every gate is one value per channel."""
+        return next(((name, g.float().mean(1)) for name, g in gates.items() if g.dim() == 4 and g.shape[-2:].numel() > 1),
+                    None)
+
+
+def _gate_name(module: nn.Module) -> str:
+    return getattr(module, "gate_name", "gate")
+
+
+def spatial_mean(module: nn.Module, gates: Mapping[str, Tensor], name: str) -> Tensor:
+    """The gate `name` (N×C×h×w) averaged over its positions: N×C, float32."""
+    gate = gates[name]
+    channels = getattr(module, "channels", None)
+    if gate.dim() != 4 or gate.shape[1] != (channels or max(2, gate.shape[1])):
+        raise ValueError(
+            f"{type(module).__name__}: its gate {name!r} has shape {tuple(gate.shape)}, not N×C×h×w"
+            f"{f' with C = {channels}' if channels else ''}: not one weight per channel. Define "
+            f"channel_weights(gates) on the module, or channel_weights_unavailable() returning why it has none."
+        )
+    return gate.float().mean((2, 3))
+
+
+# The functions the tools call: the module's own declaration where it has one, AttentionModule's default otherwise.
+def _declared(module: nn.Module, name: str) -> Callable:
+    own = getattr(type(module), name, None)
+    return (own if callable(own) else getattr(AttentionModule, name)).__get__(module)
+
+
+def is_attention_module(module: nn.Module) -> bool:
+    """An attnkit module, or an instance of a class registered with attnkit.register."""
+    return isinstance(module, AttentionModule) or type(module) in registered_classes()
+
+
+def placement_of(factory: object) -> str:
+    """Where attach(where="auto") puts the modules `factory` builds (its `placement`, "block" by default)."""
+    placement = getattr(factory, "placement", "block")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"{getattr(factory, '__name__', factory)!r} declares placement={placement!r}; expected one of "
+                         f"{list(PLACEMENTS)}.")
+    return placement
+
+
+def gate_probes(module: nn.Module) -> list[Probe]:
+    return _declared(module, "gate_probes")()
+
+
+def channel_weights_unavailable(module: nn.Module) -> str | None:
+    if not hasattr(type(module), "channel_weights_unavailable") and callable(getattr(type(module), "channel_weights", None)):
+        return None  # a module of the user's that gives channel weights and does not say when it cannot
+    return _declared(module, "channel_weights_unavailable")()
+
+
+def channel_weights(module: nn.Module, gates: Mapping[str, Tensor]) -> Tensor:
+    return _declared(module, "channel_weights")(gates)
+
+
+def spatial_map(module: nn.Module, gates: Mapping[str, Tensor]) -> tuple[str, Tensor] | None:
+    return _declared(module, "spatial_map")(gates)
+
+
+def fixed_spatial_size(module: nn.Module) -> tuple[int, int] | None:
+    return getattr(module, "fixed_spatial_size", None)
