@@ -15,7 +15,7 @@ from .capture import capture
 from .deploy import ExportReport, export, fuse
 from .models import create_model, list_models
 from .registry import create, get_module_class, list_modules, parse_spec, register
-from .surgery import AttachReport, IdentityStart, LoadReport, attach, load_pretrained
+from .surgery import AttachReport, BlockLayout, IdentityStart, LoadReport, attach, block_layouts, load_pretrained, register_block_layout
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,9 @@ __all__ = [
     "SqueezeExcite",
     "TripletAttention",
     "AttachReport",
+    "BlockLayout",
+    "block_layouts",
+    "register_block_layout",
     "IdentityStart",
     "LoadReport",
     "attach",

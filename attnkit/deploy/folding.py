@@ -24,22 +24,10 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _traced_as_one(m: nn.Module) -> bool:
-    """A torch.nn layer that attach() gated: traced as one call, so that its output is seen as the layer's (its
-    gates are looked at separately)."""
-    return bool(gates_of(m)) and type(m).__mro__[1].__module__.startswith("torch.nn") and not isinstance(m, nn.Sequential)
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, keeping gated torch.nn layers as one call (_traced_as_one)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _traced_as_one(m) or (not gates_of(m) and super().is_leaf_module(m, qualname))
-
-
-def _traced_pairs(root: nn.Module) -> list[tuple[str, str]]:
-    """(layer, norm) paths in `root` where the norm is applied to the layer's output and nothing else reads it."""
-    graph = _Tracer().trace(root)
+def _traced_pairs(root: nn.Module) -> tuple[list[tuple[str, str]], set[str]]:
+    """(layer, norm) paths in `root` where the norm is applied to the layer's output and nothing else reads it, and the
+    layers traced as one call (a gated torch.nn layer is one call that includes its gates)."""
+    graph = fx.Tracer().trace(root)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -53,7 +41,7 @@ def _traced_pairs(root: nn.Module) -> list[tuple[str, str]]:
             continue
         if calls[node.target] == 1 and calls[source.target] == 1:
             pairs.append((source.target, node.target))
-    return pairs
+    return pairs, set(calls)
 
 
 def _sequential_pairs(root: nn.Module) -> list[tuple[str, str]]:
@@ -68,16 +56,17 @@ def _sequential_pairs(root: nn.Module) -> list[tuple[str, str]]:
 
 
 def _candidate_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    try:
-        pairs, unseen = _traced_pairs(model), _traced_as_one
-    except Exception:  # torch.fx cannot trace data-dependent control flow; fall back to what is certain
-        pairs, unseen = _sequential_pairs(model), gates_of
-    # gates the trace did not go through (those of a layer traced as one call) are traced on their own
     paths = {id(m): p for p, m in model.named_modules()}
-    for module in filter(unseen, model.modules()):
-        for gate in gates_of(module):
-            prefix = paths[id(gate)] + "."
-            pairs += [(prefix + a, prefix + b) for a, b in _candidate_pairs(gate)]
+    try:
+        pairs, one_call = _traced_pairs(model)
+    except Exception:  # torch.fx cannot trace data-dependent control flow; fall back to what is certain
+        pairs, one_call = _sequential_pairs(model), set(paths.values())
+    # gates the trace did not go through (those of a layer traced as one call) are traced on their own
+    for module in model.modules():
+        if paths.get(id(module)) in one_call:
+            for gate in gates_of(module):
+                prefix = paths[id(gate)] + "."
+                pairs += [(prefix + a, prefix + b) for a, b in _candidate_pairs(gate)]
     return pairs
 
 

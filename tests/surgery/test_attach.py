@@ -87,23 +87,30 @@ def test_stages_and_output_position():
     assert report.sites[0].after == "layer1.0" and report.sites[0].module == "layer1.0.attn"
 
 
-def test_unrecognised_model_says_what_it_found_and_how_to_name_sites():
-    with pytest.raises(ValueError, match=r"found no residual or inverted-residual blocks in TinyNet.*Conv2d.*where=\["):
-        attnkit.attach(TinyNet(), "se")
+def test_a_network_of_plain_layers_gets_its_stage_output_and_bad_names_are_refused():
+    report = attnkit.attach(TinyNet(), "se")  # no blocks, no residuals: the last layer at the one resolution
+    assert [(s.after, s.rule) for s in report] == [("features.4", "stage output")]
     with pytest.raises(ValueError, match=r"has no module 'features.9'. Close names: features\.4, "):
         attnkit.attach(TinyNet(), "se", where=["features.9"])
     with pytest.raises(ValueError, match="matches no module"):
         attnkit.attach(TinyNet(), "se", where=r"layer\d")
+    with pytest.raises(ValueError, match="position='residual' places attention inside blocks of known families, but "
+                                         "'features' is a Sequential"):
+        attnkit.attach(TinyNet(), "se", where=["features"], position="residual")
 
 
 def test_fx_and_compile_see_the_gate():
     torch.manual_seed(0)
     model = TinyNet().eval()
-    attnkit.attach(model, "cbam(reduction=4)", where=["features.4"])
     x = torch.randn(2, 3, 9, 9)
+    plain = model(x)
+    attnkit.attach(model, "cbam(reduction=4)", where=["features.4"])
     traced = torch.fx.symbolic_trace(model)
-    assert any("attn" in str(node.target) for node in traced.graph.nodes)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"].count("features.4") == 1
     torch.testing.assert_close(traced(x), model(x))
+    assert not torch.allclose(traced(x), plain)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ["se", "cbam", "eca", "coord", "srm", "ge", "gc", "triplet", "bam"])

@@ -1,0 +1,112 @@
+"""How a gate follows a layer without renaming anything: the layer's class becomes a subclass of its own class whose
+forward applies the gates after the original forward.
+
+The subclass is made once per original class and keeps its name, so the layer prints, loads its state dict and passes
+`isinstance` checks as before. Three things are done so that the model stays an ordinary PyTorch model:
+- pickling (torch.save of the whole model, copy.deepcopy) rebuilds the subclass from the original class, which is
+  importable, so a saved model loads in a fresh process that imports attnkit;
+- torch.fx treats the gated layer as its tracer treated the original: a layer the tracer keeps as one call (torch.nn's
+  layers, by default) stays one call, which includes its gates; other layers are traced through, gates included;
+- a forward hook on the gated layer sees the gated output (the gates are part of the layer's forward).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from torch import fx, nn
+
+__all__ = ["gate_after", "gates_of", "is_gated", "with_gates_of"]
+
+_GATES = "_attnkit_gates"  # the attribute of a gated layer that lists its gates (registered elsewhere as modules)
+_GATED_CLASSES: dict[type, type] = {}
+
+
+def _original_class(module: nn.Module) -> type:
+    return type(module).__mro__[1] if is_gated(module) else type(module)
+
+
+@contextlib.contextmanager
+def _as_original(module: nn.Module) -> Iterator[None]:
+    gated = type(module)
+    module.__class__ = _original_class(module)
+    try:
+        yield
+    finally:
+        module.__class__ = gated
+
+
+def _tracer_of(args: tuple, kwargs: dict) -> fx.Tracer | None:
+    proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+    return None if proxy is None else proxy.tracer
+
+
+def _gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    tracer = _tracer_of(args, kwargs)
+    if tracer is not None:  # torch.fx: one call where the tracer keeps the original layer as one call
+        path = tracer.path_of_module(self)
+        with _as_original(self):
+            leaf = tracer.is_leaf_module(self, path)
+        if leaf:
+            return tracer.create_proxy("call_module", path, args, kwargs)
+    out = _original_class(self).forward(self, *args, **kwargs)
+    for gate in self.__dict__[_GATES]:
+        out = gate(out)
+    return out
+
+
+def _rebuild(original: type) -> nn.Module:
+    """An empty instance of the gated subclass of `original`, for pickle to fill with the saved state."""
+    gated = _gated_class(original)
+    return gated.__new__(gated)
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
+    return _rebuild, (_original_class(self),), self.__dict__
+
+
+def _extra_repr(self: nn.Module) -> str:
+    own = _original_class(self).extra_repr(self)
+    gates = ", ".join(type(g).__name__ for g in self.__dict__[_GATES])
+    return f"{own}, then {gates}" if own else f"then {gates}"
+
+
+def _gated_class(original: type) -> type:
+    if original not in _GATED_CLASSES:
+        _GATED_CLASSES[original] = type(original.__name__, (original,), {
+            "forward": _gated_forward,
+            "__reduce_ex__": _reduce_ex,
+            "extra_repr": _extra_repr,
+            "__module__": __name__,
+            "__qualname__": original.__qualname__,
+            "__doc__": f"{original.__qualname__}, followed by the attention modules attnkit.attach() put after it.",
+        })
+    return _GATED_CLASSES[original]
+
+
+def is_gated(module: nn.Module) -> bool:
+    """Whether attach() put attention after `module`."""
+    return _GATES in module.__dict__
+
+
+def gates_of(module: nn.Module) -> list[nn.Module]:
+    """The attention modules attach() applies after `module`'s output (empty if none)."""
+    return list(module.__dict__.get(_GATES, ()))
+
+
+def gate_after(layer: nn.Module, gate: nn.Module) -> None:
+    """Make `layer` apply `gate` to its output (after any gates it already applies). `gate` must also be registered as
+    a module somewhere in the model (attach() registers it in the block), so that it is saved, moved and switched to
+    eval mode with the model."""
+    if not is_gated(layer):
+        layer.__class__ = _gated_class(type(layer))
+        layer.__dict__[_GATES] = []
+    layer.__dict__[_GATES].append(gate)
+
+
+def with_gates_of(source: nn.Module, replacement: nn.Module) -> nn.Module:
+    """`replacement`, made to apply the gates that follow `source` (when a gated layer is swapped, e.g. a BN folded
+    into its convolution becomes an Identity that still gates)."""
+    for gate in gates_of(source):
+        gate_after(replacement, gate)
+    return replacement
