@@ -245,7 +245,7 @@ def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.Argument
     _add_train_options(p_compare, skip=_COMPARE_OWN)
     _add_launcher_options(p_compare)
     # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
-    p_compare.set_defaults(dataset="cluttered-digits", **(compare_defaults or {}))
+    p_compare.set_defaults(**{"dataset": "cluttered-digits", **(compare_defaults or {})})
 
     p_profile = sub.add_parser("profile", help="parameters, FLOPs, activation memory and latency, plain and with attention")
     p_profile.add_argument("--model", required=True, help="backbone name (attnkit.list_models())")

@@ -83,8 +83,8 @@ class SlurmOptions:
     gpus_per_run: int = 1
     cpus_per_run: int | None = None
     mem_gb: float | None = None
-    time: int = 24 * 60  # minutes; a run that needs longer is requeued at the limit and resumes
-    array_parallelism: int | None = None  # runs at once; None: Slurm's scheduler decides, locally up to 4
+    time: int | str = 24 * 60  # minutes or Slurm's [D-]HH:MM:SS; a run that needs longer is requeued and resumes
+    array_parallelism: int | None = None  # runs at once; None: up to 256 on Slurm (submitit's), locally up to 4
     sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch options, e.g. {"qos": "high"}
     setup: tuple[str, ...] = ()  # shell lines the job script runs first, e.g. "module load cuda"
     poll_seconds: float | None = None  # how often to look at the jobs; None: 0.2 s here, 15 s on a cluster
@@ -108,7 +108,7 @@ class SlurmOptions:
 
     @property
     def parallelism(self) -> int | None:
-        """Runs at once: the option, or for local jobs up to 4 on CPUs and 1 on a GPU; None leaves it to Slurm."""
+        """Runs at once: the option, or for local jobs up to 4 on CPUs and 1 on GPUs; None leaves it to submitit."""
         if self.array_parallelism is not None or self.cluster == "slurm":
             return self.array_parallelism
         return 1 if self.cluster == "debug" or self.gpus_per_run else max(1, min(4, os.cpu_count() or 1))

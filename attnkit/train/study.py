@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -107,16 +108,18 @@ def _train_checks() -> dict[str, Callable[[Any], Any]]:
     for f in fields(TrainConfig):
         if f.name in COMPARE_OWN:
             continue
-        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the option may be left out
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
         if f.name in CHOICES:
             checks[f.name] = _choice(CHOICES[f.name])
-        elif typing.get_origin(kinds[0]) is tuple:
+        elif typing.get_origin(hint) is tuple:
             checks[f.name] = _expect("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v)))
-        elif kinds[0] is bool:
+        elif hint is bool:
             checks[f.name] = _expect("true or false", lambda v: isinstance(v, bool))
-        elif kinds[0] is int:
+        elif hint is int:
             checks[f.name] = _expect("an integer", _is_int)
-        elif kinds[0] is float:
+        elif hint is float:
             checks[f.name] = _expect("a number", lambda v: _is_int(v) or isinstance(v, float), float)
         else:
             checks[f.name] = _TEXT

@@ -19,6 +19,7 @@ pytest.importorskip("submitit")
 
 from submitit import SlurmJob  # noqa: E402
 
+from attnkit import cli  # noqa: E402
 from attnkit.train import compare, load_checkpoint, train  # noqa: E402
 from attnkit.train.slurm import Interrupted, RunsFailed, SlurmOptions, SubmititLauncher, parse_time  # noqa: E402
 
@@ -96,6 +97,7 @@ def test_a_killed_job_is_reported_with_its_log_and_the_rerun_resumes_it(tiny, tm
     assert all(torch.equal(final[k], v) for k, v in load_checkpoint(tmp_path / "whole" / "last.pt")["model"].items())
 
 
+@pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tiny, tmp_path):
     """Slurm signals a job (USR2) before preempting it or at its time limit; submitit's checkpoint hook requeues it."""
     out, config = tmp_path / "cmp", tiny(epochs=4)
@@ -114,6 +116,7 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tiny, tmp_p
     assert [e["test_acc"] for e in result.runs[0]["history"]] == [e["test_acc"] for e in whole.history]
 
 
+@pytest.mark.slow
 def test_a_job_that_raises_is_reported_with_its_log_and_the_others_complete(tiny, tmp_path):
     out = tmp_path / "cmp"
     with pytest.raises(RunsFailed) as failed:
@@ -126,6 +129,20 @@ def test_a_job_that_raises_is_reported_with_its_log_and_the_others_complete(tiny
     assert "Traceback" in open(log).read()
     assert (out / "plain" / "seed0" / "result.json").is_file()
     assert not (out / "results.csv").exists()  # no summary of half a comparison
+
+
+def test_the_command_reports_a_failed_run_with_its_traceback_and_the_others_complete(tmp_path, capsys):
+    """In this process (--cluster debug): the quick way to try a configuration."""
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--model", "lenet", "--dataset", "digits", "--image-size", "28", "--epochs", "1",
+                     "--attn", "se,se(reduction=0)", "--seeds", "1", "--threads", "1", "--no-tensorboard",
+                     "--no-progress", "--out", str(out), "--launcher", "submitit", "--cluster", "debug"])
+    error = capsys.readouterr().err
+    assert code == 1 and error.startswith("attnkit compare: 1 of 3 runs failed; the others finished")
+    assert "se(reduction=0) seed 0: ValueError: SqueezeExcite: `reduction` is the divisor" in error
+    log = error.split("log: ")[1].split()[0]
+    assert "Traceback" in open(log).read() and "reduction" in open(log).read()
+    assert all((out / v / "seed0" / "result.json").is_file() for v in ("plain", "se"))
 
 
 @pytest.mark.slow
