@@ -156,17 +156,22 @@ def _add_launcher_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _launcher(args: argparse.Namespace) -> Any:
+    from .train.slurm import SlurmOptions, SubmititLauncher
+
+    options = SlurmOptions(
+        cluster=args.cluster, partition=args.partition, account=args.account, gpus_per_run=args.gpus_per_run,
+        cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time=args.time, array_parallelism=args.array_parallelism,
+        sbatch=dict(args.sbatch or []), setup=tuple(args.setup or ()))
     if args.launcher == "local":
+        given = [f.name for f in fields(SlurmOptions) if getattr(options, f.name) != getattr(SlurmOptions(), f.name)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an option of --launcher submitit: add --launcher "
+                             "submitit to run the comparison as jobs, or leave it out to train here.")
         return None
     if args.jobs is not None:
         raise ValueError("--jobs is for --launcher local; with --launcher submitit, --array-parallelism says how many "
                          "runs run at once.")
-    from .train.slurm import SlurmOptions, SubmititLauncher
-
-    return SubmititLauncher(SlurmOptions(
-        cluster=args.cluster, partition=args.partition, account=args.account, gpus_per_run=args.gpus_per_run,
-        cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time=args.time, array_parallelism=args.array_parallelism,
-        sbatch=dict(args.sbatch or []), setup=tuple(args.setup or ())))
+    return SubmititLauncher(options)
 
 
 def _resolved_study(args: argparse.Namespace) -> dict[str, Any]:

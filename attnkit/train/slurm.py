@@ -140,11 +140,12 @@ def _submitit() -> Any:
 
 
 def _summary(error: BaseException) -> str:
-    """What went wrong, in a line: the last line of the job's traceback, or the exception's first line."""
-    text = str(error)
+    """What went wrong, in a line: the last line of the job's traceback, or the start of the error's message (for a
+    job that died without one, submitit's: which job, and its Slurm state)."""
+    text = str(error).strip()
     if "Traceback" in text:  # submitit's FailedJobError holds the job's traceback between two lines of dashes
         return text.split("Traceback", 1)[1].split("\n---")[0].strip().splitlines()[-1]
-    return f"{type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+    return f"{type(error).__name__}: {' '.join(text.splitlines()[:2])}"
 
 
 @dataclass
@@ -167,6 +168,8 @@ class SubmititLauncher:
 
     def __call__(self, configs: Sequence[TrainConfig], out: Path, done: Callable[[dict[str, Any]], None],
                  bar: Any) -> None:
+        if not configs:
+            return
         options = self.options
         folder = Path(out).absolute() / "jobs"
         index = _JobIndex(folder / "index.json", options.cluster)
@@ -220,19 +223,25 @@ class SubmititLauncher:
         """Give each run whose earlier Slurm job is still queued or running that job back (one sacct call)."""
         from submitit import SlurmJob
 
-        jobs = {id(run): SlurmJob(folder, record["job_id"], tasks=list(range(record["tasks"])))
-                for run in runs if (record := index.runs.get(run.config.run_dir))}
         for run in runs:
-            job = jobs.get(id(run))
-            if job is not None and job.state.split()[0].upper() in _QUEUED_OR_RUNNING:
-                run.job = job
+            if (record := index.runs.get(run.config.run_dir)) is not None:
+                run.job = SlurmJob(folder, record["job_id"], tasks=list(range(record["tasks"])))
+        for run in runs:  # the first state asked for fetches those of all the jobs made above
+            if run.job is not None and run.job.state.split()[0].upper() not in _QUEUED_OR_RUNNING:
+                run.job = None
 
     def _submit_arrays(self, executor: Any, queue: list[_Run], index: "_JobIndex") -> None:
+        from submitit.core.utils import FailedJobError
+
         for start in range(0, len(queue), _MAX_ARRAY):
             chunk = queue[start:start + _MAX_ARRAY]
-            with executor.batch():
-                for run in chunk:
-                    run.job = executor.submit(TrainJob(run.config))
+            try:
+                with executor.batch():
+                    for run in chunk:
+                        run.job = executor.submit(TrainJob(run.config))
+            except FailedJobError as error:  # sbatch's own message: an unknown partition, account, option
+                raise ValueError(f"sbatch refused the job array: {str(error).strip()} (its script is the latest "
+                                 f".submission_file_*.sh in {executor.folder}).") from None
             for run in chunk:
                 index.record(run)
 
@@ -263,16 +272,17 @@ class SubmititLauncher:
         bar.set_postfix_str(f"done {bar.n}, running {running}, pending {pending}, failed {failed}", refresh=True)
 
     def _interrupted(self, submitted: list[_Run]) -> str:
-        if self.options.cluster == "slurm":
-            arrays = sorted({r.job.job_id.split("_")[0] for r in submitted})
-            return (f"interrupted: {len(submitted)} runs are still queued or running as Slurm jobs, and finish on their "
-                    "own. Run the same command again to collect them (it reattaches to these jobs and submits only "
-                    f"the runs that are missing or failed), or cancel them with: scancel {' '.join(arrays)}")
-        for run in submitted:
-            if self.options.cluster == "local":
+        again = "Run the same command again to resume the runs from their checkpoints; finished runs are not repeated."
+        if self.options.cluster == "debug" or not submitted:
+            return f"interrupted. {again}"
+        if self.options.cluster == "local":
+            for run in submitted:
                 run.job.cancel(check=False)
-        return (f"interrupted: {len(submitted)} {self.options.cluster} jobs stopped with this command. Run it again "
-                "to resume them from their last checkpoints; finished runs are not repeated.")
+            return f"interrupted: stopped {len(submitted)} local jobs. {again}"
+        arrays = sorted({r.job.job_id.split("_")[0] for r in submitted})
+        return (f"interrupted: {len(submitted)} runs are still queued or running as Slurm jobs, and finish on their "
+                "own. Run the same command again to collect them (it reattaches to these jobs and submits only the "
+                f"runs that are missing or failed), or cancel them with: scancel {' '.join(arrays)}")
 
 
 class _JobIndex:

@@ -65,7 +65,8 @@ def test_local_jobs_give_the_local_launchers_numbers(tiny, tmp_path):
         [[e["train_loss"] for e in r["history"]] for r in here.runs]
     assert by_jobs.rows[1]["diff"] == here.rows[1]["diff"]
     index = json.loads((tmp_path / "jobs" / "jobs" / "index.json").read_text())
-    assert index["cluster"] == "local" and sorted(index["runs"]) == [str(tmp_path / "jobs" / v / "seed0") for v in ("plain", "se")]
+    assert index["cluster"] == "local"
+    assert sorted(index["runs"]) == [str(tmp_path / "jobs" / v / "seed0") for v in ("plain", "se")]
     again = compare(tiny(epochs=1), modules=["se"], seeds=[0], out_dir=tmp_path / "jobs", progress=False,
                     launcher=local(array_parallelism=2))
     assert again.trained == 0 and json.dumps(again.rows) == json.dumps(by_jobs.rows)  # NaN statistics of one seed
@@ -124,7 +125,7 @@ def test_a_job_that_raises_is_reported_with_its_log_and_the_others_complete(tiny
                 launcher=local(array_parallelism=2))
     message = str(failed.value)
     assert "1 of 2 runs failed" in message
-    assert "se(reduction=0) seed 0: ValueError: SqueezeExcite: `reduction` is the divisor r of C/r and must be >= 1" in message
+    assert "se(reduction=0) seed 0: ValueError: SqueezeExcite: `reduction` is the divisor r of C/r" in message
     log = message.split("log: ")[1].split()[0]
     assert "Traceback" in open(log).read()
     assert (out / "plain" / "seed0" / "result.json").is_file()
@@ -154,12 +155,14 @@ def test_a_run_with_two_gpus_is_one_job_of_two_processes(tiny, tmp_path):
     assert sorted(p.name.split("_", 1)[1] for p in (tmp_path / "cmp" / "jobs").glob("*_result.pkl")) == \
         ["0_result.pkl", "1_result.pkl"]
     one = train(tiny(epochs=2, batch_size=32, device="cpu", run_dir=str(tmp_path / "one")))
-    assert [round(e["train_loss"], 4) for e in result.runs[0]["history"]] == [round(e["train_loss"], 4) for e in one.history]
+    losses = [[round(e["train_loss"], 4) for e in history] for history in (result.runs[0]["history"], one.history)]
+    assert losses[0] == losses[1]
 
 
 # --- Slurm, faked --------------------------------------------------------------------------------------------------
 
 FAKE_SBATCH = """#!/bin/sh
+if [ -f {d}/sbatch_error ]; then cat {d}/sbatch_error >&2; exit 1; fi
 n=$(cat {d}/sbatch_calls 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {d}/sbatch_calls
 echo "Submitted batch job $((4241 + n))"
 """
@@ -187,10 +190,14 @@ class FakeSlurm:
         return int(path.read_text()) if path.exists() else 0
 
     def states(self, states):
-        (self.folder / "sacct_out").write_text("JobID|State|NodeList\n" + "".join(f"{j}|{s}|node1\n" for j, s in states.items()))
+        lines = [f"{job}|{state}|node1\n" for job, state in states.items()]
+        (self.folder / "sacct_out").write_text("JobID|State|NodeList\n" + "".join(lines))
 
     def interrupt_at_sacct_call(self, n):
         (self.folder / "interrupt_at").write_text(str(n))
+
+    def refuse(self, message):
+        (self.folder / "sbatch_error").write_text(message)
 
 
 @pytest.fixture
@@ -233,6 +240,23 @@ def test_the_sbatch_script_ctrl_c_and_a_rerun_that_reattaches(tiny, tmp_path, fa
     assert "#SBATCH --array=0-3%3" in (out / "jobs" / "4243_submission.sh").read_text().splitlines()
     index = json.loads((out / "jobs" / "index.json").read_text())["runs"]
     assert [index[r]["job_id"] for r in runs] == ["4242_0", "4242_1", "4243_0", "4243_1", "4243_2", "4243_3"]
+
+
+def test_sbatch_refusing_the_array_is_an_error_that_quotes_it(tiny, tmp_path, fake_slurm):
+    fake_slurm.refuse("sbatch: error: invalid partition specified: gpus\n")
+    with pytest.raises(ValueError, match=r"sbatch refused the job array: sbatch: error: invalid partition specified: "
+                                         r"gpus \(its script is the latest \.submission_file_\*\.sh in .*jobs\)"):
+        compare(tiny(epochs=1), modules=[], seeds=[0, 1], out_dir=tmp_path / "cmp", progress=False,
+                launcher=SubmititLauncher(SlurmOptions(partition="gpus")))
+    assert "#SBATCH --partition=gpus" in next((tmp_path / "cmp" / "jobs").glob(".submission_file_*.sh")).read_text()
+
+
+def test_a_finished_comparison_needs_no_cluster_to_write_its_report_again(tiny, tmp_path, monkeypatch):
+    compare(tiny(epochs=1), modules=[], seeds=[0], out_dir=tmp_path / "cmp", progress=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun, no sbatch
+    result = compare(tiny(epochs=1), modules=[], seeds=[0], out_dir=tmp_path / "cmp", progress=False,
+                     launcher=SubmititLauncher(SlurmOptions()))
+    assert result.trained == 0 and (tmp_path / "cmp" / "report.md").is_file()
 
 
 def test_without_srun_the_slurm_cluster_points_to_local_and_debug(tiny, tmp_path, monkeypatch):

@@ -49,7 +49,8 @@ def test_a_study_file_sets_the_options_and_the_command_line_overrides_them(tmp_p
     args = parse(study)
     assert cli.split_specs(args.attn) == ["se", "cbam(reduction=8, kernel_size=3)"]
     assert args.where == ["auto", "position=output"] and args.seeds == [0, 1, 2, 3, 4]
-    assert (args.model, args.dataset, args.epochs, args.milestones, args.amp) == ("resnet56", "cifar100", 160, [80, 120], "bf16")
+    assert (args.model, args.dataset, args.epochs, args.amp) == ("resnet56", "cifar100", 160, "bf16")
+    assert args.milestones == [80, 120]
     assert args.lr == 1.0 and isinstance(args.lr, float) and args.channels_last is True
     assert (args.launcher, args.partition, args.time, args.gpus_per_run, args.mem_gb) == ("submitit", "gpu", 720, 2, 32)
     assert args.sbatch == [("qos", "high"), ("exclusive", True)] and args.setup == ["module load cuda"]
@@ -93,7 +94,8 @@ def test_mistakes_in_a_study_are_named_with_the_file_and_the_key(tmp_path, text,
 
 def test_the_command_names_a_bad_study_in_one_line(tmp_path, capsys):
     assert cli.main(["compare", "--config", str(tmp_path / "missing.toml")]) == 2
-    assert capsys.readouterr().err.strip() == f"attnkit compare: error: --config {tmp_path / 'missing.toml'}: no such file."
+    missing = tmp_path / "missing.toml"
+    assert capsys.readouterr().err.strip() == f"attnkit compare: error: --config {missing}: no such file."
     assert cli.main(["compare", "--config", str(write(tmp_path, "[train]\nepochs = 0.5"))]) == 2
     assert "[train] epochs must be an integer, got 0.5" in capsys.readouterr().err
 
@@ -113,6 +115,10 @@ def test_the_report_records_the_resolved_configuration(tmp_path, capsys):
     assert "```toml\nattn = [\"se\"]" in report and "epochs = 1\n" in report and 'cluster = "debug"' in report
 
 
-def test_jobs_belongs_to_the_local_launcher(capsys):
+def test_options_of_the_other_launcher_are_refused(tmp_path, capsys):
     assert cli.main(["compare", "--launcher", "submitit", "--jobs", "2"]) == 2
     assert "--jobs is for --launcher local" in capsys.readouterr().err
+    assert cli.main(["compare", "--partition", "gpu"]) == 2  # would train on the machine it was typed on
+    assert "--partition is an option of --launcher submitit: add --launcher submitit" in capsys.readouterr().err
+    assert cli.main(["compare", "--config", str(write(tmp_path, "[slurm]\ntime = 60"))]) == 2
+    assert "--time is an option of --launcher submitit" in capsys.readouterr().err
