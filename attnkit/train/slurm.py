@@ -25,7 +25,7 @@ __all__ = ["CLUSTERS", "Interrupted", "RunsFailed", "SlurmOptions", "SubmititLau
 CLUSTERS = ("slurm", "local", "debug")
 # sbatch options that have their own SlurmOptions field, or that submitit itself writes
 _OWN_SBATCH = {"partition", "account", "time", "gpus-per-node", "ntasks-per-node", "cpus-per-task", "mem", "array",
-               "job-name", "output", "error", "signal", "wckey"}
+               "job-name", "output", "error", "signal", "wckey", "nodes", "ntasks", "open-mode"}
 # Slurm states of a job that will still run (sacct's State column); the others are final
 _QUEUED_OR_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                       "REQUEUE_HOLD", "REQUEUE_FED"}

@@ -286,6 +286,7 @@ def test_time_limits_in_slurms_formats(text, minutes):
     ({"gpus_per_run": -1}, "--gpus-per-run must be an integer ≥ 0"),
     ({"sbatch": {"partition": "gpu"}}, "--sbatch partition: use --partition instead"),
     ({"sbatch": {"array": "0-3"}}, "--sbatch array: attnkit sets it itself"),
+    ({"sbatch": {"nodes": 2}}, "--sbatch nodes: attnkit sets it itself"),
     ({"sbatch": {"Bad Key": 1}}, "--sbatch takes sbatch option names"),
 ])
 def test_bad_options_are_named(options, message):
