@@ -103,6 +103,93 @@ def _seeds(text: str) -> list[int]:
     return values if "," in text else list(range(values[0]))
 
 
+class _Repeatable(argparse.Action):
+    """action="append", except that the first value given replaces the default (a study file's list)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, ([] if items is None or items is self.default else list(items)) + [values])
+
+
+def _sbatch_option(text: str) -> tuple[str, str | bool]:
+    key, _, value = text.partition("=")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"--sbatch takes KEY=VALUE (qos=high) or a flag (exclusive), got {text!r}")
+    return key.strip(), value.strip() if "=" in text else True
+
+
+def _time_limit(text: str) -> int:
+    from .train.slurm import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_launcher_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="STUDY.toml",
+                        help="a study file: the comparison's options as TOML; options given here override it")
+    parser.add_argument("--launcher", default="local", choices=["local", "submitit"],
+                        help="local: processes on this machine (--jobs); submitit: a Slurm job per run, through "
+                             "submitit (pip install 'attnkit[slurm]') (default: %(default)s)")
+    slurm = parser.add_argument_group("jobs (--launcher submitit)")
+    slurm.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
+                       help="slurm: a job array; local: submitit's local processes, debug: this process, to try a "
+                            "configuration on this machine (default: %(default)s)")
+    slurm.add_argument("--partition", default=None, help="Slurm partition")
+    slurm.add_argument("--account", default=None, help="Slurm account")
+    slurm.add_argument("--gpus-per-run", type=int, default=1,
+                       help="GPUs of each run; several: one process per GPU on one node, DDP (default: %(default)s)")
+    slurm.add_argument("--cpus-per-run", type=int, default=None, help="CPUs of each run (default: the cluster's)")
+    slurm.add_argument("--mem-gb", type=float, default=None, help="memory of each run in GB (default: the cluster's)")
+    slurm.add_argument("--time", type=_time_limit, default="24:00:00",
+                       help="time limit of each job, minutes or [D-]HH:MM:SS; a run that needs longer is requeued "
+                            "and resumes from its checkpoint (default: %(default)s)")
+    slurm.add_argument("--array-parallelism", type=int, default=None,
+                       help="runs at once (default: as many as the cluster gives; locally up to 4 on CPU, 1 on GPU)")
+    slurm.add_argument("--sbatch", action=_Repeatable, type=_sbatch_option, default=None, metavar="KEY=VALUE",
+                       help="a further sbatch option, e.g. qos=high or constraint=a100 (repeat for several)")
+    slurm.add_argument("--setup", action=_Repeatable, default=None, metavar="LINE",
+                       help="a shell line the job script runs first, e.g. 'module load cuda' (repeat for several)")
+
+
+def _launcher(args: argparse.Namespace) -> Any:
+    from .train.slurm import SlurmOptions, SubmititLauncher
+
+    options = SlurmOptions(
+        cluster=args.cluster, partition=args.partition, account=args.account, gpus_per_run=args.gpus_per_run,
+        cpus_per_run=args.cpus_per_run, mem_gb=args.mem_gb, time=args.time, array_parallelism=args.array_parallelism,
+        sbatch=dict(args.sbatch or []), setup=tuple(args.setup or ()))
+    if args.launcher == "local":
+        given = [f.name for f in fields(SlurmOptions) if getattr(options, f.name) != getattr(SlurmOptions(), f.name)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an option of --launcher submitit: add --launcher "
+                             "submitit to run the comparison as jobs, or leave it out to train here.")
+        return None
+    if args.jobs is not None:
+        raise ValueError("--jobs is for --launcher local; with --launcher submitit, --array-parallelism says how many "
+                         "runs run at once.")
+    return SubmititLauncher(options)
+
+
+def _resolved_study(args: argparse.Namespace) -> dict[str, Any]:
+    """The comparison's options after the study file and the command line, as a study file holds them."""
+    from .train import TrainConfig
+
+    study: dict[str, Any] = {"attn": split_specs(args.attn), "where": args.where or ["auto"], "seeds": args.seeds,
+                             "out": args.out, "launcher": args.launcher}
+    if args.launcher == "local":
+        study["jobs"] = args.jobs or _default_jobs()
+    study["train"] = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _COMPARE_OWN}
+    if args.launcher == "submitit":
+        study["slurm"] = {name: getattr(args, name) for name in ("cluster", "partition", "account", "gpus_per_run",
+                                                                 "cpus_per_run", "mem_gb", "time", "array_parallelism")}
+        study["slurm"].update(sbatch=dict(args.sbatch or []) or None, setup=args.setup)
+    return study
+
+
 def _default_jobs() -> int:
     return 1 if torch.cuda.is_available() else max(1, min(4, os.cpu_count() or 1))
 
@@ -140,7 +227,8 @@ def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = No
     return parser
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command's parser; `compare_defaults` (a study file's options) replace compare's defaults."""
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered attention modules, backbones and data sets")
@@ -152,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p_compare = sub.add_parser("compare", help="the plain network against attention variants over paired seeds")
     p_compare.add_argument("--attn", default="se,cbam,eca,srm,coord", help="attention specs, comma-separated (default: %(default)s)")
-    p_compare.add_argument("--where", action="append", default=None,
+    p_compare.add_argument("--where", action=_Repeatable, default=None,
                            help="a placement to compare (repeat to compare several); default: auto, the paper's")
     p_compare.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="a count (5) or a list (0,3,7) (default: 3)")
     p_compare.add_argument("--out", default=None, help="the comparison's folder (default runs/compare-<model>-<dataset>); "
@@ -160,8 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     p_compare.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: up to 4 on CPU, 1 on GPU)")
     p_compare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_train_options(p_compare, skip=_COMPARE_OWN)
+    _add_launcher_options(p_compare)
     # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
-    p_compare.set_defaults(dataset="cluttered-digits")
+    p_compare.set_defaults(**{"dataset": "cluttered-digits", **(compare_defaults or {})})
 
     p_profile = sub.add_parser("profile", help="parameters, FLOPs, activation memory and latency, plain and with attention")
     p_profile.add_argument("--model", required=True, help="backbone name (attnkit.list_models())")
@@ -220,6 +309,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "compare" and args.config:
+            from .train.study import read_study
+
+            args = _parser(read_study(args.config)).parse_args(argv)
         return _dispatch(args, argv)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         message = str(error).removeprefix(f"{args.command}: ")  # the library names the function; the prefix says it
@@ -246,10 +339,17 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "compare":
         from .train import compare
+        from .train.slurm import Interrupted, RunsFailed
 
         command = "attnkit " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-        result = compare(_config(args), split_specs(args.attn), args.seeds, args.where or ["auto"], args.out,
-                         args.jobs or _default_jobs(), args.progress, command)
+        launcher = _launcher(args)
+        try:
+            result = compare(_config(args), split_specs(args.attn), args.seeds, args.where or ["auto"], args.out,
+                             1 if launcher else args.jobs or _default_jobs(), args.progress, command, launcher,
+                             _resolved_study(args))
+        except (RunsFailed, Interrupted) as error:
+            print(f"attnkit compare: {error}", file=sys.stderr)
+            return 130 if isinstance(error, Interrupted) else 1
         print(result.table())
         found = len(result.runs) - result.trained
         print(f"\n{len(result.runs)} runs ({found} found finished in the folder); report, CSV, JSON and plots in {result.out_dir}")

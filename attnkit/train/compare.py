@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -18,6 +18,7 @@ from ..analysis.report import csv_text, format_table, markdown_report, plot_all,
 from .checkpoint import atomic_write_bytes, write_json_atomic
 from .runlock import RunFolderLock
 from .config import TrainConfig
+from .study import study_toml
 from .trainer import train
 
 __all__ = ["CompareResult", "DEFAULT_MODULES", "compare", "run_configs"]
@@ -77,20 +78,25 @@ def _train_one(config: TrainConfig) -> dict[str, Any]:
 
 def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: Sequence[int] = (0, 1, 2),
             placements: Sequence[str] = ("auto",), out_dir: str | os.PathLike | None = None, jobs: int = 1,
-            progress: bool = True, command: str = "") -> CompareResult:
+            progress: bool = True, command: str = "", launcher: Callable[..., None] | None = None,
+            study: dict[str, Any] | None = None) -> CompareResult:
     """Train the plain `base.model` and each module × placement for every seed; write results.csv, runs.csv,
     results.json, report.md and plots into `out_dir`; return the summary.
 
     `jobs` > 1 trains that many runs at once in separate processes, each with cpu_count // jobs threads:
-    on small CPU models this uses the cores better than threads inside one run.
+    on small CPU models this uses the cores better than threads inside one run. A `launcher` trains the runs
+    instead, e.g. attnkit.train.slurm.SubmititLauncher (a Slurm job per run); it is called with the runs to
+    train, the comparison's folder, a function to call with each run's result, and the progress bar.
+    `study`, the comparison's options as `attnkit compare --config` reads them, is written to study.toml.
     """
     out = Path(out_dir or f"runs/compare-{_slug(base.model)}-{_slug(base.dataset)}")
     with RunFolderLock(out, owner="attnkit compare", option="--out"):  # one comparison writes a folder's summary
-        return _compare_in(out, base, modules, seeds, placements, jobs, progress, command)
+        return _compare_in(out, base, modules, seeds, placements, jobs, progress, command, launcher, study)
 
 
 def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Sequence[int], placements: Sequence[str],
-                jobs: int, progress: bool, command: str) -> CompareResult:
+                jobs: int, progress: bool, command: str, launcher: Callable[..., None] | None,
+                study: dict[str, Any] | None) -> CompareResult:
     configs = run_configs(base, modules, seeds, placements, out)
     if jobs > 1 and base.threads is None:
         configs = [replace(c, threads=max(1, (os.cpu_count() or 1) // jobs)) for c in configs]
@@ -110,15 +116,19 @@ def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Seq
         bar.set_postfix_str(f"{result['variant']} seed {result['seed']}: {100 * result['test_acc']:.2f}%")
         bar.update()
 
-    if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_train_one, c) for c in todo]):
-                done(future.result())
-    else:
-        for config in todo:
-            bar.set_description(f"compare: {config.variant} seed {config.seed}")
-            done(_train_one(config))
-    bar.close()
+    try:
+        if launcher is not None:
+            launcher(todo, out, done, bar)
+        elif jobs > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+                for future in as_completed([pool.submit(_train_one, c) for c in todo]):
+                    done(future.result())
+        else:
+            for config in todo:
+                bar.set_description(f"compare: {config.variant} seed {config.seed}")
+                done(_train_one(config))
+    finally:
+        bar.close()
 
     runs = [results[c.run_dir] for c in configs]
     rows = summarize(runs)
@@ -127,7 +137,13 @@ def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Seq
     atomic_write_bytes(out / "results.csv", csv_text(rows).encode())
     atomic_write_bytes(out / "runs.csv", csv_text(runs).encode())
     write_json_atomic(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
+                                             **({"study": study} if study is not None else {}),
                                              "summary": rows, "runs": runs})
-    atomic_write_bytes(out / "report.md", markdown_report(rows, setup, command).encode())
+    report = markdown_report(rows, setup, command)
+    if study is not None:
+        atomic_write_bytes(out / "study.toml", study_toml(study).encode())
+        report += (f"\nThe comparison's options, resolved (`attnkit compare --config {out / 'study.toml'}` runs it "
+                   f"again):\n\n```toml\n{study_toml(study)}```\n")
+    atomic_write_bytes(out / "report.md", report.encode())
     plot_all(out, rows, runs)
     return CompareResult(out, rows, runs, len(todo))
