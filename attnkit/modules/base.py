@@ -37,7 +37,7 @@ __all__ = [
 
 # (submodule whose forward is observed, gate name, the gate's value from that submodule's inputs and output)
 Probe = tuple[nn.Module, str, Callable[[tuple, Tensor], Tensor]]
-PLACEMENTS = ("block", "stage", "conv")
+PLACEMENTS = ("block", "after_conv", "stage", "conv")
 
 
 def output(inputs: tuple, out: Tensor) -> Tensor:
@@ -53,12 +53,17 @@ class AttentionModule(nn.Module):
     `batchnorm_views` (see `check_feature_map`).
     """
 
-    #: "block": inside every block, where the block's layout says (before the residual addition, after the
-    #: depthwise stage, ...); "stage": once before every downsampling (BAM); "conv": in place of each block's
-    #: 3×3 convolution (SK).
+    #: "block": in every block, where the block's layout says (before the residual addition, after the depthwise
+    #: stage, ...); "after_conv": in every block, after its 3×3 convolution (and that convolution's BN); "stage": once
+    #: before every downsampling (BAM); "conv": in place of each block's 3×3 convolution (SK).
     placement: ClassVar[str] = "block"
-    #: with where="auto", the first stage (1-based; a stage ends at each downsampling) that gets the module
+    #: with placement "block": "residual" (inside the block, as above) or "output" (after the block, as non-local
+    #: blocks go between residual blocks); attach(position=...) overrides it
+    default_position: ClassVar[str] = "residual"
+    #: with where="auto", the first stage (1-based; a stage ends where the resolution changes) that gets the module,
+    #: or the stages that do (None: every stage from first_stage on); attach(stages=...) overrides them
     first_stage: ClassVar[int] = 1
+    default_stages: ClassVar[tuple[int, ...] | None] = None
     #: the name under which capture() records the child `gate`, and whose spatial mean channel_weights() takes
     gate_name: ClassVar[str] = "gate"
     batchnorm_views: BatchNormViews = ()

@@ -187,9 +187,11 @@ def attach(
             stage of an inverted residual; ...), and in other networks before each residual addition of the traced
             graph, or else at each stage's output; BAM before each downsampling, SK in place of the 3×3 convolution.
             Otherwise a list of module names, or a regular expression matched against module names.
-        position: for "auto" and named blocks, "residual" (inside the block, as its layout says; the default) or
-            "output" (after the block); "after" gates the output of each named module (the default for names).
-        stages: with "auto", only sites in these 1-based stages (a stage ends where the resolution changes).
+        position: for "auto" and named blocks, "residual" (inside the block, as its layout says) or "output" (after
+            the block); "after" gates the output of each named module (the default for names). With "auto", the
+            module's own `default_position` ("residual" for all but modules that go between blocks).
+        stages: with "auto", only sites in these 1-based stages (a stage ends where the resolution changes); by
+            default the module's `default_stages`, or every stage from its `first_stage` on.
         identity_init: wrap every inserted module in IdentityStart so the network's function is unchanged.
         allow_multiple: allow a second module at a site that already has one.
         channels: the channel count at the sites (an int for all, or {site: C}), instead of measuring it.
@@ -220,7 +222,10 @@ def attach(
     if where == "auto":
         if position == "after":
             raise ValueError("attach: position='after' needs named sites (where=[...]); 'auto' finds blocks.")
+        if position == "auto":
+            position = getattr(factory, "default_position", "residual")
         sites = auto_sites(model, placement, position, getattr(factory, "first_stage", 1), measure_once)
+        stages = getattr(factory, "default_stages", None) if stages is None else stages
         if stages is not None:
             wanted = set(stages)
             sites = [s for s in sites if s.stage in wanted]

@@ -99,11 +99,13 @@ def _block_sites(model: nn.Module, measured: Measured, placement: str, position:
         if placement == "stage":  # before every downsampling: the last block at each resolution but the last
             if i + 1 < len(ran) and resolutions[i + 1] != resolutions[i]:
                 sites.append(Site(path, holder_of(model, path, path), measured.channels(path), stage, rule))
-        elif placement == "conv":
+        elif placement in ("conv", "after_conv"):
             conv = layout.conv_site(block)
-            if conv is not None:
-                channels = measured.channels(join(path, conv[0]))
-                sites.append(Site(join(path, conv[0]), path, channels, stage, rule, conv))
+            if conv is not None and placement == "conv":
+                sites.append(Site(join(path, conv[0]), path, measured.channels(join(path, conv[0])), stage, rule, conv))
+            elif conv is not None:  # after the convolution and the layers that belong to it (its BN)
+                site = join(path, conv[-1])
+                sites.append(Site(site, holder_of(model, path, site), measured.channels(site), stage, rule))
         else:
             relative = "" if position == "output" else layout.gate_site(block)
             if relative is not None:
@@ -201,9 +203,10 @@ def auto_sites(model: nn.Module, placement: str, position: str, first_stage: int
     measured = measure()
     if blocks(model):
         sites = _block_sites(model, measured, placement, position)
-    elif placement == "conv":
+    elif placement in ("conv", "after_conv"):
         raise ValueError(
-            f"attach(where='auto'): a module that replaces a block's 3×3 convolution needs blocks attnkit knows, and "
+            f"attach(where='auto'): a module that replaces or follows a block's 3×3 convolution needs blocks attnkit "
+            f"knows, and "
             f"{type(model).__name__} has none of them (attnkit.block_layouts() lists them; register yours with "
             f"attnkit.register_block_layout)."
         )

@@ -179,3 +179,26 @@ def test_a_registered_user_module_works_with_attach_capture_stats_and_explain():
     _, maps, notes = _attention(model, x)
     assert [m.site for m in maps] == ["layer3.2.attn1"] and maps[0].maps.shape == (4, 32, 32)
     assert any("ChannelGate" in note for note in notes)
+
+
+def test_modules_declare_their_placement_position_and_stages(monkeypatch):
+    from attnkit import registry
+
+    from .user_modules import ChannelGate
+
+    class BetweenBlocks(ChannelGate):  # as non-local blocks: after whole blocks, in the third and fourth stages
+        default_position, default_stages = "output", (3, 4)
+
+    class AfterConv(ChannelGate):  # after each block's 3×3 convolution and its BN
+        placement = "after_conv"
+
+    monkeypatch.setitem(registry._REGISTRY, "between_blocks", BetweenBlocks)
+    monkeypatch.setitem(registry._REGISTRY, "after_conv", AfterConv)
+    report = attnkit.attach(torchvision.models.resnet50(), "between_blocks")
+    assert [s.after for s in report] == [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)]
+    report = attnkit.attach(torchvision.models.resnet50(), "between_blocks", position="residual", stages=[4])
+    assert [s.after for s in report] == [f"layer4.{i}.bn3" for i in range(3)]  # the caller's choice wins
+    assert [s.after for s in attnkit.attach(torchvision.models.resnet50(), "after_conv")][:2] == ["layer1.0.bn2", "layer1.1.bn2"]
+    assert [s.after for s in attnkit.attach(torchvision.models.resnet18(), "after_conv")][:1] == ["layer1.0.bn1"]
+    with pytest.raises(ValueError, match="replaces or follows a block's 3×3 convolution needs blocks attnkit knows"):
+        attnkit.attach(Custom(), "after_conv")
