@@ -8,6 +8,7 @@ import gzip
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zlib
 from pathlib import Path
@@ -81,25 +82,24 @@ def read_idx(path: Path) -> Tensor:
     return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and numpy arrays only: a CIFAR batch needs nothing else, and a pickle
-    that asks for any other callable is refused instead of run."""
+class _NdarrayClass:
+    """What a CIFAR batch's pickle gets for numpy.ndarray: the class to name in numpy's _reconstruct, which it
+    cannot call (numpy.ndarray((2**28, 3072), 'u1') would allocate 768 GiB a file of 60 bytes asks for)."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 (Python 3.14's default): an array from its buffer
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("_codecs", "encode"):  # protocols 0-2 in Python 3: bytes as latin-1 text
-            return _latin1_bytes
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"a CIFAR batch holds only arrays, lists and bytes; refusing {module}.{name}")
-        return super().find_class(module, name)
+
+_NDARRAY = _NdarrayClass()
+
+
+def _empty_array(subtype: object, shape: tuple, dtype: object) -> np.ndarray:
+    """numpy's _reconstruct as pickled arrays use it: an empty array, which the pickle's next step fills from bytes
+    it holds itself (numpy checks that the shape it then declares matches them)."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"a CIFAR batch rebuilds arrays as numpy pickles them; refusing _reconstruct"
+                                     f"({subtype!r}, {shape!r})")
+    return np.ndarray((0,), dtype)
 
 
 def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
@@ -107,6 +107,35 @@ def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"a CIFAR batch encodes bytes as latin-1 text; refusing codecs.encode with {encoding!r}")
     return text.encode("latin-1")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: a CIFAR batch needs nothing else, and a pickle
+    that asks for any other callable is refused instead of run. Arrays are rebuilt only from the pickle's own
+    bytes, so a small file cannot ask for a large allocation."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.numeric", "_frombuffer"): None,  # protocol 5 (Python 3.14's default): a view of its bytes
+        ("numpy._core.numeric", "_frombuffer"): None,
+        ("_codecs", "encode"): _latin1_bytes,  # protocols 0-2 in Python 3: bytes as latin-1 text
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"a CIFAR batch holds only arrays, lists and bytes; refusing {module}.{name}")
+        return self._ALLOWED[module, name] or super().find_class(module, name)
+
+
+def _unpickle_batch(data: bytes) -> Any:
+    """A CIFAR batch from its bytes. Every length the pickle declares is checked against the bytes that follow
+    first (pickletools reads them; the unpickler would allocate the length before finding the bytes missing)."""
+    for _ in pickletools.genops(data):
+        pass
+    return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
 
 
 def check_labels(labels: Tensor, num_classes: int, source: object) -> Tensor:
@@ -123,8 +152,8 @@ def read_cifar_batches(paths: list[Path], label_key: str, num_classes: int) -> t
     """CIFAR-10/100 python batches: a pickled dict with b'data' (N×3072 uint8, RGB planes) and labels."""
     images, labels = [], []
     for path in paths:
-        try:  # from memory: a length the pickle declares cannot make the reader wait for, or allocate, more
-            batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        try:
+            batch = _unpickle_batch(path.read_bytes())
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
                 MemoryError, OverflowError, RecursionError) as error:
             raise ValueError(f"{path} is not a readable CIFAR batch ({type(error).__name__}: {error}).") from error
@@ -141,7 +170,7 @@ def read_cifar_batches(paths: list[Path], label_key: str, num_classes: int) -> t
             raise ValueError(f"{path}: {len(data)} images but labels of shape {batch_labels.shape}.")
         if batch_labels.size and not np.issubdtype(batch_labels.dtype, np.integer):  # ints beyond 64 bits, text, floats
             raise ValueError(f"{path}: labels must be integers (class indices), got {batch_labels.dtype} values such as "
-                             f"{batch_labels.flat[0]!r:.40}.")
+                             f"{batch_labels[:1].tolist()[0]!r:.40}.")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(check_labels(torch.from_numpy(batch_labels.astype(np.int64)), num_classes, path))
     return torch.from_numpy(np.concatenate(images)), torch.cat(labels)
