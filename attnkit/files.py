@@ -45,7 +45,7 @@ def check_path(path: str | os.PathLike) -> Path:
 def _refuse_link(path: Path) -> None:
     if path.is_symlink():
         raise FileExistsError(f"{path} is a symbolic link: attnkit does not write through links (that would change "
-                              f"the file it points to). Remove the link or choose another path.")
+                              f"what it points to). Remove the link or choose another path.")
 
 
 def _with_path(error: OSError, path: Path) -> OSError:
@@ -55,9 +55,12 @@ def _with_path(error: OSError, path: Path) -> OSError:
     return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
-def make_folder(path: str | os.PathLike) -> Path:
-    """Create the folder `path` (and its parents) unless it exists; OS errors name the path."""
+def make_folder(path: str | os.PathLike, own: bool = False) -> Path:
+    """Create the folder `path` (and its parents) unless it exists; OS errors name the path. With `own`, the folder
+    is one a run owns and fills with files it names itself: a symbolic link there is refused."""
     path = check_path(path)
+    if own:
+        _refuse_link(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError as error:  # a file where the folder should be

@@ -133,6 +133,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _unpickle_batch(data: bytes) -> Any:
     """A CIFAR batch from its bytes. Every length the pickle declares is checked against the bytes that follow
     first (pickletools reads them; the unpickler would allocate the length before finding the bytes missing)."""
+    if not data:
+        raise EOFError("the file is empty")
     for _ in pickletools.genops(data):
         pass
     return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()

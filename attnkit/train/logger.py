@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..files import write_text
+from ..files import make_folder, write_text
 
 __all__ = ["MetricsLogger"]
 
@@ -27,7 +27,8 @@ class MetricsLogger:
                 warnings.warn("tensorboard is not installed: logging to metrics.csv only (pip install tensorboard).", stacklevel=2)
             else:
                 # purge_step hides the events from that step on that earlier event files hold
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=history[-1]["epoch"] if history else None)
+                folder = make_folder(run_dir / "tensorboard", own=True)
+                self.writer = SummaryWriter(str(folder), purge_step=history[-1]["epoch"] if history else None)
         if history:
             self.log(history)
 

@@ -49,6 +49,16 @@ def test_compare_refuses_a_lock_file_that_is_a_link(tmp_path, capsys):
     assert victim.read_text() == "precious\n"
 
 
+def test_train_refuses_a_tensorboard_folder_that_is_a_link(tiny, tmp_path):
+    elsewhere, run = tmp_path / "elsewhere", tmp_path / "run"
+    elsewhere.mkdir()
+    run.mkdir()
+    (run / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(FileExistsError, match=f"{run / 'tensorboard'} is a symbolic link"):
+        train(tiny(epochs=1, tensorboard=True))
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_export_refuses_an_output_path_that_is_a_link(se_copy, tmp_path, capsys):
     victim, out = _victim(tmp_path), tmp_path / "model.onnx"
     out.symlink_to(victim)
