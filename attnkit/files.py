@@ -18,8 +18,8 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
-__all__ = ["check_path", "make_folder", "open_lock_file", "os_error_message", "printable", "remove_temporaries", "replacing", "write_bytes", "write_csv",
-           "write_file", "write_json", "write_text"]
+__all__ = ["check_path", "make_folder", "open_lock_file", "os_error_message", "printable", "remove_temporaries",
+           "replacing", "write_bytes", "write_csv", "write_file", "write_json", "write_text"]
 
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOSE_ON_EXEC = getattr(os, "O_CLOEXEC", 0)
@@ -212,11 +212,11 @@ def open_lock_file(path: str | os.PathLike) -> int:
 
 
 _ADVICE = {
-    errno.EACCES: "Give yourself write access there, or choose another path.",
-    errno.EPERM: "Give yourself write access there, or choose another path.",
+    errno.EACCES: "Check its permissions and its folder's, or choose another path.",
+    errno.EPERM: "Check its permissions and its folder's, or choose another path.",
     errno.EROFS: "The file system is read-only: choose a path on a writable one.",
     errno.ENOSPC: "Free some space on that disk, or choose a path on another one.",
-    errno.EDQUOT: "Free some of your quota, or choose a path on another disk.",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "Free some space on that disk, or choose a path on another one.",
     errno.EFBIG: "The file is larger than the file-size limit allows (ulimit -f): raise the limit or choose another path.",
     errno.ENAMETOOLONG: f"A name in it is longer than the file system allows (usually {_NAME_BYTES} bytes): choose a shorter one.",
     errno.ENOTDIR: "A part of the path is a file, not a folder: choose another path.",

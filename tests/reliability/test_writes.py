@@ -131,7 +131,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
     run.mkdir()
     with unwritable(run):
         err = one_line_error(capsys, "train", *TINY, "--run-dir", str(run))
-    assert str(run / ".lock") in err and "Give yourself write access there, or choose another path." in err
+    assert str(run / ".lock") in err and "Check its permissions and its folder's, or choose another path." in err
 
 
 def test_a_run_folder_under_a_file_is_one_line(tmp_path, capsys):
@@ -164,7 +164,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_one_line(se_copy, capsys,
     with unwritable(se_copy.parent):
         err = one_line_error(capsys, command, str(se_copy), *extra)
     target = {"export": "last.onnx"}.get(command, command)
-    assert f"{se_copy.parent / target}: " in err and "Give yourself write access there, or choose another path." in err
+    assert f"{se_copy.parent / target}: " in err and "Check its permissions and its folder's, or choose another path." in err
 
 
 @pytest.mark.slow
