@@ -217,8 +217,10 @@ _ADVICE = {
     errno.EROFS: "The file system is read-only: choose a path on a writable one.",
     errno.ENOSPC: "Free some space on that disk, or choose a path on another one.",
     getattr(errno, "EDQUOT", errno.ENOSPC): "Free some space on that disk, or choose a path on another one.",
-    errno.EFBIG: "The file is larger than the file-size limit allows (ulimit -f): raise the limit or choose another path.",
-    errno.ENAMETOOLONG: f"A name in it is longer than the file system allows (usually {_NAME_BYTES} bytes): choose a shorter one.",
+    errno.EFBIG: "The file is larger than the file-size limit allows (ulimit -f): raise the limit or choose another "
+                 "path.",
+    errno.ENAMETOOLONG: f"A name in it is longer than the file system allows (usually {_NAME_BYTES} bytes): "
+                        f"choose a shorter one.",
     errno.ENOTDIR: "A part of the path is a file, not a folder: choose another path.",
     errno.EISDIR: "It is a folder: give the path of a file.",
     errno.ELOOP: "It is a symbolic link, or a loop of them: remove the link or choose another path.",

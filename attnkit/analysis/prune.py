@@ -261,7 +261,8 @@ def write_prune(result: PruneResult, out_dir: str | os.PathLike, title: str | No
 
     out = make_folder(out_dir)
     rows = result.rows()
-    write_csv(out / "prune.csv", [list(rows[0]), *([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()] for r in rows)])
+    cells = ([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()] for r in rows)
+    write_csv(out / "prune.csv", [list(rows[0]), *cells])
 
     fig, ax = plt.subplots(figsize=PLOT_INCHES, layout="constrained")
     order = np.argsort(result.fractions, kind="stable")

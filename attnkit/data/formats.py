@@ -67,8 +67,8 @@ def read_idx(path: Path) -> Tensor:
             sizes = f.read(head - 4)
             shape = struct.unpack(f">{magic[3]}i", sizes) if len(sizes) == head - 4 else None
             if shape is None or any(s < 0 for s in shape):
-                raise ValueError(f"{path}: the idx header's {magic[3]} sizes are {'cut short' if shape is None else shape}; "
-                                 f"sizes are counts, 0 or more.")
+                given = "cut short" if shape is None else shape
+                raise ValueError(f"{path}: the idx header's {magic[3]} sizes are {given}; sizes are counts, 0 or more.")
             dtype = np.dtype(_IDX_DTYPES[magic[2]])
             expected = head + math.prod(shape) * dtype.itemsize  # Python integers: no overflow
             body = _read_up_to(f, expected - head)
@@ -105,7 +105,8 @@ def _empty_array(subtype: object, shape: tuple, dtype: object) -> np.ndarray:
 def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
     """codecs.encode as Python 3 pickles bytes at protocols 0-2 (text, 'latin1'), and nothing else."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"a CIFAR batch encodes bytes as latin-1 text; refusing codecs.encode with {encoding!r}")
+        raise pickle.UnpicklingError(f"a CIFAR batch encodes bytes as latin-1 text; refusing codecs.encode with "
+                                     f"{encoding!r}")
     return text.encode("latin-1")
 
 

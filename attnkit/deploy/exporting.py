@@ -92,8 +92,8 @@ def _check_finite(model: nn.Module) -> None:
 
     bad = nonfinite_tensors(model.state_dict())
     if bad:
-        raise ValueError(f"export: the model holds NaN or infinite values in {len(bad)} tensors (the first: {bad[0]}); "
-                         f"it comes from a run that diverged. Export a model trained without diverging.")
+        raise ValueError(f"export: the model holds NaN or infinite values in {len(bad)} of its tensors (the first: "
+                         f"{bad[0]}); it comes from a run that diverged. Export a model trained without diverging.")
 
 
 def _input_shape(value: object) -> tuple[int, int, int]:

@@ -104,7 +104,7 @@ def check_checkpoint(state: Any, source: object, resumable: bool = False) -> dic
             raise ValueError(f"{source}: its 'history' or 'rng' is not what attnkit train writes; the file is damaged.")
         bad += nonfinite_tensors({"optimizer": state["optimizer"]})
     if bad:
-        raise ValueError(f"{source} holds NaN or infinite values in {len(bad)} tensors (the first: {bad[0]}): it was "
+        raise ValueError(f"{source} holds NaN or infinite values in {len(bad)} of its tensors (the first: {bad[0]}): it was "
                          f"saved by a run that diverged. Use an earlier checkpoint, or train again with a lower --lr.")
     return state
 

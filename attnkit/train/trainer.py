@@ -280,7 +280,7 @@ class _Run:
         bad = nonfinite_tensors(self.model.state_dict())
         processes = int(self.dist.all_reduce_sum(torch.tensor([float(bool(bad))], device=self.device)).item())
         if processes:
-            which = f"{len(bad)} tensors (the first: {bad[0]})" if bad else "tensors of another process"
+            which = f"{len(bad)} of its tensors (the first: {bad[0]})" if bad else "tensors of another process"
             raise self._stopped(f"after epoch {epoch + 1} the network holds NaN or infinite values in {which}, "
                                 f"though the training loss was {row['train_loss']:.4g}")
         if not math.isfinite(row["test_loss"]):
@@ -334,8 +334,9 @@ class _Run:
             loaded = load_pretrained(self.model, cfg.pretrained)
             bad = nonfinite_tensors(self.model.state_dict())
             if bad:
-                raise ValueError(f"--pretrained {cfg.pretrained} holds NaN or infinite values in {len(bad)} of the tensors "
-                                 f"loaded (the first: {bad[0]}): it was saved by a run that diverged. Use another checkpoint.")
+                raise ValueError(f"--pretrained {cfg.pretrained} holds NaN or infinite values in {len(bad)} of the "
+                                 f"tensors loaded (the first: {bad[0]}): it was saved by a run that diverged. Use "
+                                 f"another checkpoint.")
             self.say(f"--pretrained {cfg.pretrained}: {loaded}")
         self.frozen_bn = _freeze_backbone(self.model, report, self.log) if cfg.freeze == "backbone" else []
         if cfg.sync_bn and dist.enabled:

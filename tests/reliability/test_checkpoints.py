@@ -25,9 +25,9 @@ from .conftest import one_line_error
 
 DAMAGE = {  # what is done to a good checkpoint, and what every reader says about it
     "nan-weight": (lambda s: s["model"]["conv1.weight"].view(-1)[0].fill_(math.nan),
-                   r"holds NaN or infinite values in 1 tensors \(the first: conv1.weight\)"),
+                   r"holds NaN or infinite values in 1 of its tensors \(the first: conv1.weight\)"),
     "inf-running-var": (lambda s: s["model"]["layer1.0.bn1.running_var"].fill_(math.inf),
-                        r"holds NaN or infinite values in 1 tensors \(the first: layer1.0.bn1.running_var\)"),
+                        r"holds NaN or infinite values in 1 of its tensors \(the first: layer1.0.bn1.running_var\)"),
     "no-model": (lambda s: s.pop("model"), "lacks 'model'"),
     "no-config": (lambda s: s.pop("config"), "lacks 'config'"),
     "input-size-2**20": (lambda s: s["arch"].update(input_size=2**20),
@@ -42,6 +42,11 @@ def _damaged(se_copy: Path, kind: str) -> Path:
     DAMAGE[kind][0](state)
     torch.save(state, se_copy)
     return se_copy
+
+
+def _resume_options(se_run: Path, run_dir: Path) -> TrainConfig:
+    config = torch.load(se_run / "last.pt", weights_only=True)["config"]
+    return TrainConfig.from_dict({**config, "run_dir": str(run_dir), "resume": True})
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -91,7 +96,8 @@ def test_export_of_a_model_with_infinite_statistics_is_refused(tmp_path):
     """Its own check cannot see it: a BatchNorm with infinite running variances outputs zeros, as the export does."""
     model = attnkit.create_model("resnet20", attn="se", num_classes=10).eval()
     model.layer1[0].bn1.running_var.fill_(math.inf)
-    with pytest.raises(ValueError, match=r"in 1 tensors \(the first: layer1.0.bn1.running_var\); it comes from a run that diverged"):
+    with pytest.raises(ValueError, match=r"in 1 of its tensors \(the first: layer1.0.bn1.running_var\); it comes from a "
+                                         r"run that diverged"):
         attnkit.export(model, tmp_path / "m.onnx", input_shape=(3, 16, 16))
     assert not (tmp_path / "m.onnx").exists()
 
@@ -141,11 +147,6 @@ def _command(argv):
         if main(argv(str(path))) == 2:
             raise _CommandFailed
     return read
-
-
-def _resume_options(se_run: Path, run_dir: Path) -> TrainConfig:
-    config = torch.load(se_run / "last.pt", weights_only=True)["config"]
-    return TrainConfig.from_dict({**config, "run_dir": str(run_dir), "resume": True})
 
 
 def _readers(se_run: Path, tmp_path: Path):

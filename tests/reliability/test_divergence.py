@@ -54,7 +54,7 @@ def test_a_network_that_turns_non_finite_after_a_good_epoch_keeps_that_epoch(tin
 
     monkeypatch.setattr(trainer_module._Run, "evaluate", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=(r"after epoch 2 the network holds NaN or infinite values in 1 tensors "
+    with pytest.raises(FloatingPointError, match=(r"after epoch 2 the network holds NaN or infinite values in 1 of its tensors "
                                                   r"\(the first: layer2.0.bn2.running_var\).*nothing of this epoch was "
                                                   f"saved and {run / 'last.pt'} keeps epoch 1, the last good one")):
         train(_resnet(tiny, epochs=3))
