@@ -314,8 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args = _parser(read_study(args.config)).parse_args(argv)
         return _dispatch(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        message = str(error).removeprefix(f"{args.command}: ")  # the library names the function; the prefix says it
+    except (ValueError, TypeError, OSError, FloatingPointError) as error:
+        from .files import os_error_message
+
+        message = os_error_message(error) if isinstance(error, OSError) else str(error)
+        message = message.removeprefix(f"{args.command}: ")  # the library names the function; the prefix says it
         print(f"attnkit {args.command}: error: {message}", file=sys.stderr)
         return 2
 

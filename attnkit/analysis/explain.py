@@ -4,7 +4,6 @@ attention model and the plain one side by side, and the maps of the spatial atte
 attnkit.capture), drawn over the images as PNG grids with the predicted and true labels."""
 from __future__ import annotations
 
-import csv
 import os
 import re
 import textwrap
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display, the caller's backend untouched
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
@@ -24,6 +23,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from ..capture import capture
 from ..modules.base import spatial_map
 from ..data import Dataset
+from ..data.formats import read_image
+from ..files import make_folder, write_csv, write_file
 from ..registry import did_you_mean
 from ..train.checkpoint import load_checkpoint
 from ..train.config import TrainConfig
@@ -226,11 +227,7 @@ def _read_image(path: Path, data: Dataset) -> Tensor:
     mode = {1: "L", 3: "RGB"}.get(data.in_chans)
     if mode is None:
         raise ValueError(f"explain: image files can feed 1- or 3-channel models; this one takes {data.in_chans} channels.")
-    try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"explain: {path} is not an image file Pillow can read ({type(error).__name__}).") from error
+    image = read_image(path, mode)
     transform = getattr(data.test, "transform", None)
     if transform is not None:
         return transform(image)
@@ -283,18 +280,17 @@ def _draw(path: Path, rows: range, report: ExplainReport, shown: Tensor) -> None
             ax.set_xticks([])
             ax.set_yticks([])
             ax.spines[:].set_visible(False)
-    fig.savefig(path, dpi=DPI)
+    write_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
 
 
 def _write_csv(path: Path, report: ExplainReport) -> None:
     sides = [s for s in (report.model, report.baseline) if s is not None]
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["image", "true"] + [f"{s.variant} {k}" for s in sides for k in ("prediction", "confidence")])
-        for i, name in enumerate(report.images):
-            label = report.labels[i]
-            out.writerow([name, "" if label is None else report.classes[label]]
-                         + [v for s in sides for v in (report.classes[s.predictions[i]], f"{s.confidences[i]:.4f}")])
+    rows = [["image", "true"] + [f"{s.variant} {k}" for s in sides for k in ("prediction", "confidence")]]
+    for i, name in enumerate(report.images):
+        label = report.labels[i]
+        rows.append([name, "" if label is None else report.classes[label]]
+                    + [v for s in sides for v in (report.classes[s.predictions[i]], f"{s.confidences[i]:.4f}")])
+    write_csv(path, rows)
 
 
 # ---------------------------------------------------------------------------------------------- explain()
@@ -365,7 +361,7 @@ def explain(checkpoint: str | os.PathLike, *, images: Sequence[str | os.PathLike
     report = ExplainReport(method, names, labels, data.classes, model, side, maps, notes + model_notes + site_notes)
 
     out = Path(out_dir) if out_dir is not None else path.parent / "explain"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
     shown = (x * std + mean).clamp(0, 1)
     for start in range(0, len(names), ROWS_PER_FILE):

@@ -3,7 +3,6 @@
 weights across samples (Lee et al., "SRM: A Style-based Recalibration Module for CNNs", ICCV 2019, Sec. 4.4)."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from ..capture import capture
 from ..data import Dataset
 from ..data.loader import Loader
+from ..files import make_folder, write_csv, write_file
 from ..modules.base import channel_weights as module_channel_weights, channel_weights_unavailable
 from .report import text_table
 
@@ -203,8 +203,10 @@ def _figure(panels: int) -> tuple[Any, np.ndarray]:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        write_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -252,23 +254,17 @@ def write_gate_stats(stats: GateStats, out_dir: str | os.PathLike, title: str | 
     """Write into `out_dir`: excitation.csv (site, stage, class, channel, mean_weight; class 'all' is the mean over
     every sample), correlation-<site>.csv (the C×C matrix of the last site of each stage; row and column headers
     are channel indices), and excitation.png and correlation.png, one panel per stage. Returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     title = title or "channel weights"
     title += f" ({stats.dataset}, {stats.split} split, {len(stats.samples.labels)} images)"
-    paths = [out / "excitation.csv"]
-    with open(paths[0], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["site", "stage", "class", "channel", "mean_weight"])
-        for site, stage in stats.samples.stages.items():
-            for name, row in [*zip(stats.classes, stats.class_means[site]), ("all", stats.means[site])]:
-                writer.writerows([site, stage, name, c, _number(v)] for c, v in enumerate(row))
+    rows: list[list[Any]] = [["site", "stage", "class", "channel", "mean_weight"]]
+    for site, stage in stats.samples.stages.items():
+        for name, row in [*zip(stats.classes, stats.class_means[site]), ("all", stats.means[site])]:
+            rows += ([site, stage, name, c, _number(v)] for c, v in enumerate(row))
+    paths = [write_csv(out / "excitation.csv", rows)]
     for site, r in stats.correlations.items():
-        paths.append(out / f"correlation-{site}.csv")
-        with open(paths[-1], "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["channel", *range(len(r))])
-            writer.writerows([i, *map(_number, row)] for i, row in enumerate(r))
+        paths.append(write_csv(out / f"correlation-{site}.csv",
+                               [["channel", *range(len(r))], *([i, *map(_number, row)] for i, row in enumerate(r))]))
     paths.append(_plot_excitation(stats, out / "excitation.png", title))
     paths.append(_plot_correlation(stats, out / "correlation.png", title))
     return paths

@@ -4,7 +4,6 @@ of the filters (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017) 
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from ..data import Dataset
 from ..data.loader import Loader
+from ..files import make_folder, write_csv, write_file
 from ..modules import SelectiveKernel
 from ..registry import did_you_mean
 from ..surgery import IdentityStart, gates_of
@@ -259,13 +259,10 @@ def write_prune(result: PruneResult, out_dir: str | os.PathLike, title: str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     rows = result.rows()
-    with open(out / "prune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    cells = ([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()] for r in rows)
+    write_csv(out / "prune.csv", [list(rows[0]), *cells])
 
     fig, ax = plt.subplots(figsize=PLOT_INCHES, layout="constrained")
     order = np.argsort(result.fractions, kind="stable")
@@ -283,6 +280,8 @@ def write_prune(result: PruneResult, out_dir: str | os.PathLike, title: str | No
     ax.set_ylabel(f"test accuracy on {result.dataset} (%)")
     ax.set_title(f"{title or 'pruning'}: {len(result.sites)} attention sites", fontsize=10)
     ax.legend(fontsize=8)
-    fig.savefig(out / "prune.png", dpi=DPI)
-    plt.close(fig)
+    try:
+        write_file(out / "prune.png", lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    finally:
+        plt.close(fig)
     return [out / "prune.csv", out / "prune.png"]

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..files import write_file
 from .stats import holm, paired_comparison, verdict
 
 __all__ = ["format_table", "plot_all", "summarize", "text_table", "csv_text", "markdown_report"]
@@ -184,9 +185,11 @@ def plot_all(out_dir: Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig.tight_layout()
+    try:
+        write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

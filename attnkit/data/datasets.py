@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..registry import check_kwargs, did_you_mean, parse_spec
 from .cluttered import make_cluttered
-from .formats import DataNotFoundError, check_labels, find_file, read_cifar_batches, read_idx
+from .formats import DataNotFoundError, check_labels, find_file, read_cifar_batches, read_idx, read_image
 from .loader import FolderLoader, Loader, TensorLoader
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -128,6 +128,9 @@ def _mnist_family(name: str, folder: str, url: str, classes: list[str]) -> Calla
             labels = read_idx(labels_file)
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise ValueError(f"{name} {part}: expected N×H×W images and N labels, got {tuple(images.shape)} and {tuple(labels.shape)}.")
+            if images.dtype != torch.uint8 or labels.is_floating_point():
+                raise ValueError(f"{name} {part}: expected images of unsigned bytes (idx type 0x08) and integer labels, "
+                                 f"got {images.dtype} images and {labels.dtype} labels ({labels_file}).")
             split[part] = (images[:, None].to(torch.uint8), check_labels(labels.long(), len(classes), labels_file))
         return _in_memory(name, split["train"], split["test"], image_size, "none", classes)
 
@@ -163,24 +166,12 @@ cifar10 = _cifar("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in r
 cifar100 = _cifar("cifar100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100)
 
 
-def _open_image(path: str) -> Any:
-    """The RGB image at `path`; a file that cannot be decoded (corrupt, truncated, not an image) is a ValueError
-    naming it, rather than a decoder's traceback from inside a loader."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error}).") from error
-
-
 def _drop_unreadable(folder: Any) -> list[str]:
     """Remove the images that cannot be decoded from a torchvision ImageFolder; return their paths."""
     bad = []
     for path, _ in folder.samples:
         try:
-            _open_image(path)
+            read_image(path)
         except ValueError:
             bad.append(path)
     if bad:
@@ -206,8 +197,8 @@ def imagefolder(data_dir: str | os.PathLike = "data", image_size: int | None = 2
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     test_tf = T.Compose([T.Resize(round(size * 8 / 7)), T.CenterCrop(size), T.ToTensor(), normalize])
-    train = tvd.ImageFolder(str(root / "train"), train_tf, loader=_open_image)
-    test = tvd.ImageFolder(str(root / "val"), test_tf, loader=_open_image)
+    train = tvd.ImageFolder(str(root / "train"), train_tf, loader=read_image)
+    test = tvd.ImageFolder(str(root / "val"), test_tf, loader=read_image)
     if train.classes != test.classes:
         raise ValueError(f"imagefolder: train and val have different classes: {train.classes} vs {test.classes}.")
     if skip_bad:

@@ -26,9 +26,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
 
 
-def _check_batch(batch_size: int, world_size: int) -> int:
+def _check_batch(batch_size: int, world_size: int, samples: int, train: bool) -> int:
+    """The batch of one process; training drops the last incomplete batch, so it needs one whole batch at least."""
     if batch_size < world_size or batch_size % world_size:
         raise ValueError(f"--batch-size is the global batch and must be a multiple of the {world_size} processes, got {batch_size}.")
+    if train and samples < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is larger than the {samples} training images: training would have "
+                         f"no batch. Give a smaller --batch-size or more images.")
     return batch_size // world_size
 
 
@@ -53,9 +57,7 @@ class TensorLoader:
             raise ValueError(f"in-memory data takes augment 'none' or 'crop_flip', got {augment!r}.")
         self.images, self.labels, self.train, self.seed = images, labels, train, seed
         self.batch_size, self.rank, self.world_size, self.augment = batch_size, rank, world_size, augment
-        self.local_batch = _check_batch(batch_size, world_size)
-        if train and len(labels) < batch_size:
-            raise ValueError(f"--batch-size {batch_size} is larger than the {len(labels)} training images.")
+        self.local_batch = _check_batch(batch_size, world_size, len(labels), train)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -117,7 +119,7 @@ class FolderLoader:
                  rank: int = 0, world_size: int = 1, workers: int = 0) -> None:
         self.dataset, self.train, self.seed, self.batch_size = dataset, train, seed, batch_size
         self.rank, self.world_size, self.workers, self.epoch = rank, world_size, workers, 0
-        self.local_batch = _check_batch(batch_size, world_size)
+        self.local_batch = _check_batch(batch_size, world_size, len(dataset), train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..files import replacing
 from ..modules.base import fixed_spatial_size
 from .folding import fuse
 
@@ -82,6 +83,17 @@ def _from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int
     if not isinstance(arch, dict) or not {"in_chans", "input_size"} <= arch.keys():
         raise ValueError(f"{path} has no model description ('arch'); it was not written by attnkit train.")
     return model_from_checkpoint(state, path), (arch["in_chans"], arch["input_size"], arch["input_size"])
+
+
+def _check_finite(model: nn.Module) -> None:
+    """A model with NaN or infinite weights or statistics is refused: the check against PyTorch cannot see it (a
+    BatchNorm with infinite running variances outputs zeros, which the export reproduces)."""
+    from ..train.checkpoint import nonfinite_tensors
+
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise ValueError(f"export: the model holds NaN or infinite values in {len(bad)} of its tensors (the first: "
+                         f"{bad[0]}); it comes from a run that diverged. Export a model trained without diverging.")
 
 
 def _input_shape(value: object) -> tuple[int, int, int]:
@@ -243,6 +255,7 @@ def export(
     if isinstance(source, nn.Module):
         if input_shape is None:
             raise ValueError("export: a model needs `input_shape`=(C, H, W) of one input image; a checkpoint knows its own.")
+        _check_finite(source)
         model, shape = copy.deepcopy(source).eval(), _input_shape(input_shape)
         default_path = None
     elif isinstance(source, (str, os.PathLike)):
@@ -266,9 +279,9 @@ def export(
 
     exported = fuse(model) if fold else model
     folded = _count_batchnorms(model) - _count_batchnorms(exported)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(example_shape, generator=torch.Generator().manual_seed(0))
-    run, ranges = _WRITERS[format](exported, example, path, _dynamic_shapes(dynamic_batch, dynamic_size), opset)
+    with replacing(path) as written:
+        run, ranges = _WRITERS[format](exported, example, written, _dynamic_shapes(dynamic_batch, dynamic_size), opset)
     if format == "exported-program":  # the program checks its input sizes; onnxruntime runs any, so test outside too
         others = [_within(s, ranges) for s in others]
 

@@ -65,8 +65,9 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     """Load the tensors of `checkpoint` whose names and shapes match `model`, and report every other key.
 
     `checkpoint` is a state dict, a checkpoint dict holding one under 'state_dict' or 'model', or a file
-    (read with torch.load(weights_only=True), so it cannot run code). A checkpoint none of whose keys match
-    is an error: it comes from another architecture.
+    (read with torch.load(weights_only=True), so it cannot run code). A checkpoint none of whose weights (those of
+    the convolutions and linear layers) match is an error, even if biases or BatchNorm's counters do: it comes from
+    another architecture.
     """
     tensors, source = _read_state_dict(checkpoint)
     own = model.state_dict()
@@ -79,9 +80,11 @@ def load_pretrained(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
             report.mismatched.append((key, tuple(own[key].shape), tuple(value.shape)))
         else:
             matched[key] = value
-    if not matched:
+    weights = {name for name, p in model.named_parameters() if p.ndim >= 2}  # convolutions' and linear layers'
+    if not matched.keys() & weights:  # biases and BatchNorm counters have the same names and shapes in many networks
+        only = f" (only {len(matched)} biases, norms and buffers do, such as {next(iter(matched))})" if matched else ""
         raise ValueError(
-            f"load_pretrained: no tensor of {source} matches {type(model).__name__} by name and shape; it is "
+            f"load_pretrained: no weight of {source} matches {type(model).__name__} by name and shape{only}; it is "
             f"from another architecture. Checkpoint keys start: {', '.join(list(tensors)[:3])}; model keys "
             f"start: {', '.join(list(own)[:3])}."
         )

@@ -1,64 +1,125 @@
-"""Checkpoints that a crash cannot corrupt: written to a temporary file in the same folder, flushed to disk,
-then renamed over the old one (an atomic replace on POSIX and Windows), so a reader sees the old file or the
-new one, never half of one."""
+"""Training checkpoints: written atomically (attnkit.files: a crash never leaves half a checkpoint), and read
+through one check of their structure and values that every reader shares: the fields a reader needs, sane
+architecture fields, and finite weights (a checkpoint of a run that diverged is refused, not analysed, exported
+or trained on)."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+from torch import Tensor
 
-__all__ = ["atomic_write_bytes", "load_checkpoint", "save_checkpoint", "write_json_atomic"]
+from ..files import write_bytes, write_file, write_json
+from .config import TrainConfig
+
+__all__ = ["ARCH_LIMITS", "atomic_write_bytes", "check_checkpoint", "load_checkpoint", "nonfinite_tensors",
+           "save_checkpoint", "write_json_atomic"]
 
 FORMAT = "attnkit-train-1"
+REQUIRED = ("config", "arch", "model")  # what every reader needs
+RESUMABLE = ("epoch", "optimizer", "schedule", "scaler", "rng", "history", "best_acc", "best_epoch")
+# the architecture fields a network is built from, and the range a real one lies in
+ARCH_LIMITS = {"num_classes": (1, 100_000), "in_chans": (1, 1024), "input_size": (1, 8192)}
+ARCH_TEXT = {"model": str, "where": str}
 
-
-def _replace_atomically(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _replace_atomically(Path(path), lambda f: f.write(data))
-
-
-def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, default=str) + "\n").encode())
+atomic_write_bytes = write_bytes
+write_json_atomic = write_json
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    _replace_atomically(Path(path), lambda f: torch.save({"format": FORMAT, **state}, f))
+    write_file(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint (tensors and plain values only: weights_only loading)."""
+def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in `tensors` (nested dicts and lists too) that hold a NaN or an
+    infinity, in order."""
+    found = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, Tensor):
+            if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+                found.append(name)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(f"{name}.{key}" if name else str(key), item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{name}.{i}", item)
+
+    visit("", tensors)
+    return found
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_arch(arch: Any, source: object) -> None:
+    if not isinstance(arch, Mapping):
+        raise ValueError(f"{source}: its 'arch' (the network's description) is a {type(arch).__name__}, not a dict.")
+    for key, (low, high) in ARCH_LIMITS.items():
+        value = arch.get(key)
+        if not _integer(value) or not low <= value <= high:
+            raise ValueError(f"{source}: its 'arch' gives {key}={value!r}; a network takes an integer from {low} to "
+                             f"{high:,}. The file is damaged or was not written by attnkit train.")
+    for key, kind in ARCH_TEXT.items():
+        if not isinstance(arch.get(key), kind):
+            raise ValueError(f"{source}: its 'arch' gives {key}={arch.get(key)!r}, not a name. The file is damaged or "
+                             f"was not written by attnkit train.")
+    attn, identity_init = arch.get("attn"), arch.get("identity_init")
+    if not (attn is None or isinstance(attn, str)) or not isinstance(identity_init, bool):
+        raise ValueError(f"{source}: its 'arch' gives attn={attn!r}, identity_init={identity_init!r}; "
+                         f"expected a module spec (or None) and True or False.")
+
+
+def check_checkpoint(state: Any, source: object, resumable: bool = False) -> dict[str, Any]:
+    """`state` if it is a whole, sane attnkit training checkpoint, else a ValueError naming `source` and what is
+    wrong: the format, the fields every reader needs (and, with `resumable`, those --resume needs), the training
+    configuration, the architecture (ARCH_LIMITS), and the weights: tensors, all finite (and, with `resumable`, the
+    optimizer's state too)."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{source} is not an attnkit training checkpoint: expected format {FORMAT!r}, found {found!r}.")
+    missing = [key for key in REQUIRED + (RESUMABLE if resumable else ()) if key not in state]
+    if missing:
+        raise ValueError(f"{source} lacks {', '.join(repr(k) for k in missing)}: it is not a whole checkpoint of attnkit "
+                         f"train{' that --resume can continue' if resumable else ''}.")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{source}: its 'config' is a {type(state['config']).__name__}, not the training options.")
+    try:
+        TrainConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{source}: its 'config' is not a valid training configuration ({error})") from error
+    _check_arch(state["arch"], source)
+    weights = state["model"]
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()):
+        raise ValueError(f"{source}: its 'model' is not a state dict (names and tensors).")
+    bad = nonfinite_tensors(weights)
+    if resumable:
+        if not _integer(state["epoch"]) or state["epoch"] < 0:
+            raise ValueError(f"{source}: its 'epoch' is {state['epoch']!r}, not a count of epochs.")
+        if not isinstance(state["history"], list) or not isinstance(state["rng"], Tensor):
+            raise ValueError(f"{source}: its 'history' or 'rng' is not what attnkit train writes; the file is damaged.")
+        bad += nonfinite_tensors({"optimizer": state["optimizer"]})
+    if bad:
+        raise ValueError(f"{source} holds NaN or infinite values in {len(bad)} of its tensors (the first: {bad[0]}): it was "
+                         f"saved by a run that diverged. Use an earlier checkpoint, or train again with a lower --lr.")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, resumable: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint (tensors and plain values only: weights_only loading), checked
+    by check_checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if isinstance(error, OSError) and error.errno is not None:  # the file system's error, not the file's content
+            raise
         reason = next(iter(str(error).strip().splitlines()), "")  # torch's own message runs over many lines
         raise ValueError(f"{path} is not a readable attnkit checkpoint ({type(error).__name__}: {reason}).") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not an attnkit training checkpoint: expected format {FORMAT!r}, found {found!r}.")
-    return state
+    return check_checkpoint(state, path, resumable)

@@ -3,7 +3,6 @@ statistics. Every run is an ordinary train() run in its own folder, so an interr
 finished runs are read back, a run cut off mid-way continues from its last checkpoint."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -19,7 +18,8 @@ from .checkpoint import atomic_write_bytes, write_json_atomic
 from .runlock import RunFolderLock
 from .config import TrainConfig
 from .study import study_toml
-from .trainer import train
+from .trainer import read_result, train
+from .workers import exit_with_parent
 
 __all__ = ["CompareResult", "DEFAULT_MODULES", "compare", "run_configs"]
 
@@ -64,7 +64,7 @@ def _finished(config: TrainConfig) -> dict[str, Any] | None:
     path = Path(config.run_dir) / "result.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    result = read_result(path)
     differences = config.differences(TrainConfig.from_dict(result["config"]))
     if differences:
         listed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (new, old) in differences.items())
@@ -120,7 +120,8 @@ def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Seq
         if launcher is not None:
             launcher(todo, out, done, bar)
         elif jobs > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 for future in as_completed([pool.submit(_train_one, c) for c in todo]):
                     done(future.result())
         else:

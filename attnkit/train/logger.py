@@ -8,13 +8,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_bytes
+from ..files import make_folder, write_text
 
 __all__ = ["MetricsLogger"]
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, start_epoch: int = 0) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, history: list[dict[str, Any]] | None = None) -> None:
+        """`history`: the epochs a resumed run has saved. Their metrics are written again, the last epoch's to
+        TensorBoard too: its events may be missing (written after the checkpoint, which a kill can prevent), and
+        events of later epochs, which a killed run may have written, are dropped."""
         self.csv_path = run_dir / "metrics.csv"
         self.writer = None
         if tensorboard:
@@ -23,8 +26,11 @@ class MetricsLogger:
             except ImportError:
                 warnings.warn("tensorboard is not installed: logging to metrics.csv only (pip install tensorboard).", stacklevel=2)
             else:
-                # purge_step drops events a killed run wrote after its last checkpoint
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch or None)
+                # purge_step hides the events from that step on that earlier event files hold
+                folder = make_folder(run_dir / "tensorboard", own=True)
+                self.writer = SummaryWriter(str(folder), purge_step=history[-1]["epoch"] if history else None)
+        if history:
+            self.log(history)
 
     def log(self, history: list[dict[str, Any]]) -> None:
         row = history[-1]
@@ -37,7 +43,7 @@ class MetricsLogger:
         writer = csv.DictWriter(text, fieldnames=list(row))
         writer.writeheader()
         writer.writerows(history)
-        atomic_write_bytes(self.csv_path, text.getvalue().encode())
+        write_text(self.csv_path, text.getvalue())
 
     def close(self) -> None:
         if self.writer is not None:

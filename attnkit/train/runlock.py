@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from types import TracebackType
 
+from ..files import open_lock_file, remove_temporaries
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are not protected from each other there
@@ -31,8 +33,7 @@ class RunFolderLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "RunFolderLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_lock_file(self.path)  # never a link: the process id written into it would land elsewhere
         if fcntl is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,8 +47,7 @@ class RunFolderLock:
                 ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
-        for leftover in self.run_dir.glob(".*.tmp"):  # half-written by a process that was killed
-            leftover.unlink(missing_ok=True)
+        remove_temporaries(self.run_dir)  # half-written by a process that was killed
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:

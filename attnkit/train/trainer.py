@@ -4,11 +4,12 @@ train with checkpoints after every epoch that --resume continues exactly."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,14 +23,15 @@ from ..analysis.cost import count_macs, count_params
 from ..data import Dataset, load_dataset
 from ..models import create_model
 from ..surgery import AttachReport, attach, load_pretrained, parse_placement
-from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from ..files import write_bytes
+from .checkpoint import check_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint, write_json_atomic
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
 from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
 from .runlock import RunFolderLock
 
-__all__ = ["TrainResult", "build_model", "model_arch", "model_from_checkpoint", "seed_everything", "train"]
+__all__ = ["TrainResult", "build_model", "model_arch", "model_from_checkpoint", "read_result", "seed_everything", "train"]
 
 
 @dataclass
@@ -47,6 +49,25 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A finished run's result.json: its training options and every field of TrainResult, else a ValueError
+    naming the file."""
+    advice = "Delete it to have the run read back from its last checkpoint, or use another folder."
+    try:
+        result = json.loads(path.read_bytes())
+    except ValueError as error:  # not UTF-8, not JSON: damaged or cut short
+        raise ValueError(f"{path} is not readable JSON ({type(error).__name__}: {error}). {advice}") from None
+    missing = [name for name in ["config", *(f.name for f in fields(TrainResult))]
+               if not isinstance(result, dict) or name not in result]
+    if missing:
+        raise ValueError(f"{path} is not a finished run's result: it lacks {', '.join(missing)}. {advice}")
+    try:
+        TrainConfig.from_dict(result["config"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: its 'config' is not a valid training configuration ({error}). {advice}") from None
+    return result
 
 
 def seed_everything(seed: int) -> None:
@@ -86,9 +107,13 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: object) -> N
 def model_from_checkpoint(checkpoint: str | Path | dict[str, Any], source: object = None) -> nn.Module:
     """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
     it, then `source` names it in errors), with its weights, in eval mode."""
-    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    if isinstance(checkpoint, dict):
+        source = source or "the checkpoint"
+        state = check_checkpoint(checkpoint, source)
+    else:
+        source, state = checkpoint, load_checkpoint(checkpoint)
     model, _ = build_model(state["arch"])
-    load_weights(model, state["model"], source or ("the checkpoint" if isinstance(checkpoint, dict) else checkpoint))
+    load_weights(model, state["model"], source)
     return model.eval()
 
 
@@ -127,9 +152,15 @@ class _Run:
         self.device = dist.device
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
+        self.saved_epoch = 0  # the epoch last.pt holds
 
     def log(self, message: str) -> None:
         if self.verbose:
+            tqdm.write(message)
+
+    def say(self, message: str) -> None:
+        """What is printed even with --no-progress."""
+        if self.dist.is_main:
             tqdm.write(message)
 
     def resume_state(self) -> dict[str, Any] | None:
@@ -138,7 +169,7 @@ class _Run:
             if self.config.resume:
                 self.log(f"--resume: no checkpoint in {self.run_dir} yet; starting from the beginning.")
             return None
-        state = load_checkpoint(last)
+        state = load_checkpoint(last, resumable=True)
         if not self.config.resume:
             raise FileExistsError(
                 f"{self.run_dir} already holds a run (epoch {state['epoch']} of {state['config']['epochs']}). "
@@ -148,7 +179,24 @@ class _Run:
         if differences:
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differences.items())
             raise ValueError(f"--resume: {last} was trained with other options ({listed}). Resume with the same options or use another --run-dir.")
+        if self.dist.is_main:
+            self._repair_best(state, last)
         return state
+
+    def _repair_best(self, state: dict[str, Any], last: Path) -> None:
+        """best.pt is written before last.pt, so last.pt never gets ahead of it; in a folder where it did (a kill
+        between the two, as they were once written), best.pt is made again from last.pt when that holds the best
+        epoch."""
+        best = self.run_dir / "best.pt"
+        if state["best_epoch"] != state["epoch"]:
+            return
+        try:
+            current = best.is_file() and load_checkpoint(best)["epoch"] == state["epoch"]
+        except ValueError:
+            current = False
+        if not current:
+            write_bytes(best, last.read_bytes())
+            self.log(f"best.pt did not hold the best epoch, {state['epoch']}; copied it from {last}")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -218,11 +266,25 @@ class _Run:
                                 f"non-finite losses in the run, more than --skip-nonfinite {self.config.skip_nonfinite}")
 
     def _stopped(self, what: str) -> FloatingPointError:
-        """The error a non-finite loss stops the run with: what happened, what was kept, what to try."""
-        return FloatingPointError(
-            f"{what}; nothing of this epoch was saved and {self.run_dir / 'last.pt'} keeps the last good epoch. "
-            f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16."
-        )
+        """The error a divergence stops the run with: what happened, what was kept, what to try."""
+        kept = (f"{self.run_dir / 'last.pt'} keeps epoch {self.saved_epoch}, the last good one" if self.saved_epoch
+                else "no epoch has ended with a finite network, so there is no checkpoint")
+        return FloatingPointError(f"{what}; nothing of this epoch was saved and {kept}. "
+                                  f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16.")
+
+    def _check_diverged(self, epoch: int, row: dict[str, Any]) -> None:
+        """The divergence guard, before an epoch is saved as good: the network's whole state (weights, BatchNorm
+        statistics) and the test loss must be finite. A finite training loss does not show it: BatchNorm normalises
+        with the batch's statistics while training, so a network whose running variances are infinite can train
+        on, and predict one class in eval mode."""
+        bad = nonfinite_tensors(self.model.state_dict())
+        processes = int(self.dist.all_reduce_sum(torch.tensor([float(bool(bad))], device=self.device)).item())
+        if processes:
+            which = f"{len(bad)} of its tensors (the first: {bad[0]})" if bad else "tensors of another process"
+            raise self._stopped(f"after epoch {epoch + 1} the network holds NaN or infinite values in {which}, "
+                                f"though the training loss was {row['train_loss']:.4g}")
+        if not math.isfinite(row["test_loss"]):
+            raise self._stopped(f"after epoch {epoch + 1} the test loss is {row['test_loss']}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -269,7 +331,13 @@ class _Run:
             self.log(str(report))
         macs = count_macs(self.model, (1, data.in_chans, data.image_size, data.image_size))
         if cfg.pretrained:
-            self.log(str(load_pretrained(self.model, cfg.pretrained)))
+            loaded = load_pretrained(self.model, cfg.pretrained)
+            bad = nonfinite_tensors(self.model.state_dict())
+            if bad:
+                raise ValueError(f"--pretrained {cfg.pretrained} holds NaN or infinite values in {len(bad)} of the "
+                                 f"tensors loaded (the first: {bad[0]}): it was saved by a run that diverged. Use "
+                                 f"another checkpoint.")
+            self.say(f"--pretrained {cfg.pretrained}: {loaded}")
         self.frozen_bn = _freeze_backbone(self.model, report, self.log) if cfg.freeze == "backbone" else []
         if cfg.sync_bn and dist.enabled:
             if self.device.type == "cpu":
@@ -294,6 +362,7 @@ class _Run:
             self.scaler.load_state_dict(saved["scaler"])
             torch.set_rng_state(saved["rng"])
             history, best, start_epoch = saved["history"], (saved["best_acc"], saved["best_epoch"]), saved["epoch"]
+            self.saved_epoch = start_epoch
             self.log(f"resumed {self.run_dir} after epoch {start_epoch}")
 
         self.runner: nn.Module = self.model
@@ -304,21 +373,23 @@ class _Run:
             self.runner = torch.compile(self.runner)
 
         self.history = history  # the skip budget counts the epochs before a resume too
-        logger = MetricsLogger(self.run_dir, cfg.tensorboard, start_epoch) if dist.is_main else None
+        logger = MetricsLogger(self.run_dir, cfg.tensorboard, history) if dist.is_main else None
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 lr = self.optimizer.param_groups[0]["lr"]  # at the epoch's first step
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate(), "lr": lr}
+                self._check_diverged(epoch, row)
                 history.append(row)
                 improved = row["test_acc"] > best[0]
                 if improved:
                     best = (row["test_acc"], epoch + 1)
-                if dist.is_main:
-                    logger.log(history)
+                if dist.is_main:  # best.pt first, then last.pt, then what is derived from them
                     state = self.state(epoch + 1, history, best)
-                    save_checkpoint(self.run_dir / "last.pt", state)
                     if improved:
                         save_checkpoint(self.run_dir / "best.pt", state)
+                    save_checkpoint(self.run_dir / "last.pt", state)
+                    logger.log(history)
+                self.saved_epoch = epoch + 1
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2%}  "
                          f"test {row['test_acc']:.2%}  ({row['epoch_seconds']:.1f} s)")
         finally:

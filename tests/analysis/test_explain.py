@@ -166,7 +166,7 @@ def test_user_errors_are_one_line_with_exit_code_2(compare_dir, tmp_path, capsys
     cases = [
         (["explain", str(tmp_path / "missing.pt")], f"no checkpoint at {tmp_path / 'missing.pt'}"),
         (["explain", ckpt, "--dataset", "digitz"], "Unknown dataset 'digitz'"),
-        (["explain", ckpt, "--images", str(tmp_path / "notes.png")], f"{tmp_path / 'notes.png'} is not an image file"),
+        (["explain", ckpt, "--images", str(tmp_path / "notes.png")], f"{tmp_path / 'notes.png'} is not a readable image"),
         (["explain", ckpt, "--images", str(tmp_path / "gone.png")], f"no image file at {tmp_path / 'gone.png'}"),
         (["explain", ckpt, "--images", str(tmp_path / "notes.png"), "--dataset", "digits"], "image files or a data set, not both"),
         (["explain", ckpt, "--dataset", "synthetic(channels=3)"], "trained on 1-channel images of 10 classes, but 'synthetic(channels=3)' has 3 channels"),

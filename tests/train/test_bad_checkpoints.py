@@ -113,7 +113,7 @@ def test_load_pretrained_unreadable(kind, good, tmp_path):
 
 def test_load_pretrained_from_another_architecture_reports_it(good):
     lenet, resnet = good
-    with pytest.raises(ValueError, match="no tensor of .* matches LeNet by name and shape; it is from another architecture"):
+    with pytest.raises(ValueError, match="no weight of .* matches LeNet by name and shape; it is from another architecture"):
         attnkit.load_pretrained(attnkit.create_model("lenet", num_classes=10), resnet)
     # a related architecture: what fits loads, the rest is listed
     model = attnkit.create_model("lenet", attn="cbam", num_classes=10)

@@ -4,13 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.train import load_checkpoint, save_checkpoint
+from attnkit.train import TrainConfig, load_checkpoint, save_checkpoint
 from attnkit.train import checkpoint as checkpoint_module
+
+
+def _state(epoch, weight):
+    config = TrainConfig(model="lenet")
+    return {"config": config.to_dict(), "arch": {"model": "lenet", "attn": None, "where": "auto", "identity_init": False,
+                                                 "num_classes": 10, "in_chans": 1, "input_size": 28},
+            "epoch": epoch, "model": {"w": weight}}
 
 
 def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(3)}})
+    save_checkpoint(path, _state(1, torch.ones(3)))
 
     def dies_half_way(obj, f):
         f.write(b"PK\x03\x04 half a zip")
@@ -18,7 +25,7 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"epoch": 2, "model": {"w": torch.zeros(3)}})
+        save_checkpoint(path, _state(2, torch.zeros(3)))
     state = load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
