@@ -124,6 +124,7 @@ def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any],
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
     valid = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid += list(getattr(factory, "accepted_keywords", ()))  # timm's conventions, which attnkit's modules take too
     for key in kwargs:
         if key not in valid:
             raise ValueError(

@@ -23,15 +23,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._paths import cache_dir
+
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("ATTNKIT_CACHE"):
-        return Path(os.environ["ATTNKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnkit"
 
 
 def _cpu_features() -> str:
@@ -50,7 +46,7 @@ def _library() -> ctypes.CDLL | str:
     key = hashlib.sha256()
     for part in [*(p.read_bytes() for p in SOURCES), " ".join([compiler, *FLAGS]).encode(), _cpu_features().encode()]:
         key.update(part)
-    target = _cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ modules and of timm's): its output is the recorded gate "gate", and its spatial 
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Mapping
+import functools
+import inspect
+from typing import Any, Callable, ClassVar, Mapping
 
 from torch import Tensor, nn
 
@@ -24,6 +26,7 @@ __all__ = [
     "AttentionModule",
     "Probe",
     "PLACEMENTS",
+    "TIMM_KEYWORDS",
     "channel_weights",
     "channel_weights_unavailable",
     "fixed_spatial_size",
@@ -43,6 +46,53 @@ PLACEMENTS = ("block", "after_conv", "stage", "conv")
 def output(inputs: tuple, out: Tensor) -> Tensor:
     """A probe's value: the observed submodule's output as it is."""
     return out
+
+
+#: timm's keyword conventions for attention layers (timm builds them as `attn_layer(channels, **these)`), taken by every
+#: AttentionModule with their meaning where the module has the part they describe, and without effect where it has
+#: none (rd_* for a module without a bottleneck, act_layer for one without a hidden activation)
+TIMM_KEYWORDS = ("rd_ratio", "rd_channels", "rd_divisor", "act_layer", "gate_layer", "device", "dtype")
+
+
+def _make_divisible(value: float, divisor: int) -> int:
+    """timm's rounding of an attention layer's bottleneck width (make_divisible with round_limit=0): the nearest multiple
+    of `divisor`, at least `divisor`."""
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+def _from_timm(owner: str, channels: int, given: dict[str, Any], parameters: Mapping[str, inspect.Parameter]) -> dict[str, Any]:
+    """attnkit keyword arguments for timm's (TIMM_KEYWORDS but device and dtype)."""
+    translated: dict[str, Any] = {}
+    if "hidden_channels" in parameters:
+        ratio, width, divisor = given.get("rd_ratio"), given.get("rd_channels"), given.get("rd_divisor")
+        if width is not None:
+            translated["hidden_channels"] = width
+        elif ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio:
+                raise ValueError(f"{owner}: `rd_ratio` (timm's C/r ratio) must be a positive number, got {ratio!r}.")
+            translated["hidden_channels"] = _make_divisible(channels * ratio, divisor) if divisor else max(1, round(channels * ratio))
+    for timm_name, own in (("act_layer", "act"), ("gate_layer", "gate")):
+        if given.get(timm_name) is not None and own in parameters:
+            translated[own] = given[timm_name]
+    return translated
+
+
+def _taking_timm_keywords(init: Callable) -> Callable:
+    parameters = inspect.signature(init).parameters
+
+    @functools.wraps(init)
+    def __init__(self: nn.Module, channels: int, *args: Any, **kwargs: Any) -> None:
+        given = {k: kwargs.pop(k) for k in TIMM_KEYWORDS if k in kwargs}
+        translated = _from_timm(type(self).__name__, channels, given, parameters)
+        both = sorted(set(translated) & set(kwargs))
+        if both:
+            raise ValueError(f"{type(self).__name__}: {', '.join(both)} given twice, as attnkit's keyword and as timm's "
+                             f"({', '.join(k for k in given if k not in ('device', 'dtype'))}).")
+        init(self, channels, *args, **kwargs, **translated)
+        if given.get("device") is not None or given.get("dtype") is not None:
+            self.to(device=given.get("device"), dtype=given.get("dtype"))
+
+    return __init__
 
 
 class AttentionModule(nn.Module):
@@ -67,6 +117,15 @@ class AttentionModule(nn.Module):
     #: the name under which capture() records the child `gate`, and whose spatial mean channel_weights() takes
     gate_name: ClassVar[str] = "gate"
     batchnorm_views: BatchNormViews = ()
+    #: keywords every module takes besides its own (the registry's argument check accepts them)
+    accepted_keywords: ClassVar[tuple[str, ...]] = TIMM_KEYWORDS
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each module's constructor also takes timm's keywords (TIMM_KEYWORDS), so that it works as timm's
+        `attn_layer` / `se_layer`."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _taking_timm_keywords(cls.__dict__["__init__"])
 
     def __init__(self, channels: int) -> None:
         super().__init__()
