@@ -1,4 +1,4 @@
-"""The contract every registered module keeps (design.md, issue 'Foundation'): shapes and dtypes across odd
+"""The contract every registered module keeps: shapes and dtypes across odd
 sizes, memory format, gradients (float64 gradcheck), torch.compile(fullgraph=True), torch.fx, autocast
 numerics, and clear errors for wrong input."""
 from __future__ import annotations
