@@ -5,7 +5,13 @@ import os
 import pytest
 import torch
 
-from attnkit.train import TrainConfig
+# Without CUDA, Triton kernels run under Triton's interpreter, on the CPU (tests/kernels/test_triton.py). Triton and
+# attnkit's Triton backend read this when they are imported, which must come after it: attnkit.train below imports
+# torch.utils.flop_counter, which imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from attnkit.train import TrainConfig  # noqa: E402
 
 
 def pytest_configure(config):

@@ -1,6 +1,7 @@
 """Which path the attention modules take: a fused backend or the reference formulas.
 
-Modes (`set_mode`, the `use` context, or the ATTNKIT_KERNELS environment variable):
+Modes (`set_mode` for the process, the `use` context for the current thread, or the ATTNKIT_KERNELS environment
+variable at start-up):
   'auto'       fused where a backend serves the input and it pays (the default), the reference formulas elsewhere;
   'reference'  always the reference formulas (plain torch ops, any device, dtype and layout);
   'cpu', 'triton'  that backend, or an error saying why it cannot serve the input.
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from types import ModuleType
+import threading
 from typing import Iterator
 
 import torch
 from torch import Tensor
+
+from .backend import Backend
 
 MODES = ("auto", "reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -30,7 +33,8 @@ CPU_MIN_BYTES = 1 << 20
 # the page faults of the output (49 MiB: 11 ms against torch's 28 ms for the product); below, it is 1.0-1.4× slower
 CPU_FRESH_BYTES = 32 << 20
 
-_mode = os.environ.get("ATTNKIT_KERNELS", "auto")
+_mode = os.environ.get("ATTNKIT_KERNELS", "auto")  # the process's mode
+_local = threading.local()  # `use` blocks: this thread's mode, where one is open
 
 
 def _checked(mode: object) -> str:
@@ -40,25 +44,25 @@ def _checked(mode: object) -> str:
 
 
 def get_mode() -> str:
-    """The current mode."""
-    return _checked(_mode)
+    """The current thread's mode: that of the innermost `use` block, else the process's."""
+    return _checked(getattr(_local, "mode", None) or _mode)
 
 
 def set_mode(mode: str) -> None:
-    """Set the mode for the whole process."""
+    """Set the mode for the whole process (threads inside a `use` block keep theirs)."""
     global _mode
     _mode = _checked(mode)
 
 
 @contextlib.contextmanager
 def use(mode: str) -> Iterator[None]:
-    """Run a block in `mode`, e.g. `with attnkit.kernels.use("reference"): y = net(x)`."""
-    global _mode
-    previous, _mode = _mode, _checked(mode)
+    """Run a block in `mode`, in this thread only, e.g. `with attnkit.kernels.use("reference"): y = net(x)`."""
+    previous = getattr(_local, "mode", None)
+    _local.mode = _checked(mode)
     try:
         yield
     finally:
-        _mode = previous
+        _local.mode = previous
 
 
 def _graph_capture() -> bool:
@@ -89,7 +93,7 @@ def _why_not(name: str, x: Tensor) -> str | None:
     return triton_backend.unavailable()
 
 
-def backend_for(x: object, forward_pays: bool = True) -> ModuleType | None:
+def backend_for(x: object, forward_pays: bool = True) -> Backend | None:
     """The backend that runs the fused path for input `x` in the current mode, or None for the reference path.
     `forward_pays=False`: the module's reference forward is already the fused one's passes (see CPU_FRESH_BYTES)."""
     mode = get_mode()
@@ -109,7 +113,7 @@ def backend_for(x: object, forward_pays: bool = True) -> ModuleType | None:
     return _load(mode)
 
 
-def _load(name: str) -> ModuleType:
+def _load(name: str) -> Backend:
     if name == "cpu":
         from . import cpu
         return cpu

@@ -7,12 +7,13 @@ included), and writes dx in one more pass. Saved for the backward: x itself and 
 """
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from .backend import Backend
 
 
 def _layout(x: Tensor) -> torch.memory_format:
@@ -51,7 +52,7 @@ def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor 
 
 class _ChannelGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, gate: Callable, with_m2: bool, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, gate: Callable, with_m2: bool, x: Tensor, *params: Tensor) -> Tensor:
         mean, m2 = backend.pool_hw(x, with_m2)
         leaves, g = _small_graph(gate, [mean] if m2 is None else [mean, m2])
         ctx.backend, ctx.leaves, ctx.g, ctx.mean = backend, leaves, g, mean
@@ -75,7 +76,7 @@ class _ChannelGate(torch.autograd.Function):
         return (None, None, None, dx, *dparams)
 
 
-def channel_gate(backend: ModuleType, x: Tensor, gate: Callable[..., Tensor], module: nn.Module,
+def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], module: nn.Module,
                  with_m2: bool = False) -> Tensor:
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
     the sum of squared deviations from the mean."""
@@ -90,7 +91,7 @@ def channel_gate(backend: ModuleType, x: Tensor, gate: Callable[..., Tensor], mo
 
 class _GatheredChannelGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, gate: Callable, x: Tensor, kernel: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, gate: Callable, x: Tensor, kernel: Tensor, *params: Tensor) -> Tensor:
         leaves, g = _small_graph(gate, [backend.pool_k(x, kernel.detach()[:, 0])])
         ctx.backend, ctx.leaves, ctx.g = backend, leaves, g
         ctx.save_for_backward(x, kernel, *params)
@@ -107,7 +108,7 @@ class _GatheredChannelGate(torch.autograd.Function):
         return (None, None, dx, None if dk is None else dk[:, None].to(kernel.dtype), *dparams)
 
 
-def gathered_channel_gate(backend: ModuleType, x: Tensor, kernel: Tensor, gate: Callable[[Tensor], Tensor],
+def gathered_channel_gate(backend: Backend, x: Tensor, kernel: Tensor, gate: Callable[[Tensor], Tensor],
                           module: nn.Module) -> Tensor:
     """y = x · gate(Σ_hw x·kernel[c, 0, h, w]), kernel being the [C, 1, H, W] weight of a depthwise convolution
     covering the map and gate mapping the float [N, C] gathered values to the [N, C] gate."""
@@ -121,7 +122,7 @@ def gathered_channel_gate(backend: ModuleType, x: Tensor, kernel: Tensor, gate: 
 
 class _RowColumnGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, gate: Callable, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, gate: Callable, x: Tensor, *params: Tensor) -> Tensor:
         leaves, (ah, aw) = _small_graph(gate, backend.pool_h_w(x))
         ctx.backend, ctx.leaves, ctx.gates = backend, leaves, (ah, aw)
         ctx.save_for_backward(x, *params)
@@ -140,7 +141,7 @@ class _RowColumnGate(torch.autograd.Function):
         return (None, None, dx, *dparams)
 
 
-def row_column_gate(backend: ModuleType, x: Tensor, gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+def row_column_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
                     module: nn.Module) -> Tensor:
     """y = x · aʰ · aʷ with (aʰ [N, C, H], aʷ [N, C, W]) = gate(mean over W [N, C, H], mean over H [N, C, W])."""
     params = _params(module)
@@ -153,7 +154,7 @@ def row_column_gate(backend: ModuleType, x: Tensor, gate: Callable[[Tensor, Tens
 
 class _ChannelSpatialGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, channel: Callable, spatial: Callable, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, channel: Callable, spatial: Callable, x: Tensor, *params: Tensor) -> Tensor:
         mean, top, top_at = backend.pool_hw_avgmax(x)
         leaves_c, mc = _small_graph(channel, [mean, top])
         c_mean, c_top, c_top_at = backend.pool_c_gated(x, mc.detach())
@@ -181,7 +182,7 @@ class _ChannelSpatialGate(torch.autograd.Function):
         return (None, None, None, dx, *_add(dparams_c, dparams_s))
 
 
-def channel_spatial_gate(backend: ModuleType, x: Tensor, channel: Callable[[Tensor, Tensor], Tensor],
+def channel_spatial_gate(backend: Backend, x: Tensor, channel: Callable[[Tensor, Tensor], Tensor],
                          spatial: Callable[[Tensor, Tensor], Tensor], module: nn.Module) -> Tensor:
     """y = x' · ms, x' = x · mc, with mc [N, C] = channel(mean_hw x, max_hw x) and ms [N, H, W] =
     spatial(mean_c x', max_c x')."""
@@ -198,7 +199,7 @@ def channel_spatial_gate(backend: ModuleType, x: Tensor, channel: Callable[[Tens
 
 class _TripletGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: ModuleType, gates: Callable, spatial: bool, x: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, gates: Callable, spatial: bool, x: Tensor, *params: Tensor) -> Tensor:
         pools = backend.zpool3(x, spatial)
         leaves, outs = _small_graph(gates, [t for top, _, mean in pools for t in (top, mean)])
         ctx.backend, ctx.leaves, ctx.outs, ctx.indices = backend, leaves, outs, [index for _, index, _ in pools]
@@ -226,7 +227,7 @@ def _detached(outs: Sequence[Tensor], spatial: bool) -> tuple[Tensor, Tensor, Te
     return outs[0].detach(), outs[1].detach(), outs[2].detach() if spatial else None
 
 
-def triplet_gate(backend: ModuleType, x: Tensor, gates: Callable[..., Sequence[Tensor]], module: nn.Module,
+def triplet_gate(backend: Backend, x: Tensor, gates: Callable[..., Sequence[Tensor]], module: nn.Module,
                  spatial: bool) -> Tensor:
     """y = x · mean(a_cw [N, C, W], a_hc [N, C, H], a_hw [N, H, W]) with the gates computed by
     gates(max_h, mean_h, max_w, mean_w[, max_c, mean_c]) from the Z-pools over H, W and C."""

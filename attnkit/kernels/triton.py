@@ -24,14 +24,13 @@ Deterministic: no atomics, each program writes only its own outputs, every sum r
 constants below are a starting point, checked by compiling for sm_90 (registers, no spills, vector loads), not yet
 timed on a GPU.
 
-The kernels are jitted on first use, not at import, so that TRITON_INTERPRET is read when the backend first runs.
+The kernels are jitted when this module is imported (attnkit imports it when a CUDA tensor first takes a fused
+path), in the mode TRITON_INTERPRET says then, as triton.jit reads it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -64,36 +63,25 @@ def unavailable() -> str | None:
     if interpreting() and isinstance(tl.sum, triton.runtime.JITFunction):
         return ("needs TRITON_INTERPRET=1 set before triton is imported: Triton jitted its own functions (tl.sum, ...) "
                 "for the GPU when it was imported")
-    if _jitted_for is not None and _jitted_for != interpreting():
-        return "jitted its kernels before TRITON_INTERPRET changed: restart the process"
+    if interpreting() != _INTERPRETED_AT_IMPORT:
+        return ("was imported, and its kernels jitted, before TRITON_INTERPRET changed: set it before the first fused "
+                "path runs, or restart the process")
     return None
 
 
-# --- lazy jitting ---
-
-_SOURCES: dict[str, Callable] = {}  # the Triton functions below, by name, before jitting
-_jitted_for: bool | None = None     # interpreting() when they were jitted, None before
-
-
-def _triton(fn: Callable) -> Callable:
-    """Mark a kernel or device function; _ready() replaces it with its triton.jit version."""
-    _SOURCES[fn.__name__] = fn
-    return fn
+def _require() -> None:
+    reason = unavailable()
+    if reason:
+        raise RuntimeError(f"attnkit.kernels.triton {reason}")
 
 
-def _ready() -> None:
-    """Jit the Triton functions once, in the mode TRITON_INTERPRET says now (kernels find their helpers as globals)."""
-    global _jitted_for
-    if _jitted_for is None:
-        if unavailable():
-            raise RuntimeError(f"attnkit.kernels.triton {unavailable()}")
-        globals().update({name: triton.jit(fn) for name, fn in _SOURCES.items()})
-        _jitted_for = interpreting()
+_INTERPRETED_AT_IMPORT = interpreting()
+_jit = triton.jit if triton is not None else (lambda fn: fn)  # the module imports without triton; unavailable() says
 
 
 # --- device helpers ---
 
-@_triton
+@_jit
 def _to(v, dtype: tl.constexpr):
     """v (float32) converted to dtype, rounding to nearest even. Spelled out for bfloat16 (where it is what the
     compiled cast does) because Triton's interpreter truncates instead."""
@@ -104,13 +92,13 @@ def _to(v, dtype: tl.constexpr):
     return v.to(dtype)
 
 
-@_triton
+@_jit
 def _round(v, like):
     """v (float32) rounded to the element type of pointer `like` and back: `v.to(like.dtype)` in the reference."""
     return _to(v, like.dtype.element_ty).to(tl.float32)
 
 
-@_triton
+@_jit
 def _argmax(v, axis: tl.constexpr):
     """(maximum, first position of it) of v along axis, a NaN beating any number as in torch.max."""
     nan = v != v
@@ -119,7 +107,7 @@ def _argmax(v, axis: tl.constexpr):
     return tl.where(any_nan > 0, float("nan"), top), tl.where(any_nan > 0, nan_at, at)
 
 
-@_triton
+@_jit
 def _first_max(v1, i1, v2, i2):
     """Merge two (maximum, first index) results: the greater value, a NaN beating any number; on a tie, the lower
     index."""
@@ -129,7 +117,7 @@ def _first_max(v1, i1, v2, i2):
     return tl.where(first, v1, v2), tl.where(first, i1, i2)
 
 
-@_triton
+@_jit
 def _tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """This program's sample, channels, positions and in-bounds mask on an elementwise grid (P blocks, C blocks, N)."""
     n = tl.program_id(2)
@@ -138,19 +126,19 @@ def _tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     return n, c, p, (c < C)[:, None] & (p < P)[None, :]
 
 
-@_triton
+@_jit
 def _at(n, c, p, sn, sc, sp):
     """Offsets of a [channels, positions] tile of sample n in a full-size tensor."""
     return n.to(tl.int64) * sn + c[:, None] * sc + p[None, :] * sp
 
 
-@_triton
+@_jit
 def _plane(n, c, h, w, W, sn, sc, sp):
     """Offsets of a [channels, rows, columns] tile of sample n in a full-size tensor."""
     return n.to(tl.int64) * sn + c[:, None, None] * sc + (h[None, :, None] * W + w[None, None, :]) * sp
 
 
-@_triton
+@_jit
 def _mean_gate(a_cw, a_hc, a_hw, n, c, p, C, P, W, mask, SPATIAL: tl.constexpr):
     """(a_cw[n, c, w] + a_hc[n, c, h] (+ a_hw[n, h, w])) / (number of gates) at positions p = h·W + w, summed and
     divided (correctly rounded) as the reference does."""
@@ -163,7 +151,7 @@ def _mean_gate(a_cw, a_hc, a_hw, n, c, p, C, P, W, mask, SPATIAL: tl.constexpr):
 
 # --- one gate per channel: SE, ECA, SRM, Gather-Excite ---
 
-@_triton
+@_jit
 def _pool_hw_kernel(x, mean, m2, C, P, sn, sc, sp, WITH_M2: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_P: tl.constexpr):
     """mean (and M2) over P of BLOCK_C channels, in one read of x. Values are shifted by each channel's first one, so
@@ -192,7 +180,7 @@ def _pool_hw_kernel(x, mean, m2, C, P, sn, sc, sp, WITH_M2: tl.constexpr, BLOCK_
         tl.store(m2 + n * C + c, dev, mask=c < C)
 
 
-@_triton
+@_jit
 def _scale_c_kernel(x, g, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """y = x · g[n, c]."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
@@ -201,7 +189,7 @@ def _scale_c_kernel(x, g, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P
     tl.store(y + at, _to(tl.load(x + at, mask=mask).to(tl.float32) * gc[:, None], y.dtype.element_ty), mask=mask)
 
 
-@_triton
+@_jit
 def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Σ_p dy·x of BLOCK_C channels."""
     n = tl.program_id(1)
@@ -215,7 +203,7 @@ def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.cons
     tl.store(out + n * C + c, total, mask=c < C)
 
 
-@_triton
+@_jit
 def _grad_c_kernel(dy, g, a, x, b, m, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, WITH_B: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = dy·g + a (+ b·(x − m)), per-channel factors."""
@@ -232,7 +220,7 @@ def _grad_c_kernel(dy, g, a, x, b, m, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, WI
 
 # --- Gather-Excite θ, global extent: a depthwise kernel k [C, P] covering the map ---
 
-@_triton
+@_jit
 def _grad_k_kernel(dy, g, a, x, k, dx, dk, N, C, P, dsn, dsc, dsp, sn, sc, sp, WITH_DX: tl.constexpr,
                    WITH_DK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = dy·g[n, c] + a[n, c]·k[c, p] and dk[c, p] = Σ_n a[n, c]·x on a tile of channels and positions, the
@@ -258,7 +246,7 @@ def _grad_k_kernel(dy, g, a, x, k, dx, dk, N, C, P, dsn, dsc, dsp, sn, sc, sp, W
 
 # --- Coordinate Attention: a gate per row and per column of each channel ---
 
-@_triton
+@_jit
 def _pool_h_w_kernel(x, mean_h, mean_w, C, H, W: tl.constexpr, sn, sc, sp, BLOCK_C: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Means over W (per row, complete for each step's rows) and over H (per column, summed over the steps)."""
@@ -276,7 +264,7 @@ def _pool_h_w_kernel(x, mean_h, mean_w, C, H, W: tl.constexpr, sn, sc, sp, BLOCK
     tl.store(mean_w + (n * C + c)[:, None] * W + w[None, :], columns / H, mask=(c < C)[:, None] & (w < W)[None, :])
 
 
-@_triton
+@_jit
 def _scale_hw_kernel(x, ah, aw, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """y = x · aw[n, c, w] · ah[n, c, h], rounded after each factor."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
@@ -288,7 +276,7 @@ def _scale_hw_kernel(x, ah, aw, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, B
     tl.store(y + at, _to(v * ah_, y.dtype.element_ty), mask=mask)
 
 
-@_triton
+@_jit
 def _dot_h_w_kernel(dy, x, ah, aw, out_h, out_w, C, H, W: tl.constexpr, dsn, dsc, dsp, sn, sc, sp,
                     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Σ_w dy·x·aw per row and Σ_h dy·x·ah per column, planes walked as in _pool_h_w_kernel."""
@@ -311,7 +299,7 @@ def _dot_h_w_kernel(dy, x, ah, aw, out_h, out_w, C, H, W: tl.constexpr, dsn, dsc
     tl.store(out_w + (n * C + c)[:, None] * W + w[None, :], columns, mask=col_in)
 
 
-@_triton
+@_jit
 def _grad_hw_kernel(dy, ah, aw, bh, bw, dx, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = dy·ah·aw + bh[n, c, h] + bw[n, c, w]."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
@@ -327,7 +315,7 @@ def _grad_hw_kernel(dy, ah, aw, bh, bw, dx, C, P, W, sn, sc, sp, BLOCK_C: tl.con
 
 # --- CBAM: a channel gate, then a spatial gate pooled from the channel-gated map ---
 
-@_triton
+@_jit
 def _pool_hw_avgmax_kernel(x, mean, top, top_at, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Mean, maximum and first argmax over P of BLOCK_C channels."""
     n = tl.program_id(1)
@@ -347,7 +335,7 @@ def _pool_hw_avgmax_kernel(x, mean, top, top_at, C, P, sn, sc, sp, BLOCK_C: tl.c
     tl.store(top_at + n * C + c, best_at.to(tl.int64), mask=c < C)
 
 
-@_triton
+@_jit
 def _pool_c_gated_kernel(x, mc, total, top, top_at, C, P, c_chunk, sn, sc, sp, BLOCK_C: tl.constexpr,
                          BLOCK_P: tl.constexpr):
     """Sum, maximum and first argmax over a chunk of C of x·mc (rounded), per position: [N, C chunks, P] partials."""
@@ -371,7 +359,7 @@ def _pool_c_gated_kernel(x, mc, total, top, top_at, C, P, c_chunk, sn, sc, sp, B
     tl.store(top_at + out, best_at, mask=p < P)
 
 
-@_triton
+@_jit
 def _scale_cs_kernel(x, mc, ms, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """y = (x · mc[n, c]) · ms[n, p], rounded after each factor."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
@@ -381,7 +369,7 @@ def _scale_cs_kernel(x, mc, ms, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, B
     tl.store(y + at, _to(v * s[None, :], y.dtype.element_ty), mask=mask)
 
 
-@_triton
+@_jit
 def _dot_cs_kernel(dy, x, mc, ms, by_c, by_p, C, P, c_chunk, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr,
                    BLOCK_P: tl.constexpr):
     """Partials of dot_cs over a block of positions and a chunk of channels: Σ_p dy·x·ms per channel into
@@ -403,7 +391,7 @@ def _dot_cs_kernel(dy, x, mc, ms, by_c, by_p, C, P, c_chunk, dsn, dsc, dsp, sn, 
     tl.store(by_p + (n * tl.num_programs(1) + tl.program_id(1)) * P + p, acc, mask=p < P)
 
 
-@_triton
+@_jit
 def _dot_x_s_kernel(x, u, v, argc, by_c, C, P, c_chunk, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Σ_p x·(u + v·[c = argc]) over a block of positions, for a chunk of channels: by_c[n, c, P block]."""
     n = tl.program_id(2)
@@ -420,7 +408,7 @@ def _dot_x_s_kernel(x, u, v, argc, by_c, C, P, c_chunk, sn, sc, sp, BLOCK_C: tl.
         tl.store(by_c + (n * C + c) * tl.num_programs(0) + tl.program_id(0), tl.sum(xv * weight, 1), mask=c < C)
 
 
-@_triton
+@_jit
 def _grad_cs_kernel(dy, mc, ms, u, v, argc, a, b, arghw, dx, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr,
                     BLOCK_P: tl.constexpr):
     """dx = mc·(dy·ms + u + v·[c = argc]) + a + b·[p = arghw]."""
@@ -442,7 +430,7 @@ def _grad_cs_kernel(dy, mc, ms, u, v, argc, a, b, arghw, dx, C, P, W, sn, sc, sp
 
 # --- Triplet Attention: Z-pools over H, W and C; the mean of three gates ---
 
-@_triton
+@_jit
 def _zpool3_kernel(x, h_top, h_at, h_mean, w_top, w_at, w_mean, c_top, c_at, c_sum, C, H, W: tl.constexpr, sn, sc,
                    sp, SPATIAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """(max, first argmax, mean) of BLOCK_C channels over W (per row, complete each step) and over H (per column,
@@ -481,7 +469,7 @@ def _zpool3_kernel(x, h_top, h_at, h_mean, w_top, w_at, w_mean, c_top, c_at, c_s
     tl.store(h_mean + at_cols, col_sum / H, mask=cols)
 
 
-@_triton
+@_jit
 def _scale_mean3_kernel(x, a_cw, a_hc, a_hw, y, C, P, W, sn, sc, sp, SPATIAL: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_P: tl.constexpr):
     """y = x · mean of the gates."""
@@ -491,7 +479,7 @@ def _scale_mean3_kernel(x, a_cw, a_hc, a_hw, y, C, P, W, sn, sc, sp, SPATIAL: tl
     tl.store(y + at, _to(tl.load(x + at, mask=mask).to(tl.float32) * _round(gate, x), y.dtype.element_ty), mask=mask)
 
 
-@_triton
+@_jit
 def _dot3_kernel(dy, x, by_h, by_w, by_c, C, H, W: tl.constexpr, dsn, dsc, dsp, sn, sc, sp, SPATIAL: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Σ_h dy·x per column, Σ_w per row and, with SPATIAL, Σ over these channels: [N, C blocks, H, W] partials."""
@@ -513,7 +501,7 @@ def _dot3_kernel(dy, x, by_h, by_w, by_c, C, H, W: tl.constexpr, dsn, dsc, dsp, 
     tl.store(by_h + (n * C + c)[:, None] * W + w[None, :], columns, mask=(c < C)[:, None] & (w < W)[None, :])
 
 
-@_triton
+@_jit
 def _grad_mean3_kernel(dy, a_cw, a_hc, a_hw, v_h, at_h, u_h, v_w, at_w, u_w, v_c, at_c, u_c, dx, C, P, W, sn, sc,
                        sp, SPATIAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = dy·gate + the pools' gradients: over H (u_h, v_h at at_h, per column), over W (per row) and, with
@@ -629,7 +617,7 @@ def _first_max_of_parts(top: Tensor, top_at: Tensor, dim: int) -> tuple[Tensor, 
 
 def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
     """mean[N, C] over H×W, and the sum of squared deviations from it, M2[N, C], when asked."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     mean = _stats(n, c, like=x)
@@ -642,7 +630,7 @@ def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
 
 def scale_c(x: Tensor, g: Tensor) -> Tensor:
     """y = x · g[n, c]."""
-    _ready()
+    _require()
     x, s = _full(x)
     y = torch.empty_like(x)  # x is dense, so y gets its strides and the kernels address both alike
     _elementwise(_scale_c_kernel, x, s, x, _small(g), y)
@@ -651,7 +639,7 @@ def scale_c(x: Tensor, g: Tensor) -> Tensor:
 
 def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     """Σ_hw dy·x, [N, C]."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = x.shape
@@ -664,7 +652,7 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
            m: Tensor | None = None) -> Tensor:
     """dx = dy·g[n, c] + a[n, c] (+ b[n, c]·(x − m[n, c]) when b is given), rounded to dy's dtype once."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     with_b = b is not None
     x, s = _full(x) if with_b else (dy, ds)
@@ -677,7 +665,7 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
 
 def pool_k(x: Tensor, k: Tensor) -> Tensor:
     """Σ_hw x·k[c, h, w], [N, C]."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     out = _stats(n, c, like=x)
@@ -691,7 +679,7 @@ def pool_k(x: Tensor, k: Tensor) -> Tensor:
 def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool,
            with_dk: bool) -> tuple[Tensor | None, Tensor | None]:
     """(dx = dy·g[n, c] + a[n, c]·k[c, h, w], dk[c, h, w] = Σ_n a[n, c]·x), each only when asked."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = dy.shape
@@ -707,7 +695,7 @@ def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool
 
 def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean over W [N, C, H], mean over H [N, C, W])."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     mean_h, mean_w = _stats(n, c, h, like=x), _stats(n, c, w, like=x)
@@ -719,7 +707,7 @@ def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
     """y = x · aw[n, c, w] · ah[n, c, h] (the reference's order of rounding)."""
-    _ready()
+    _require()
     x, s = _full(x)
     y = torch.empty_like(x)
     _elementwise(_scale_hw_kernel, x, s, x, _small(ah), _small(aw), y)
@@ -728,7 +716,7 @@ def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
 
 def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tensor]:
     """(Σ_w dy·x·aw [N, C, H], Σ_h dy·x·ah [N, C, W]), with the factors as rounded in the forward."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = x.shape
@@ -741,7 +729,7 @@ def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tens
 
 def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
     """dx = dy·ah·aw + bh[n, c, h] + bw[n, c, w]."""
-    _ready()
+    _require()
     dy, s = _full(dy)
     dx = torch.empty_like(dy)
     _elementwise(_grad_hw_kernel, dy, s, dy, _small(ah), _small(aw), _small(bh), _small(bw), dx)
@@ -750,7 +738,7 @@ def grad_hw(dy: Tensor, ah: Tensor, aw: Tensor, bh: Tensor, bw: Tensor) -> Tenso
 
 def pool_hw_avgmax(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, index of the first max) over H×W, each [N, C]; the index counts h·W + w."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     mean, top, top_at = _stats(n, c, like=x), _stats(n, c, like=x), _stats(n, c, like=x, dtype=torch.int64)
@@ -762,7 +750,7 @@ def pool_hw_avgmax(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, max, index of the first max) over C of x·mc (rounded to x's dtype), each [N, H, W]."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, s)
@@ -775,7 +763,7 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     """y = (x · mc[n, c]) · ms[n, h, w]."""
-    _ready()
+    _require()
     x, s = _full(x)
     y = torch.empty_like(x)
     _elementwise(_scale_cs_kernel, x, s, x, _small(mc), _small(ms), y)
@@ -784,7 +772,7 @@ def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
 
 def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:
     """(Σ_hw dy·x·ms [N, C], Σ_c dy·(x·mc) [N, H, W]), factors as rounded in the forward."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = x.shape
@@ -797,7 +785,7 @@ def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tenso
 
 def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
     """Σ_hw x·(u[n, h, w] + v[n, h, w]·[c = argc[n, h, w]]), [N, C]."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, s)
@@ -810,7 +798,7 @@ def dot_x_s(x: Tensor, u: Tensor, v: Tensor, argc: Tensor) -> Tensor:
 def grad_cs(dy: Tensor, mc: Tensor, ms: Tensor, u: Tensor, v: Tensor, argc: Tensor,
             a: Tensor, b: Tensor, arghw: Tensor) -> Tensor:
     """dx = mc·(dy·ms + u + v·[c = argc]) + a[n, c] + b[n, c]·[h·W + w = arghw[n, c]]."""
-    _ready()
+    _require()
     dy, s = _full(dy)
     dx = torch.empty_like(dy)
     _elementwise(_grad_cs_kernel, dy, s, dy, *[_small(t) for t in (mc, ms, u, v, argc, a, b, arghw)], dx)
@@ -821,7 +809,7 @@ def zpool3(x: Tensor, spatial: bool) -> tuple[tuple[Tensor, Tensor, Tensor], ...
     """For H ([N, C, W]), W ([N, C, H]) and, if `spatial`, C ([N, H, W]): (max, index of the first max, mean).
     One read of x: a program holds whole planes of a block of channels, so its pools over H and W are complete; its
     pools over C cover its block, and the blocks' are combined after."""
-    _ready()
+    _require()
     x, s = _full(x)
     n, c, h, w = x.shape
     bc, bh, bw = _blocks_3d(c, h, w, channels_first=spatial or _channels_last(s))
@@ -840,7 +828,7 @@ def zpool3(x: Tensor, spatial: bool) -> tuple[tuple[Tensor, Tensor, Tensor], ...
 
 def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> Tensor:
     """y = x · (a_cw[n, c, w] + a_hc[n, c, h] (+ a_hw[n, h, w])) / (number of gates)."""
-    _ready()
+    _require()
     x, s = _full(x)
     y = torch.empty_like(x)
     a_cw = _small(a_cw)
@@ -851,7 +839,7 @@ def scale_mean3(x: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None) -> T
 
 def dot3(dy: Tensor, x: Tensor, spatial: bool) -> tuple[Tensor, ...]:
     """Σ_h dy·x [N, C, W], Σ_w dy·x [N, C, H] and, if `spatial`, Σ_c dy·x [N, H, W], in one pass as zpool3."""
-    _ready()
+    _require()
     dy, ds = _full(dy)
     x, s = _full(x)
     n, c, h, w = x.shape
@@ -867,7 +855,7 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
                pools: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> Tensor:
     """dx = dy·gate + Σ over the pooled axes d of (u_d + v_d·[position along d = argmax_d]), each pool (v_d,
     argmax_d, u_d) for H, W and, with a_hw, C."""
-    _ready()
+    _require()
     dy, s = _full(dy)
     spatial = a_hw is not None
     if len(pools) != 2 + spatial:

@@ -1,11 +1,7 @@
 """The Triton backend (attnkit/kernels/triton.py) against its specification, reference.py.
 
-Without CUDA the kernels run under Triton's interpreter on the CPU: the `runnable` fixture sets TRITON_INTERPRET=1
-for this module's tests (the backend jits its kernels at first use, so that is early enough for them). Triton
-decides when it is imported whether its own library (tl.sum, tl.max, ...) is interpreted, and in the default test run
-conftest.py has imported it already (attnkit.train -> torch.utils.flop_counter -> triton), so the fixture also wraps
-that library for the interpreter, as an import under TRITON_INTERPRET=1 would have; both undone after the module.
-Shapes are tiny and odd, as the interpreter is slow.
+Without CUDA the kernels run under Triton's interpreter on the CPU: tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports Triton. Shapes are tiny and odd, as the interpreter is slow.
 
 Every comparison runs the reference on the same inputs: full-size outputs (y, dx) must be bit-identical (every
 rounding to x's dtype as the reference writes it) and keep x's memory format, argmax indices identical (the first
@@ -32,23 +28,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="module", autouse=True)
 def runnable():
-    """Without CUDA, the interpreter with Triton's own jitted functions wrapped for it (if Triton was imported before
-    TRITON_INTERPRET was set); a skip, with the backend's reason, where it cannot run all the same."""
-    with pytest.MonkeyPatch.context() as patch:
-        if DEVICE == "cpu":
-            patch.setenv("TRITON_INTERPRET", "1")
-        if DEVICE == "cpu" and backend.triton is not None:
-            from triton.runtime import JITFunction
-            from triton.runtime.interpreter import InterpretedFunction
-
-            wrapped: dict[int, InterpretedFunction] = {}
-            for module in (backend.tl, backend.tl.standard):
-                for name, value in list(vars(module).items()):
-                    if isinstance(value, JITFunction):  # the same function under two names: one wrapper
-                        patch.setattr(module, name, wrapped.setdefault(id(value), InterpretedFunction(value.fn)))
-        if backend.unavailable():
-            pytest.skip(f"the Triton backend cannot run here: it {backend.unavailable()}")
-        yield
+    """A skip, with the backend's reason, where it cannot run (no CUDA and no interpreter)."""
+    if backend.unavailable():
+        pytest.skip(f"the Triton backend cannot run here: it {backend.unavailable()}")
 
 
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (1, 1, 5, 2)]
