@@ -13,17 +13,66 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from torch import nn
 
-__all__ = ["register", "list_modules", "registered_classes", "get_module_class", "parse_spec", "create", "did_you_mean", "check_kwargs", "build"]
+__all__ = ["MODULES", "Registry", "build", "check_kwargs", "create", "did_you_mean", "get_module_class", "list_modules",
+           "parse_spec", "register", "registered_classes"]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-F = TypeVar("F", bound=Callable[..., nn.Module])
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest of `valid`, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(valid), n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
+
+
+class Registry:
+    """Names -> factories of one kind (attention modules, models, data sets): registration, spec strings
+    ("name(key=value, ...)"), the sorted listing, and errors that list the names and guess the one meant."""
+
+    def __init__(self, kind: str, unknown: str = "Available") -> None:
+        self.kind = kind  # "attention module", "model", "dataset"
+        self.unknown = unknown  # how the error introduces the listing
+        self.entries: dict[str, Callable[..., Any]] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def register(self, name: str, *, override: bool = False) -> Callable[[F], F]:
+        """Decorator registering a class or factory under `name` (an identifier, hyphens allowed)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"register: the name must be a Python identifier such as 'my_gate', got {name!r}.")
+
+        def decorator(factory: F) -> F:
+            if not callable(factory):
+                raise TypeError(f"register({name!r}): expected a class or callable, got {factory!r}.")
+            known = self.entries.get(name)
+            if known is not None and known is not factory and not override:
+                raise ValueError(f"register: {name!r} is already registered to {getattr(known, '__qualname__', known)}; "
+                                 f"pass override=True to replace it.")
+            self.entries[name] = factory
+            return factory
+
+        return decorator
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """The factory registered as `name`; a ValueError listing the names if there is none."""
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise ValueError(f"Unknown {self.kind} {name!r}. {self.unknown}: {', '.join(self.names())}."
+                             f"{did_you_mean(name, self.entries)}") from None
+
+    def parse(self, spec: str) -> tuple[str, Callable[..., Any], dict[str, Any]]:
+        """(name, factory, keyword arguments) of a spec string, the arguments checked against the factory's."""
+        name, kwargs = parse_spec(spec, f"{self.kind} spec")
+        factory = self.get(name)
+        return name, factory, kwargs
+
+
+MODULES = Registry("attention module", unknown="Registered modules")
 
 
 def register(name: str, *, override: bool = False) -> Callable[[F], F]:
@@ -35,42 +84,24 @@ def register(name: str, *, override: bool = False) -> Callable[[F], F]:
         class MyGate(nn.Module):
             def __init__(self, channels: int, reduction: int = 16): ...
     """
-    if not isinstance(name, str) or not name.isidentifier():
+    if isinstance(name, str) and not name.isidentifier():
         raise ValueError(f"register: the name must be a Python identifier such as 'my_gate', got {name!r}.")
-
-    def decorator(factory: F) -> F:
-        if not callable(factory):
-            raise TypeError(f"register({name!r}): expected a class or callable, got {factory!r}.")
-        if name in _REGISTRY and _REGISTRY[name] is not factory and not override:
-            raise ValueError(
-                f"register: {name!r} is already registered to {_REGISTRY[name].__qualname__}; "
-                f"pass override=True to replace it."
-            )
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return MODULES.register(name, override=override)
 
 
 def registered_classes() -> set[type]:
     """The registered factories that are classes (the types of the modules the registry builds)."""
-    return {factory for factory in _REGISTRY.values() if isinstance(factory, type)}
+    return {factory for factory in MODULES.entries.values() if isinstance(factory, type)}
 
 
 def list_modules() -> list[str]:
     """The registered module names, sorted."""
-    return sorted(_REGISTRY)
+    return MODULES.names()
 
 
 def get_module_class(name: str) -> Callable[..., nn.Module]:
     """The class (or factory) registered under `name`; ValueError listing the names if there is none."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown attention module {name!r}. Registered modules: {', '.join(list_modules())}."
-            f"{did_you_mean(name, list_modules())}"
-        ) from None
+    return MODULES.get(name)
 
 
 _NAME = re.compile(r"[A-Za-z_][\w\-]*")

@@ -106,9 +106,28 @@ def test_user_registration_by_decorator():
         with pytest.raises(ValueError, match="'test_scale_gate' has no argument 'factor'.*Valid arguments: scale"):
             attnkit.create("test_scale_gate(factor=2)", 8)
     finally:
-        registry._REGISTRY.pop("test_scale_gate", None)
+        registry.MODULES.entries.pop("test_scale_gate", None)
 
 
 def test_register_rejects_bad_names():
     with pytest.raises(ValueError, match="must be a Python identifier"):
         attnkit.register("my gate")
+
+
+def test_one_registry_class_serves_modules_models_and_data_sets():
+    from attnkit.data import DATASETS
+    from attnkit.models import MODELS
+    from attnkit.registry import MODULES, Registry
+
+    assert MODULES.names() == attnkit.list_modules() and MODELS.names() == attnkit.list_models()
+    assert "cluttered-digits" in DATASETS and "resnet20" in MODELS and "se" in MODULES
+    things = Registry("thing")
+    make = things.register("square")(lambda side=2: side * side)
+    assert things.get("square") is make and things.names() == ["square"]
+    with pytest.raises(ValueError, match="'square' is already registered .* pass override=True"):
+        things.register("square")(lambda: 0)
+    with pytest.raises(ValueError, match=r"Unknown thing 'sqare'. Available: square. Did you mean 'square'\?"):
+        things.get("sqare")
+    assert things.parse("square(side=3)")[::2] == ("square", {"side": 3})
+    with pytest.raises(ValueError, match="Cannot parse thing spec"):
+        things.parse("square(")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import check_kwargs, did_you_mean, parse_spec
+from ..registry import Registry, check_kwargs
 from .cluttered import make_cluttered
 from .formats import DataNotFoundError, check_labels, find_file, read_cifar_batches, read_idx, read_image
 from .loader import FolderLoader, Loader, TensorLoader
@@ -222,7 +222,8 @@ def synthetic(image_size: int | None = 32, samples: int = 2048, test_samples: in
                    "none", [str(i) for i in range(num_classes)])
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {
+DATASETS = Registry("dataset")
+for _name, _factory in {
     "digits": digits,
     "cluttered-digits": cluttered_digits,
     "mnist": mnist,
@@ -231,20 +232,18 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "cifar100": cifar100,
     "imagefolder": imagefolder,
     "synthetic": synthetic,
-}
+}.items():
+    DATASETS.register(_name)(_factory)
 
 
 def list_datasets() -> list[str]:
-    return sorted(DATASETS)
+    return DATASETS.names()
 
 
 def load_dataset(spec: str, data_dir: str | os.PathLike = "data", image_size: int | None = None,
                  download: bool = False) -> Dataset:
     """Load a data set by spec: a name, or a name with options, e.g. "synthetic(samples=512, channels=1)"."""
-    name, options = parse_spec(spec, "dataset spec")
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}. Available: {', '.join(list_datasets())}.{did_you_mean(name, DATASETS)}")
-    factory = DATASETS[name]
+    name, factory, options = DATASETS.parse(spec)
     check_kwargs(name, factory, options, skip=0)
     accepted = inspect.signature(factory).parameters
     given = {"data_dir": data_dir, "download": download, "image_size": image_size}

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from ..registry import did_you_mean
+from ..registry import Registry
 from ..surgery import attach
 from .cifar_resnet import CifarResNet
 from .lenet import LeNet
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 
-__all__ = ["create_model", "list_models", "CifarResNet", "LeNet", "MobileNetV2", "ResNet"]
+__all__ = ["MODELS", "create_model", "list_models", "CifarResNet", "LeNet", "MobileNetV2", "ResNet"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
+MODELS = Registry("model")
+for _name, _factory in {
     "lenet": LeNet,
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
     "resnet18": resnet18,
@@ -25,12 +26,13 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet101": resnet101,
     "resnet152": resnet152,
     "mobilenet_v2": mobilenet_v2,
-}
+}.items():
+    MODELS.register(_name)(_factory)
 
 
 def list_models() -> list[str]:
     """The names create_model() accepts."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def create_model(
@@ -49,12 +51,11 @@ def create_model(
     ignored by those that pool globally. Other `kwargs` go to the backbone; attention options go in the spec
     string, e.g. create_model("resnet50", attn="cbam(reduction=8)").
     """
-    if name not in _MODELS:
-        raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.{did_you_mean(name, _MODELS)}")
+    factory = MODELS.get(name)
     options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
-    if input_size is not None and "input_size" in inspect.signature(_MODELS[name]).parameters:
+    if input_size is not None and "input_size" in inspect.signature(factory).parameters:
         options["input_size"] = input_size
-    model = _MODELS[name](**options, **kwargs)
+    model = factory(**options, **kwargs)
     if attn is not None:
         attach(model, attn, identity_init=identity_init)
     return model

@@ -192,8 +192,8 @@ def test_modules_declare_their_placement_position_and_stages(monkeypatch):
     class AfterConv(ChannelGate):  # after each block's 3×3 convolution and its BN
         placement = "after_conv"
 
-    monkeypatch.setitem(registry._REGISTRY, "between_blocks", BetweenBlocks)
-    monkeypatch.setitem(registry._REGISTRY, "after_conv", AfterConv)
+    monkeypatch.setitem(registry.MODULES.entries, "between_blocks", BetweenBlocks)
+    monkeypatch.setitem(registry.MODULES.entries, "after_conv", AfterConv)
     report = attnkit.attach(torchvision.models.resnet50(), "between_blocks")
     assert [s.after for s in report] == [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)]
     report = attnkit.attach(torchvision.models.resnet50(), "between_blocks", position="residual", stages=[4])

@@ -39,5 +39,5 @@ class ChannelGate(nn.Module):
 @pytest.fixture
 def user_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """'user_spatial' and 'user_channel' registered for one test."""
-    monkeypatch.setitem(registry._REGISTRY, "user_spatial", SpatialGate)
-    monkeypatch.setitem(registry._REGISTRY, "user_channel", ChannelGate)
+    monkeypatch.setitem(registry.MODULES.entries, "user_spatial", SpatialGate)
+    monkeypatch.setitem(registry.MODULES.entries, "user_channel", ChannelGate)
