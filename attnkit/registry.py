@@ -9,7 +9,7 @@ import ast
 import difflib
 import inspect
 import re
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from torch import nn
 
@@ -29,10 +29,12 @@ class Registry:
     """Names -> factories of one kind (attention modules, models, data sets): registration, spec strings
     ("name(key=value, ...)"), the sorted listing, and errors that list the names and guess the one meant."""
 
-    def __init__(self, kind: str, unknown: str = "Available") -> None:
+    def __init__(self, kind: str, entries: Mapping[str, Callable[..., Any]] = {}, unknown: str = "Available") -> None:
         self.kind = kind  # "attention module", "model", "dataset"
         self.unknown = unknown  # how the error introduces the listing
         self.entries: dict[str, Callable[..., Any]] = {}
+        for name, factory in entries.items():
+            self.register(name)(factory)
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries

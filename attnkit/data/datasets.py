@@ -222,8 +222,7 @@ def synthetic(image_size: int | None = 32, samples: int = 2048, test_samples: in
                    "none", [str(i) for i in range(num_classes)])
 
 
-DATASETS = Registry("dataset")
-for _name, _factory in {
+DATASETS = Registry("dataset", {
     "digits": digits,
     "cluttered-digits": cluttered_digits,
     "mnist": mnist,
@@ -232,8 +231,7 @@ for _name, _factory in {
     "cifar100": cifar100,
     "imagefolder": imagefolder,
     "synthetic": synthetic,
-}.items():
-    DATASETS.register(_name)(_factory)
+})
 
 
 def list_datasets() -> list[str]:

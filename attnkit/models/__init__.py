@@ -16,8 +16,7 @@ from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 
 __all__ = ["MODELS", "create_model", "list_models", "CifarResNet", "LeNet", "MobileNetV2", "ResNet"]
 
-MODELS = Registry("model")
-for _name, _factory in {
+MODELS = Registry("model", {
     "lenet": LeNet,
     **{f"resnet{d}": partial(CifarResNet, d) for d in (20, 32, 44, 56, 110)},
     "resnet18": resnet18,
@@ -26,8 +25,7 @@ for _name, _factory in {
     "resnet101": resnet101,
     "resnet152": resnet152,
     "mobilenet_v2": mobilenet_v2,
-}.items():
-    MODELS.register(_name)(_factory)
+})
 
 
 def list_models() -> list[str]:
