@@ -81,16 +81,6 @@ def test_parameter_count(channels, pooling, fusion, transforms):
     assert n_params(m) == mask + transforms * per_transform
 
 
-def test_wrong_channel_count_names_both():
-    with pytest.raises(ValueError, match=r"built for 32 channels but the input has 16"):
-        GlobalContext(32)(torch.randn(2, 16, 4, 4))
-
-
-def test_three_dimensional_input():
-    with pytest.raises(ValueError, match=r"4-D feature map .*got a 3-D tensor"):
-        GlobalContext(32)(torch.randn(32, 4, 4))
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

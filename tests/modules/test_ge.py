@@ -138,16 +138,6 @@ def test_bad_options(kwargs, error, message):
         GatherExcite(8, **kwargs)
 
 
-def test_wrong_channel_count_names_both():
-    with pytest.raises(ValueError, match=r"built for 8 channels but the input has 6"):
-        GatherExcite(8)(torch.randn(2, 6, 4, 4))
-
-
-def test_three_dimensional_input():
-    with pytest.raises(ValueError, match=r"4-D feature map .*got a 3-D tensor"):
-        GatherExcite(8, 2)(torch.randn(8, 4, 4))
-
-
 def test_theta_global_train_with_batch_of_one_says_batchnorm_cannot_train():
     m = GatherExcite(8, variant="theta", spatial_size=(4, 4)).train()
     with pytest.raises(ValueError, match="BatchNorm cannot train on one value"):

@@ -76,16 +76,6 @@ def test_resnet50_added_parameters():
     assert added == 4 * 15104 == 60416  # about 0.06M, as published
 
 
-def test_wrong_channel_count_names_both():
-    with pytest.raises(ValueError, match=r"built for 6 channels but the input has 5"):
-        SRM(6).eval()(torch.randn(2, 5, 4, 4))
-
-
-def test_three_dimensional_input():
-    with pytest.raises(ValueError, match=r"4-D feature map .*got a 3-D tensor of shape \(6, 4, 4\)"):
-        SRM(6).eval()(torch.randn(6, 4, 4))
-
-
 def test_train_with_batch_of_one_says_batchnorm_cannot_train():
     with pytest.raises(ValueError, match="BatchNorm cannot train on one value"):
         SRM(6).train()(torch.randn(1, 6, 4, 4))

@@ -55,16 +55,6 @@ def test_parameter_count_does_not_depend_on_channels(channels, kernel_size):
     assert n_params(two) == 2 * per_branch
 
 
-def test_wrong_channel_count_names_both():
-    with pytest.raises(ValueError, match=r"built for 8 channels but the input has 4"):
-        TripletAttention(8).eval()(torch.randn(2, 4, 5, 5))
-
-
-def test_three_dimensional_input():
-    with pytest.raises(ValueError, match=r"4-D feature map .*got a 3-D tensor"):
-        TripletAttention(8).eval()(torch.randn(8, 5, 5))
-
-
 def test_train_on_a_single_pixel_says_batchnorm_cannot_train():
     with pytest.raises(ValueError, match="BatchNorm cannot train on one value"):
         TripletAttention(8).train()(torch.randn(1, 8, 1, 1))

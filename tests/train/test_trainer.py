@@ -128,10 +128,11 @@ def test_frozen_batchnorm_keeps_its_statistics(tiny, tmp_path):
     ],
     ids=["bf16-channels-last", "adamw-step-clip", "synthetic"],
 )
-def test_training_options_run_and_learn_something_finite(tiny, options):
+def test_training_options_run_and_reduce_the_loss(tiny, options):
     result = train(tiny(attn="srm", **options))
-    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
-    assert len(result.history) == 2
+    losses = [r["train_loss"] for r in result.history]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[1] < losses[0]
 
 
 @pytest.mark.slow
