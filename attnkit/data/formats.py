@@ -190,5 +190,7 @@ def read_image(path: str | Path, mode: str = "RGB") -> Any:
             return image.convert(mode)
     except Image.DecompressionBombError as error:
         raise ValueError(f"{path} is too large to decode safely ({error}). Resize it, or leave it out.") from None
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+    # PIL's UnidentifiedImageError is an OSError; an ImportError comes from a fallback another library patched into
+    # Image.open for files Pillow cannot identify (Ultralytics tries the pi-heif plugin, which may be missing)
+    except (OSError, SyntaxError, ValueError, ImportError) as error:
         raise ValueError(f"{path} is not a readable image ({type(error).__name__}: {error}).") from error

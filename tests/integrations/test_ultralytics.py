@@ -205,3 +205,12 @@ def test_classify_yaml_trains(tmp_path):
     model.train(data=str(tmp_path / "data"), project=str(tmp_path / "runs"), name="cls", **{**TRAIN, "imgsz": 32})
     assert len(attention_layers(model.trainer.model)) == 1
     assert Path(model.trainer.best).is_file()
+
+
+def test_a_bad_image_is_still_one_clear_error_after_ultralytics_patched_pillow(tmp_path):
+    """Importing Ultralytics replaces PIL.Image.open with a fallback that imports pi-heif for unidentified files."""
+    from attnkit.data.formats import read_image
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png is not a readable image"):
+        read_image(tmp_path / "broken.png")

@@ -82,7 +82,7 @@ def test_a_registered_block_layout_is_used_first_and_named_in_the_report(monkeyp
 
 
 def test_sk_and_output_position_need_known_blocks():
-    with pytest.raises(ValueError, match=r"replaces a block's 3×3 convolution needs blocks attnkit knows.*register_block_layout"):
+    with pytest.raises(ValueError, match=r"replaces or follows a block's 3×3 convolution needs blocks attnkit knows.*register_block_layout"):
         attnkit.attach(Custom(), "sk(groups=4)")
     with pytest.raises(ValueError, match="position='output'.*no blocks attnkit knows"):
         attnkit.attach(plain_cnn(), "se", position="output")
