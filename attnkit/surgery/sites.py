@@ -117,14 +117,16 @@ def _block_sites(model: nn.Module, measured: Measured, placement: str, position:
 
 
 # ---------------------------------------------------------------------------------------------- 3. traced additions
-def _ancestors(node: fx.Node, memo: dict[fx.Node, set[fx.Node]]) -> set[fx.Node]:
-    if node not in memo:
-        memo[node] = set()  # the graph is acyclic; this only guards the recursion
-        found: set[fx.Node] = set()
-        for parent in node.all_input_nodes:
-            found |= {parent} | _ancestors(parent, memo)
-        memo[node] = found
-    return memo[node]
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node` is computed from (a walk back through the graph, without recursion: graphs run deep)."""
+    found: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        parent = todo.pop()
+        if parent not in found:
+            found.add(parent)
+            todo.extend(parent.all_input_nodes)
+    return found
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
@@ -140,16 +142,16 @@ def _is_residual_add(node: fx.Node) -> bool:
     return len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 4
 
 
-def _branch_end(add: fx.Node, memo: dict[fx.Node, set[fx.Node]]) -> fx.Node:
+def _branch_end(add: fx.Node) -> fx.Node:
     """The input of a residual addition that is the branch (the other is the shortcut): the one computed from the other,
     or, when both are computed from the block's input, the one with more layers of its own."""
     a, b = add.args[:2]
-    if a in _ancestors(b, memo):
+    before_a, before_b = _ancestors(a), _ancestors(b)
+    if a in before_b:
         return b
-    if b in _ancestors(a, memo):
+    if b in before_a:
         return a
-    only_a, only_b = _ancestors(a, memo) - _ancestors(b, memo), _ancestors(b, memo) - _ancestors(a, memo)
-    layers = [sum(n.op == "call_module" for n in nodes | {end}) for nodes, end in ((only_a, a), (only_b, b))]
+    layers = [sum(n.op == "call_module" for n in nodes | {end}) for nodes, end in ((before_a - before_b, a), (before_b - before_a, b))]
     return a if layers[0] >= layers[1] else b
 
 
@@ -172,11 +174,10 @@ def _traced_sites(model: nn.Module, measured: Measured) -> list[Site] | None:
             ShapeProp(graph_module).propagate(measured.example)
     except Exception:  # data-dependent control flow, or ops fx cannot follow: the next rule applies
         return None
-    memo: dict[fx.Node, set[fx.Node]] = {}
     paths: list[str] = []
     for node in graph_module.graph.nodes:
         if _is_residual_add(node):
-            path = _producing_layer(_branch_end(node, memo), _shape(node))
+            path = _producing_layer(_branch_end(node), _shape(node))
             if path is not None and path not in paths and measured.calls.get(path) == 1:
                 paths.append(path)
     stages = _stages([measured.resolution(p) for p in paths])
