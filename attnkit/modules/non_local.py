@@ -94,7 +94,7 @@ class NonLocal(AttentionModule):
         reduction: C / inner width (2); hidden_channels: the inner width itself.
         pairwise: f, one of 'embedded_gaussian', 'gaussian', 'dot_product', 'concatenation'.
         subsample: 'before' (code), 'after' (paper) or 'none'.
-        scale: True (1/√d), False (1) or the scale itself, for the softmax of the Gaussian forms.
+        scale: True (1/√d), False (1) or the scale itself (in (0, 1]), for the softmax of the Gaussian forms.
         norm: BN after W_z.
         bias: biases on the 1×1 convolutions.
     """
@@ -123,8 +123,8 @@ class NonLocal(AttentionModule):
         inner = reduced_width(owner, channels, reduction, hidden_channels)
         if isinstance(scale, bool):  # 1/√d, d the length of the vectors θ_i, φ_j
             scale = 1 / math.sqrt(channels if self.pairwise == "gaussian" else inner) if scale else 1.0
-        elif not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise ValueError(f"{owner}: `scale` must be True (1/√d), False (1) or a positive number, got {scale!r}.")
+        elif not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+            raise ValueError(f"{owner}: `scale` must be True (1/√d), False (1) or a number in (0, 1], got {scale!r}.")
         bias = bool(bias)
 
         def conv(cin: int, cout: int) -> nn.Conv2d:

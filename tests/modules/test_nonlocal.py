@@ -144,7 +144,8 @@ def test_parameter_count(channels):
     ({"pairwise": "embedded"}, ValueError, r"`pairwise` must be one of \['embedded_gaussian', 'gaussian', "
                                            r"'dot_product', 'concatenation'\], got 'embedded'"),
     ({"subsample": True}, TypeError, r"`subsample` must be one of \['before', 'after', 'none'\]"),
-    ({"scale": -1.0}, ValueError, r"`scale` must be True \(1/√d\), False \(1\) or a positive number, got -1.0"),
+    ({"scale": -1.0}, ValueError, r"`scale` must be True \(1/√d\), False \(1\) or a number in \(0, 1\], got -1.0"),
+    ({"scale": 2}, ValueError, r"`scale` must be True \(1/√d\), False \(1\) or a number in \(0, 1\], got 2"),
     ({"reduction": 0}, ValueError, r"`reduction` is the divisor r of C/r"),
 ])
 def test_bad_options(kwargs, error, message):
