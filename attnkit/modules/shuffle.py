@@ -83,5 +83,11 @@ class ShuffleAttention(AttentionModule):
         spatial = gates["spatial"].float().mean((2, 3)).reshape(n, self.groups, half)
         return channel_shuffle(torch.cat([channel, spatial], dim=2).reshape(n, self.channels, 1, 1), 2).flatten(1)
 
+    def input_channel_of_output(self) -> list[int]:
+        """The input channel each output channel carries: output 2k + j is input j·C/2 + k (the shuffle), which attnkit
+        prune reads to rank the output channels by the filters that produce them."""
+        half = self.channels // 2
+        return [j * half + k for k in range(half) for j in range(2)]
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"

@@ -61,7 +61,8 @@ def test_the_shuffle_sends_each_channel_where_the_official_code_does():
     with torch.no_grad():
         m.cbias.fill_(50.0), m.sbias.fill_(50.0)  # σ(50) rounds to 1 in float64: the gates are the identity
     x = feature_map(2, 16, 5, 4).detach()
-    assert torch.equal(m(x), x[:, [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]])
+    order = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+    assert torch.equal(m(x), x[:, order]) and m.input_channel_of_output() == order  # what attnkit prune reads
 
 
 def test_official_initialisation_and_names():
