@@ -28,7 +28,9 @@ class EMA(AttentionModule):
         y  = x · σ(w)                                              G = 32 ("factor")
 
     The softmaxes run over the c channels of each group, as in the official code. The attention runs in the
-    parameters' dtype with autocast off (float32 under fp16/bf16 autocast).
+    parameters' dtype with autocast off (float32 under fp16/bf16 autocast). The repository has no network code: in
+    a network EMA goes where the modules its tables compare with go, after a block's last BN, before the residual
+    addition.
 
     Args:
         channels: C, a multiple of `groups`.

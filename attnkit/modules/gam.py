@@ -16,8 +16,9 @@ class GAM(AttentionModule):
     """Global Attention Mechanism (Liu, Shao & Hoffmann, "Global Attention Mechanism: Retain Information to Enhance
     Channel-Spatial Interactions", arXiv 2112.05561, 2021).
 
-    No official code was released; this follows the paper (https://arxiv.org/abs/2112.05561, Sec. 3, Figs. 2-3; the
-    implementation most used is https://github.com/z1069614715/objectdetection_script, cv-attention/GAM.py):
+    No official code was released; this follows the paper (https://arxiv.org/abs/2112.05561, Sec. 3, Figs. 2-3), with
+    the BatchNorms of a widely copied implementation (https://github.com/z1069614715/objectdetection_script,
+    cv-attention/GAM.py):
 
         Mc = σ(W₂ ReLU(W₁ x_ij + b₁) + b₂)      the channel MLP (C → C/r → C) at every position (i, j): no pooling
         F₂ = x · Mc
@@ -25,16 +26,17 @@ class GAM(AttentionModule):
         y  = F₂ · Ms
 
     The channel submodule is the paper's "3D permutation + two-layer MLP + reverse permutation": an MLP over the
-    channels of each position, written here as 1×1 convolutions. The paper takes r from BAM (r = 16). The BN after
-    each convolution follows the implementation in common use (`spatial_norm=False`: convolution, ReLU, convolution).
-    For ResNet-50 the paper makes the spatial convolutions grouped, with a channel shuffle, without giving the group
-    count: `groups` > 1 groups both convolutions and shuffles the hidden channels between them.
+    channels of each position, written here as 1×1 convolutions. The paper takes the reduction ratio from BAM, r = 16
+    (which gives the 149.5M parameters listed for a CIFAR-100 ResNet-50 with GAM). `spatial_norm=False` drops the BNs
+    (convolution, ReLU, convolution). For ResNet-50 on ImageNet the paper makes the spatial convolutions grouped, with
+    a channel shuffle, without giving the group count: `groups` > 1 groups both convolutions and shuffles the hidden
+    channels between them.
 
     Args:
         channels: C.
         reduction: r of both submodules.
         kernel_size: k of the spatial convolutions (odd).
-        groups: groups of the spatial convolutions (1: dense, as in the paper's CIFAR networks).
+        groups: groups of the spatial convolutions (1: dense).
         spatial_norm: BN after each spatial convolution.
         hidden_channels: explicit C/r.
         bias: biases on the MLP and the convolutions.

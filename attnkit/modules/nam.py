@@ -58,6 +58,8 @@ class NAM(AttentionModule):
 
     The paper trains with an L1 penalty p·Σ|γ| (p = 1e-4, the official `--s`) added to the loss: `sparsity_penalty()`
     returns Σ|γ| (and Σ|λ|) for it. `attnkit.fuse` folds the BatchNorms into per-channel (per-position) affine maps.
+    The official ResNets put NAM after each block's last BN, before the residual addition; they re-initialise its BN
+    to γ = 1, β = 0, as PyTorch does.
 
     Args:
         channels: C.

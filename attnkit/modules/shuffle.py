@@ -33,7 +33,8 @@ class ShuffleAttention(AttentionModule):
     G = 64. W₁, W₂ start at 0 and b₁, b₂ at 1 (official); the GN's affine weight and bias start at 1 and 0 (the
     official network re-initialises them so, as PyTorch does). Parameter names are the official code's (`cweight`,
     `cbias`, `sweight`, `sbias`, `gn`), so its checkpoints load. The output channels are the input's, gated, in the
-    shuffled order: output channel 2k + j is channel j·C/2 + k of the concatenated groups.
+    shuffled order: output channel 2k + j is channel j·C/2 + k of the concatenated groups. In SA-Net the layer follows
+    each bottleneck's bn3, before the residual addition.
 
     Args:
         channels: C, a multiple of 2G.
