@@ -112,3 +112,10 @@ def test_user_registration_by_decorator():
 def test_register_rejects_bad_names():
     with pytest.raises(ValueError, match="must be a Python identifier"):
         attnkit.register("my gate")
+
+
+@pytest.mark.parametrize(("name", "cls"), [("simam", "SimAM"), ("ema", "EMA"), ("gam", "GAM"),
+                                           ("shuffle", "ShuffleAttention"), ("nam", "NAM"), ("nonlocal", "NonLocal")])
+def test_simam_ema_gam_shuffle_nam_nonlocal_are_registered(name, cls):
+    assert name in attnkit.list_modules() and attnkit.get_module_class(name) is getattr(attnkit, cls)
+    assert cls in attnkit.__all__ and isinstance(attnkit.create(f"{name}", 256), getattr(attnkit, cls))
