@@ -11,6 +11,7 @@ from .modules import (
     SqueezeExcite,
     TripletAttention,
 )
+from .modules import EMA, GAM, NAM, NonLocal, ShuffleAttention, SimAM  # simam, ema, gam, shuffle, nam, nonlocal
 from .capture import capture
 from .deploy import ExportReport, export, fuse
 from .models import create_model, list_models
@@ -46,6 +47,13 @@ __all__ = [
     "SelectiveKernel",
     "SqueezeExcite",
     "TripletAttention",
+    # simam, ema, gam, shuffle, nam, nonlocal
+    "EMA",
+    "GAM",
+    "NAM",
+    "NonLocal",
+    "ShuffleAttention",
+    "SimAM",
     "AttachReport",
     "BlockLayout",
     "block_layouts",

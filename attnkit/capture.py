@@ -37,6 +37,13 @@ def capture(model: nn.Module) -> Iterator[Gates]:
         gc             weights, context,   attention pooling softmax N×1×H×W (pooling='att'), c N×C×1×1,
                        mul, add            σ(transform(c)) and transform(c) N×C×1×1, for the fusions used
         sk             paths               softmax over the M paths, N×M×C×1×1
+        simam          attention           σ(1/e*), N×C×H×W
+        ema            attention           σ(w), one map per group, N×G×H×W
+        gam            channel, spatial    Mc and Ms, N×C×H×W each
+        shuffle        channel, spatial    each group's halves' gates, N×C/2×1×1 and N×C/2×H×W
+        nam            channel, spatial    Mc, and Ms with the spatial submodule, N×C×H×W each
+        nonlocal       attention,          the pairwise weights each position of x̂ receives, averaged over the
+                       response            positions of x, N×1×h×w; BN(W_z y), added to x, N×C×H×W
 
     Forward hooks on the submodules that compute the gates are registered on entering the block and removed
     on leaving it, also when it raises; outside the block nothing is registered. The hooks read what the

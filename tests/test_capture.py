@@ -20,6 +20,11 @@ from .modules.test_coord import h_swish
 from .modules.test_gc import context, transform
 from .modules.test_ge import window_mean
 from .modules.test_triplet import z_pool
+# simam, ema, gam, shuffle, nam, nonlocal
+from .modules.test_ema import group_norm_per_channel
+from .modules.test_gam import dense
+from .modules.test_nam import pixel_batch_norm, share
+from .modules.test_nonlocal import max_pool_2x2
 
 C = 32
 SHAPE = (3, C, 9, 7)
@@ -153,8 +158,88 @@ def sk_gates(m, x, train):
     return {"paths": torch.softmax(conv1x1(z, m.fc_select).reshape(x.shape[0], len(paths), -1, 1, 1), dim=1)}
 
 
+# simam, ema, gam, shuffle, nam, nonlocal
+def simam_gates(m, x, train):
+    """σ(1/e*), 1/e* = (x − μ)² / (4(σ̂² + λ)) + 1/2 per channel over H×W (unbiased variance)."""
+    gate = hard_sigmoid if isinstance(m.gate, nn.Hardsigmoid) else sigmoid
+    h, w = x.shape[2:]
+    d = (x - x.mean((2, 3), keepdim=True)) ** 2
+    return {"attention": gate(d / (4 * (d.sum((2, 3), keepdim=True) / (h * w - 1) + m.e_lambda)) + 0.5)}
+
+
+def ema_gates(m, x, train):
+    """σ(w) per group: w = softmax_c(GAP(x₁))·x₂ + softmax_c(GAP(x₂))·x₁, N×G×H×W."""
+    n, c, h, w = x.shape
+    gx = x.reshape(n * m.groups, c // m.groups, h, w)
+    a = conv1x1(torch.cat([gx.mean(3), gx.mean(2)], dim=2), m.conv1x1)
+    x1 = group_norm_per_channel(gx * sigmoid(a[:, :, :h])[:, :, :, None] * sigmoid(a[:, :, h:])[:, :, None, :], m.gn)
+    x2 = conv2d_same(gx, m.conv3x3.weight, m.conv3x3.bias)
+    weights = (torch.einsum("bc,bchw->bhw", torch.softmax(x1.mean((2, 3)), 1), x2)
+               + torch.einsum("bc,bchw->bhw", torch.softmax(x2.mean((2, 3)), 1), x1))
+    return {"attention": sigmoid(weights).reshape(n, m.groups, h, w)}
+
+
+def gam_gates(m, x, train):
+    """Mc = σ(MLP(x) at each position) and Ms = σ(BN(conv(ReLU(BN(conv(x·Mc)))))), hidden channels shuffled."""
+    mc = sigmoid(conv1x1(torch.relu(conv1x1(x, m.fc1)), m.fc2))
+    norm = isinstance(m.bn1, nn.BatchNorm2d)
+    hidden = conv2d_same(x * mc, dense(m.conv1.weight, m.groups), m.conv1.bias)
+    hidden = torch.relu(batch_norm(hidden, m.bn1, train) if norm else hidden)
+    h = hidden.shape[1]
+    hidden = hidden[:, [g * (h // m.groups) + k for k in range(h // m.groups) for g in range(m.groups)]]
+    logits = conv2d_same(hidden, dense(m.conv2.weight, m.groups), m.conv2.bias)
+    return {"channel": mc, "spatial": sigmoid(batch_norm(logits, m.bn2, train) if norm else logits)}
+
+
+def shuffle_gates(m, x, train):
+    """Per group: the first half's gate σ(w₁·GAP + b₁), the second half's σ(w₂·GN + b₂); groups one after another."""
+    gate = hard_sigmoid if isinstance(m.channel_gate, nn.Hardsigmoid) else sigmoid
+    n, c, h, w = x.shape
+    half = c // (2 * m.groups)
+    gx = x.reshape(n * m.groups, 2, half, h, w)
+    per_channel = lambda p: p.reshape(1, half, 1, 1)  # noqa: E731
+    channel = gate(per_channel(m.cweight) * gx[:, 0].mean((2, 3), keepdim=True) + per_channel(m.cbias))
+    spatial = gate(per_channel(m.sweight) * group_norm_per_channel(gx[:, 1], m.gn) + per_channel(m.sbias))
+    return {"channel": channel.reshape(n, c // 2, 1, 1), "spatial": spatial.reshape(n, c // 2, h, w)}
+
+
+def nam_gates(m, x, train):
+    """Mc = σ(w_γ ⊙ BN(x)); with the spatial submodule Ms = σ(w_λ ⊙ BN_s(x·Mc))."""
+    mc = sigmoid(batch_norm(x, m.bn, train) * share(m.bn.weight, m.detach_weights, m.abs_weights)[:, None, None])
+    if m.pixel_bn is None:
+        return {"channel": mc}
+    w = share(m.pixel_bn.weight, m.detach_weights, m.abs_weights).reshape(x.shape[2:])
+    return {"channel": mc, "spatial": sigmoid(pixel_batch_norm(x * mc, m.pixel_bn, train) * w)}
+
+
+def nonlocal_gates(m, x, train):
+    """attention: f(x_i, x̂_j)/C(x) averaged over the positions i, N×1×h×w; response: BN(W_z y) (or W_z y)."""
+    pooled = max_pool_2x2(x) if m.subsample == "before" else x
+    theta = x if m.theta is None else conv1x1(x, m.theta)
+    phi = pooled if m.phi is None else conv1x1(pooled, m.phi)
+    g = conv1x1(pooled, m.g)
+    if m.subsample == "after":
+        phi, g = max_pool_2x2(phi), max_pool_2x2(g)
+    t, p = theta.flatten(2), phi.flatten(2)
+    if m.pairwise == "concatenation":
+        w_f = m.attend.concat_project.weight.flatten()
+        a, b = torch.einsum("c,ncl->nl", w_f[:t.shape[1]], t), torch.einsum("c,ncl->nl", w_f[t.shape[1]:], p)
+        f = torch.relu(a[:, :, None] + b[:, None, :]) / p.shape[2]
+    elif m.pairwise == "dot_product":
+        f = torch.einsum("nci,ncj->nij", t, p) / p.shape[2]
+    else:
+        f = torch.softmax(m.attend.scale * torch.einsum("nci,ncj->nij", t, p), dim=2)
+    y = torch.einsum("nij,ncj->nci", f, g.flatten(2)).reshape(x.shape[0], -1, *x.shape[2:])
+    z = conv1x1(y, m.w_z)
+    response = batch_norm(z, m.norm, train) if isinstance(m.norm, nn.BatchNorm2d) else z
+    return {"attention": f.mean(1).reshape(x.shape[0], 1, *phi.shape[2:]), "response": response}
+
+
 EQUATIONS = {"se": se_gates, "eca": eca_gates, "srm": srm_gates, "cbam": cbam_gates, "bam": bam_gates,
-             "coord": coord_gates, "ge": ge_gates, "gc": gc_gates, "triplet": triplet_gates, "sk": sk_gates}
+             "coord": coord_gates, "ge": ge_gates, "gc": gc_gates, "triplet": triplet_gates, "sk": sk_gates,
+             # simam, ema, gam, shuffle, nam, nonlocal
+             "simam": simam_gates, "ema": ema_gates, "gam": gam_gates, "shuffle": shuffle_gates, "nam": nam_gates,
+             "nonlocal": nonlocal_gates}
 
 
 def hooks(model: nn.Module) -> int:
@@ -221,7 +306,8 @@ def inputs_of_attention_modules(model: nn.Module) -> tuple[dict, list]:
     return seen, handles
 
 
-@pytest.mark.parametrize("attn", ["se", "cbam", "bam", "coord", "gc", "triplet", "sk(groups=4)"])
+@pytest.mark.parametrize("attn", ["se", "cbam", "bam", "coord", "gc", "triplet", "sk(groups=4)",
+                                  "simam", "ema(groups=8)", "gam", "shuffle(groups=4)", "nam", "nonlocal"])
 def test_inside_a_backbone(attn):
     torch.manual_seed(0)
     net = attnkit.create_model("resnet20", attn=attn).double().eval()

@@ -10,7 +10,7 @@ from attnkit import cli
 
 
 def test_smoke_runs_every_module_forward_and_backward(capsys):
-    assert cli.main(["smoke", "--channels", "32"]) == 0
+    assert cli.main(["smoke"]) == 0  # 128 channels: every module's defaults take them
     out = capsys.readouterr().out
     for name in attnkit.list_modules():
         assert f"\n{name} " in out
@@ -18,10 +18,11 @@ def test_smoke_runs_every_module_forward_and_backward(capsys):
 
 
 def test_smoke_rows_report_real_parameter_counts():
-    rows = {row["module"]: row for row in cli.smoke(channels=32)}
-    assert rows["se"]["params"] == sum(p.numel() for p in attnkit.create("se", 32).parameters())
-    assert rows["ge"]["params"] == 0 and rows["triplet"]["params"] == 300
-    assert all(row["finite"] and row["output"] == "4×32×9×7" for row in rows.values())
+    rows = {row["module"]: row for row in cli.smoke(channels=128)}
+    assert rows["se"]["params"] == sum(p.numel() for p in attnkit.create("se", 128).parameters())
+    assert rows["ge"]["params"] == rows["simam"]["params"] == 0 and rows["triplet"]["params"] == 300
+    assert rows["shuffle"]["params"] == 3 * 128 // 64 and rows["ema"]["params"] == 10 * 4 ** 2 + 4 * 4
+    assert all(row["finite"] and row["output"] == "4×128×9×7" for row in rows.values())
 
 
 def test_python_dash_m_list():

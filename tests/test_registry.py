@@ -131,3 +131,10 @@ def test_one_registry_class_serves_modules_models_and_data_sets():
     assert things.parse("square(side=3)")[::2] == ("square", {"side": 3})
     with pytest.raises(ValueError, match="Cannot parse thing spec"):
         things.parse("square(")
+
+
+@pytest.mark.parametrize(("name", "cls"), [("simam", "SimAM"), ("ema", "EMA"), ("gam", "GAM"),
+                                           ("shuffle", "ShuffleAttention"), ("nam", "NAM"), ("nonlocal", "NonLocal")])
+def test_simam_ema_gam_shuffle_nam_nonlocal_are_registered(name, cls):
+    assert name in attnkit.list_modules() and attnkit.get_module_class(name) is getattr(attnkit, cls)
+    assert cls in attnkit.__all__ and isinstance(attnkit.create(f"{name}", 256), getattr(attnkit, cls))

@@ -29,7 +29,7 @@ DPI = 100
 PLOTTED_CLASSES = 10  # excitation.png draws the first ten classes and their mean; the CSV has every class
 
 SUPPORTED = ("modules that declare channel weights (attnkit's se, eca, srm, ge, cbam, bam, coord, gc with fusion 'mul', "
-             "and sk)")
+             "sk, simam, ema, gam, shuffle and nam)")
 
 
 def _channel_sites(model: nn.Module) -> list[str]:

@@ -189,6 +189,9 @@ def _l1_order(model: nn.Module, site: PruneSite) -> np.ndarray:
         raise ValueError(f"prune: no convolution with {site.channels} output channels runs before {site.output}, so "
                          f"there is no L1 ranking for it; leave 'l1' out of the rankings.")
     norms = sum(model.get_submodule(n).weight.detach().abs().sum((1, 2, 3)).double() for n in site.convs)
+    sources = getattr(model.get_submodule(site.gate), "input_channel_of_output", None)
+    if callable(sources):  # a module that reorders the channels (Shuffle Attention): each output's producing filter
+        norms = norms[torch.as_tensor(sources())]
     return np.argsort(norms.cpu().numpy(), kind="stable")
 
 

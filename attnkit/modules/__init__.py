@@ -10,6 +10,14 @@ from .sk import SelectiveKernel
 from .srm import SRM
 from .triplet import TripletAttention
 
+# simam, ema, gam, shuffle, nam, nonlocal
+from .ema import EMA
+from .gam import GAM
+from .nam import NAM
+from .non_local import NonLocal
+from .shuffle import ShuffleAttention
+from .simam import SimAM
+
 __all__ = [
     "BAM",
     "CBAM",
@@ -22,4 +30,11 @@ __all__ = [
     "SqueezeExcite",
     "TripletAttention",
     "eca_kernel_size",
+    # simam, ema, gam, shuffle, nam, nonlocal
+    "EMA",
+    "GAM",
+    "NAM",
+    "NonLocal",
+    "ShuffleAttention",
+    "SimAM",
 ]

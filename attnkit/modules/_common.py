@@ -26,6 +26,8 @@ __all__ = [
     "stat_dtype",
     "gate_math",
     "pooled_maps_for_conv",
+    "in_format_of",
+    "check_groups",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -168,3 +170,27 @@ def pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
     if isinstance(pooled, Tensor) and pooled.device.type == "cpu":
         return pooled.contiguous(memory_format=torch.channels_last)
     return pooled
+
+
+@torch.fx.wrap
+def in_format_of(y: Tensor, x: Tensor) -> Tensor:
+    """`y` in the memory format of `x` (channels_last in, channels_last out), for modules whose group reshapes or channel
+    shuffles lose it. Wrapped for torch.fx, which cannot ask a Proxy for its strides: call it as `_common.in_format_of`,
+    the name torch.fx patches while tracing."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def check_groups(owner: str, channels: int, groups: object, halves: bool = False) -> int:
+    """`groups` as an int when the channels split into that many equal groups (each of two equal halves, with `halves`),
+    else a ValueError naming both counts."""
+    groups = positive_int(owner, "groups", groups)
+    multiple = 2 * groups if halves else groups
+    if channels % multiple:
+        what = f"2·groups = {multiple} (each group splits into two halves)" if halves else f"groups = {groups}"
+        raise ValueError(
+            f"{owner}: channels = {channels} must be a multiple of {what}. Build it for a channel count that is, or "
+            f"pass `groups` that divide{' half of' if halves else ''} {channels}."
+        )
+    return groups

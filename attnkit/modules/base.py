@@ -40,7 +40,7 @@ __all__ = [
 
 # (submodule whose forward is observed, gate name, the gate's value from that submodule's inputs and output)
 Probe = tuple[nn.Module, str, Callable[[tuple, Tensor], Tensor]]
-PLACEMENTS = ("block", "after_conv", "stage", "conv")
+PLACEMENTS = ("block", "after_conv", "before_norm", "stage", "conv")
 
 
 def output(inputs: tuple, out: Tensor) -> Tensor:
@@ -104,8 +104,9 @@ class AttentionModule(nn.Module):
     """
 
     #: "block": in every block, where the block's layout says (before the residual addition, after the depthwise
-    #: stage, ...); "after_conv": in every block, after its 3×3 convolution (and that convolution's BN); "stage": once
-    #: before every downsampling (BAM); "conv": in place of each block's 3×3 convolution (SK).
+    #: stage, ...); "after_conv": in every block, after its 3×3 convolution (and that convolution's BN); "before_norm": in
+    #: every block, on the output of its last k×k (k > 1) convolution, before that convolution's normalisation (SimAM);
+    #: "stage": once before every downsampling (BAM); "conv": in place of each block's 3×3 convolution (SK).
     placement: ClassVar[str] = "block"
     #: with placement "block": "residual" (inside the block, as above) or "output" (after the block, as non-local
     #: blocks go between residual blocks); attach(position=...) overrides it
@@ -114,6 +115,9 @@ class AttentionModule(nn.Module):
     #: or the stages that do (None: every stage from first_stage on); attach(stages=...) overrides them
     first_stage: ClassVar[int] = 1
     default_stages: ClassVar[tuple[int, ...] | None] = None
+    #: with where="auto": in each stage, the last site and every k-th one before it (non-local blocks: 2, every other
+    #: block); attach(every=...) overrides it
+    default_every: ClassVar[int] = 1
     #: the name under which capture() records the child `gate`, and whose spatial mean channel_weights() takes
     gate_name: ClassVar[str] = "gate"
     batchnorm_views: BatchNormViews = ()

@@ -35,9 +35,9 @@ class IdentityStart(nn.Module):
 def parse_placement(text: str) -> dict[str, Any]:
     """attach() keyword arguments from a placement string, as the CLI's --where takes it.
 
-    Entries are separated by ';': `position=residual|output|after`, `stages=2,3`, and a bare entry that is attach()'s
-    `where` ("auto", a regular expression, or comma-separated module names). Examples: "auto", "position=output",
-    "stages=3", "position=output;stages=2,3", "layer4.*.bn2".
+    Entries are separated by ';': `position=residual|output|after`, `stages=2,3`, `every=2`, and a bare entry that is
+    attach()'s `where` ("auto", a regular expression, or comma-separated module names). Examples: "auto",
+    "position=output", "stages=3", "position=output;stages=2,3;every=2", "layer4.*.bn2".
     """
     placement: dict[str, Any] = {"where": "auto"}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
@@ -48,6 +48,11 @@ def parse_placement(text: str) -> dict[str, Any]:
             placement["where"] = entry if len(names) == 1 else names
         elif key == "position":
             placement["position"] = value.strip()
+        elif key == "every":
+            try:
+                placement["every"] = int(value)
+            except ValueError:
+                raise ValueError(f"placement {text!r}: every takes a positive integer such as every=2, got {value!r}.") from None
         elif key == "stages":
             try:
                 placement["stages"] = tuple(int(v) for v in value.split(","))
@@ -55,8 +60,8 @@ def parse_placement(text: str) -> dict[str, Any]:
                 raise ValueError(f"placement {text!r}: stages takes 1-based stage numbers such as stages=2,3, got {value!r}.") from None
         else:
             raise ValueError(
-                f"placement {text!r}: unknown key {key!r}; expected position=..., stages=..., or a bare module "
-                f"pattern such as 'auto' or 'layer3.*.bn2'.{registry.did_you_mean(key, ('position', 'stages'))}"
+                f"placement {text!r}: unknown key {key!r}; expected position=..., stages=..., every=..., or a bare "
+                f"module pattern such as 'auto' or 'layer3.*.bn2'.{registry.did_you_mean(key, ('position', 'stages', 'every'))}"
             )
     return placement
 
@@ -155,6 +160,18 @@ def _measured_channels(model: nn.Module, measured: Measured, path: str) -> int:
     return found
 
 
+def _every(sites: list[Site], every: object) -> list[Site]:
+    """In each stage, the last site and every `every`-th one counted back from it."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"attach: `every` must be a positive integer (1: every site, 2: every other), got {every!r}.")
+    kept = []
+    for i, site in enumerate(sites):
+        after = sum(1 for later in sites[i + 1:] if later.stage == site.stage)  # sites after this one in its stage
+        if after % every == 0:
+            kept.append(site)
+    return kept
+
+
 def _check_channels(channels: object) -> None:
     if channels is None:
         return
@@ -171,6 +188,7 @@ def attach(
     *,
     position: str = "auto",
     stages: Iterable[int] | None = None,
+    every: int | None = None,
     identity_init: bool = False,
     allow_multiple: bool = False,
     channels: int | Mapping[str, int] | None = None,
@@ -192,6 +210,8 @@ def attach(
             module's own `default_position` ("residual" for all but modules that go between blocks).
         stages: with "auto", only sites in these 1-based stages (a stage ends where the resolution changes); by
             default the module's `default_stages`, or every stage from its `first_stage` on.
+        every: with "auto", in each stage the last site and every `every`-th one before it (2: every other block, as
+            non-local blocks go); by default the module's `default_every` (1: every site).
         identity_init: wrap every inserted module in IdentityStart so the network's function is unchanged.
         allow_multiple: allow a second module at a site that already has one.
         channels: the channel count at the sites (an int for all, or {site: C}), instead of measuring it.
@@ -229,6 +249,7 @@ def attach(
         if stages is not None:
             wanted = set(stages)
             sites = [s for s in sites if s.stage in wanted]
+        sites = _every(sites, getattr(factory, "default_every", 1) if every is None else every)
         sites = [dataclasses.replace(s, channels=_given(channels, s.site) or s.channels) for s in sites]
     else:
         if placement == "conv":

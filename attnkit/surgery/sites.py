@@ -90,6 +90,13 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockLayout]]:
     return found
 
 
+def _last_spatial_conv(block: nn.Module) -> str | None:
+    """The path, in `block`, of its last convolution with a kernel larger than 1×1 (a bottleneck's 3×3, a basic block's
+    second 3×3, an inverted residual's depthwise convolution); None if it has none."""
+    convs = [path for path, m in block.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    return convs[-1] if convs else None
+
+
 def _block_sites(model: nn.Module, measured: Measured, placement: str, position: str) -> list[Site]:
     ran = [(p, b, layout) for p, b, layout in blocks(model) if measured.resolution(p) is not None]
     resolutions = [measured.resolution(p) for p, _, _ in ran]
@@ -105,6 +112,11 @@ def _block_sites(model: nn.Module, measured: Measured, placement: str, position:
                 sites.append(Site(join(path, conv[0]), path, measured.channels(join(path, conv[0])), stage, rule, conv))
             elif conv is not None:  # after the convolution and the layers that belong to it (its BN)
                 site = join(path, conv[-1])
+                sites.append(Site(site, holder_of(model, path, site), measured.channels(site), stage, rule))
+        elif placement == "before_norm":
+            conv = _last_spatial_conv(block)
+            site = join(path, conv or "")
+            if conv is not None and measured.calls.get(site) == 1:
                 sites.append(Site(site, holder_of(model, path, site), measured.channels(site), stage, rule))
         else:
             relative = "" if position == "output" else layout.gate_site(block)
@@ -197,14 +209,14 @@ def _stage_output_sites(model: nn.Module, measured: Measured) -> list[Site]:
 # ---------------------------------------------------------------------------------------------- where="auto"
 def auto_sites(model: nn.Module, placement: str, position: str, first_stage: int,
                measure: Callable[[], Measured]) -> list[Site]:
-    """The sites of where="auto" for a module of `placement` ("block", "stage" or "conv")."""
+    """The sites of where="auto" for a module of `placement` (attnkit.modules.base.PLACEMENTS)."""
     declared = getattr(model, "attention_sites", None)
     if callable(declared):
         return [Site(*entry[:4], "declared by the model", *entry[4:]) for entry in declared(placement)]
     measured = measure()
     if blocks(model):
         sites = _block_sites(model, measured, placement, position)
-    elif placement in ("conv", "after_conv"):
+    elif placement in ("conv", "after_conv", "before_norm"):
         raise ValueError(
             f"attach(where='auto'): a module that replaces or follows a block's 3×3 convolution needs blocks attnkit "
             f"knows, and "

@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import attnkit
 from attnkit import cli
-from attnkit.analysis.explain import DPI, HEADER_INCHES, PANEL_INCHES, ROWS_PER_FILE, explain, find_baseline, grad_cam
+from attnkit.analysis.explain import DPI, HEADER_INCHES, PANEL_INCHES, ROWS_PER_FILE, _attention, explain, find_baseline
+from attnkit.analysis.explain import grad_cam
+from attnkit.modules.base import AttentionModule
 from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, model_from_checkpoint, train
+
+from ..modules.reference import randomize
 
 
 @pytest.fixture(autouse=True)
@@ -180,3 +185,21 @@ def test_user_errors_are_one_line_with_exit_code_2(compare_dir, tmp_path, capsys
         err = capsys.readouterr().err
         assert err.startswith("attnkit explain: error: ") and message in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("attn", "gate", "sites"), [
+    ("simam", "attention", 9), ("ema(groups=8)", "attention", 9), ("gam", "channel·spatial", 9),
+    ("shuffle(groups=4)", "spatial", 9), ("nam", "channel", 9), ("nonlocal", "attention", 4),
+])
+def test_each_new_module_draws_its_spatial_map(attn, gate, sites):
+    """One map per site at the images' size: SimAM's σ(1/e*), EMA's per-group maps, GAM's Mc·Ms, Shuffle Attention's
+    spatial halves, NAM's Mc, each averaged over its channels; the attention each position of the non-local block's
+    pooled map receives (resnet20: after every other block of stages 2 and 3)."""
+    torch.manual_seed(0)
+    model = attnkit.create_model("resnet20", attn=attn, num_classes=10).eval()
+    for module in model.modules():
+        if isinstance(module, AttentionModule):  # Shuffle Attention's spatial gate starts constant: σ(0·GN + 1)
+            randomize(module)
+    _, maps, notes = _attention(model, torch.randn(2, 3, 32, 32))
+    assert len(maps) == sites and {m.gate for m in maps} == {gate} and not notes
+    assert all(m.maps.shape == (2, 32, 32) and torch.isfinite(m.maps).all() and m.maps.std() > 0 for m in maps)

@@ -127,6 +127,19 @@ def test_identity_start_masks_the_wrapper_and_sk_ranks_by_its_paths():
     np.testing.assert_array_equal(got.orders["l1"][0][first.gate], np.argsort(norms.numpy(), kind="stable"))
 
 
+def test_shuffle_attention_ranks_each_output_channel_by_the_filter_it_carries():
+    """Shuffle Attention's output channel 2k + j is its input's channel j·C/2 + k: the L1 ranking follows the channels."""
+    data = load_dataset("digits", image_size=16)
+    torch.manual_seed(0)
+    net = attnkit.create_model("resnet20", attn="shuffle(groups=2)", num_classes=10, in_chans=1, input_size=16).eval()
+    got = prune(net, data, [0.0], rankings=("l1",))
+    first = got.sites[0]
+    assert (first.gate, first.convs) == ("layer1.0.attn", ("layer1.0.conv2",))
+    norms = net.get_submodule("layer1.0.conv2").weight.detach().abs().sum((1, 2, 3)).double()
+    carried = norms[[j * 8 + k for k in range(8) for j in range(2)]]  # C = 16
+    np.testing.assert_array_equal(got.orders["l1"][0][first.gate], np.argsort(carried.numpy(), kind="stable"))
+
+
 def test_cli_writes_the_csv_and_the_plot(checkpoint, tmp_path, capsys):
     assert cli.main(["prune", checkpoint, "--fractions", "0,0.5", "--max-samples", "200", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

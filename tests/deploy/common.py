@@ -7,8 +7,10 @@ from torch import nn
 import attnkit
 
 BACKBONES = ("resnet18", "resnet56", "mobilenet_v2")
-# the spec each module takes inside a backbone at any input size (GE θ's global gather needs a fixed size)
-SPECS = {name: name for name in attnkit.list_modules()} | {"ge": "ge(extent=2, variant='plus')"}
+# the spec each module takes inside a backbone at any input size (GE θ's global gather needs a fixed size) and width
+# (EMA's 32 and Shuffle Attention's 2·64 default groups need wider layers than resnet56's and mobilenet_v2's)
+SPECS = {name: name for name in attnkit.list_modules()} | {"ge": "ge(extent=2, variant='plus')", "ema": "ema(groups=8)",
+                                                          "shuffle": "shuffle(groups=4)"}
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """The module configurations every contract test runs: each registered module at its defaults and with its
-main options. A `spatial_size` of INPUT_SIZE is replaced by the input's H×W (GE θ's global gather)."""
+main options. A `spatial_size` of INPUT_SIZE is replaced by the input's H×W (GE θ's global gather, NAM's pixel
+normalisation)."""
 from __future__ import annotations
 
 import attnkit
@@ -31,6 +32,21 @@ CASES: list[tuple[str, dict]] = [
     ("triplet", {"no_spatial": True}),
     ("sk", {"groups": 4}),
     ("sk", {"groups": 8, "out_channels": 24, "stride": 2}),
+    # simam, ema, gam, shuffle, nam, nonlocal
+    ("simam", {}),
+    ("simam", {"e_lambda": 0.1, "gate": "hard_sigmoid"}),
+    ("ema", {"groups": 4}),
+    ("ema", {"groups": 8}),
+    ("gam", {}),
+    ("gam", {"reduction": 4, "kernel_size": 3, "groups": 2, "spatial_norm": False}),
+    ("shuffle", {"groups": 4}),
+    ("shuffle", {"groups": 2, "gate": "hard_sigmoid"}),
+    ("nam", {}),
+    ("nam", {"spatial_size": INPUT_SIZE, "detach_weights": False, "abs_weights": False}),
+    ("nonlocal", {}),
+    ("nonlocal", {"pairwise": "concatenation", "subsample": "after"}),
+    ("nonlocal", {"pairwise": "dot_product", "norm": False}),
+    ("nonlocal", {"pairwise": "gaussian", "subsample": "none", "scale": False}),
 ]
 
 # The first case of each registered module (its defaults, or the nearest config that fits 16 channels).

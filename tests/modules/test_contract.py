@@ -132,15 +132,18 @@ def _expected_dtype(name: str, input_dtype: torch.dtype, autocast_dtype: torch.d
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_autocast_large_inputs_stay_finite(case, autocast_dtype, input_dtype):
     """Under autocast, inputs up to 1e4 in magnitude give finite outputs in the input's dtype: pooled
-    statistics and gate math run in float32 (in float16, 1e4² or a variance of 1e8 would overflow)."""
+    statistics and gate math run in float32 (in float16, 1e4² or a variance of 1e8 would overflow). Where the exact
+    result itself leaves float16's range (the non-local block's unnormalised dot-product and concatenation sums, ~1e8
+    here), a float16 output is inf there, never NaN."""
     name, kwargs = case
     torch.manual_seed(0)
     module = _autocast_module(name, kwargs)
     x = ((torch.rand(2, C, 9, 8) * 2 - 1) * 1e4).to(input_dtype)
     with torch.autocast("cpu", dtype=autocast_dtype):
         y = module(x)
-    assert torch.isfinite(y).all()
     assert y.dtype == _expected_dtype(name, input_dtype, autocast_dtype)
+    inside = module.double()(x.double()).abs() < torch.finfo(y.dtype).max / 2  # clear of rounding up to inf
+    assert torch.isfinite(y[inside]).all() and not torch.isnan(y).any()
 
 
 @INPUT_DTYPES
@@ -191,7 +194,11 @@ def _cannot_train_on_one_pixel(name: str, kwargs: dict) -> bool:
         return not kwargs.get("no_spatial") and kwargs.get("spatial_norm", True)
     if name == "triplet":
         return not kwargs.get("no_spatial")  # the (H, W) branch normalises N·H·W values
-    return False  # coord normalises N·(H+W) >= 2 values; the rest have no BatchNorm
+    if name == "nam":
+        return True  # NAM normalises x itself: N·H·W values
+    if name in ("gam", "nonlocal"):  # the BatchNorm after GAM's convolutions, after the non-local block's W_z
+        return kwargs.get("spatial_norm" if name == "gam" else "norm", True)
+    return False  # coord normalises N·(H+W) >= 2 values; ema and shuffle use GroupNorm; the rest have no BatchNorm
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -211,4 +218,4 @@ def test_single_value_batchnorm_says_so_and_eval_works(case):
 def test_docstring_cites_paper_and_code(case):
     cls = type(build(*case, C, (5, 5)))
     doc = cls.__doc__ or ""
-    assert "github.com" in doc and any(str(year) in doc for year in range(2017, 2022))
+    assert "github.com" in doc and any(str(year) in doc for year in range(2017, 2031))

@@ -25,11 +25,12 @@ from timm.layers.cbam import CbamModule
 from timm.layers.coord_attn import CoordAttn
 from timm.layers.eca import EcaModule
 from timm.layers.global_context import GlobalContext as TimmGlobalContext
+from timm.layers.non_local_attn import NonLocalAttn
 from timm.layers.squeeze_excite import SEModule
 from torch import nn
 
 import attnkit
-from attnkit.modules import CBAM, CoordAttention, GlobalContext
+from attnkit.modules import CBAM, CoordAttention, GlobalContext, NonLocal
 
 from .reference import TRAIN_MODES, assert_close, randomize
 
@@ -56,13 +57,18 @@ def check_parity(
     reshaped: frozenset[str] = frozenset(),
     compare_buffers: bool = True,
     channels_last: bool = False,
+    zero_grads: frozenset[str] = frozenset(),
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Copy attnkit's randomised tensors into timm's module and compare the two in float32.
 
     `name_map` maps each attnkit parameter/buffer name to timm's; it must cover both modules entirely.
     Shapes must match, except for the attnkit names in `reshaped` (same number of elements, e.g. a
     LayerNorm([C, 1, 1]) weight against LayerNorm2d's (C,)). With `compare_buffers`, the buffers
-    (BatchNorm running statistics) must also agree after the forward pass.
+    (BatchNorm running statistics) must also agree after the forward pass. The attnkit parameters in `zero_grads` have
+    a gradient of 0 in exact arithmetic (a bias the softmax or a BatchNorm cancels): both sides must be rounding noise,
+    below RTOL times the largest parameter gradient. `dtype` float64 compares functions whose float32 rounding alone
+    exceeds the tolerances (a softmax over large logits).
     """
     ours_t, theirs_t = _tensors(ours), _tensors(theirs)
     assert set(name_map) == set(ours_t), (
@@ -85,11 +91,11 @@ def check_parity(
         for a, b in name_map.items():
             theirs_t[b].copy_(ours_t[a].reshape(theirs_t[b].shape))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ours.to(memory_format=fmt).train(train)
-    theirs.to(memory_format=fmt).train(train)
+    ours.to(dtype=dtype, memory_format=fmt).train(train)
+    theirs.to(dtype=dtype, memory_format=fmt).train(train)
     ours_t, theirs_t = _tensors(ours), _tensors(theirs)  # .to() may replace the tensors
 
-    x = torch.randn(N, channels, H, W).contiguous(memory_format=fmt)
+    x = torch.randn(N, channels, H, W, dtype=dtype).contiguous(memory_format=fmt)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = ours(xa), theirs(xb)
     assert ya.shape == x.shape
@@ -100,9 +106,12 @@ def check_parity(
 
     torch.testing.assert_close(ya, yb, rtol=RTOL, atol=ATOL, msg=lambda m: f"output: {m}")
     torch.testing.assert_close(xa.grad, xb.grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"input gradient: {m}")
+    largest = max(float(t.grad.abs().max()) for t in ours_t.values() if isinstance(t, nn.Parameter))
     for a, b in name_map.items():
         ta, tb = ours_t[a], theirs_t[b]
-        if isinstance(ta, nn.Parameter):
+        if a in zero_grads:
+            assert max(float(ta.grad.abs().max()), float(tb.grad.abs().max())) < RTOL * largest, f"grad {a}, {b} not 0"
+        elif isinstance(ta, nn.Parameter):
             assert ta.grad is not None and tb.grad is not None, f"{a} / {b}: no gradient"
             # relative to the tensor's largest value: the fused paths sum in another order than timm's
             assert_close(ta.grad.reshape(tb.shape), tb.grad, f"grad {a} vs {b}", tol=RTOL)
@@ -201,6 +210,27 @@ def test_global_context(channels: int, fusion: str, train: bool) -> None:
     }
     reshaped = frozenset({f"{ours_mlp}.1.weight", f"{ours_mlp}.1.bias"})
     check_parity(ours, theirs, name_map, train=train, channels=channels, reshaped=reshaped)
+
+
+@TRAIN_MODES
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("channels", [16, 64])
+def test_non_local(channels: int, channels_last: bool, train: bool) -> None:
+    """timm's NonLocalAttn is the embedded-Gaussian block without subsampling, with inner width C/8 rounded to a
+    multiple of 8 and the logits scaled by C^-1/2 (the official code: (C/2)^-1/2, after pooling x̂). Compared in
+    float64: with logits up to ~35, float32 rounding alone differs by ~1e-7 of the largest input gradient between the
+    two orders of the products."""
+    inner = max(8, channels // 8)
+    ours = NonLocal(channels, hidden_channels=inner, subsample="none", scale=channels ** -0.5)
+    theirs = NonLocalAttn(channels)
+    assert theirs.t.out_channels == inner
+    name_map = {f"{a}.{p}": f"{b}.{p}" for a, b in [("theta", "t"), ("phi", "p"), ("g", "g"), ("w_z", "z")]
+                for p in ("weight", "bias")}
+    # φ's bias shifts every logit of a row alike (the softmax ignores it); in training, g's and W_z's biases add a
+    # constant per channel, which the BatchNorm removes
+    zero_grads = {"phi.bias", "g.bias", "w_z.bias"} if train else {"phi.bias"}
+    check_parity(ours, theirs, {**name_map, **_bn_map("norm", "norm")}, train=train, channels=channels,
+                 channels_last=channels_last, zero_grads=frozenset(zero_grads), dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------------------

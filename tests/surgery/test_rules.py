@@ -202,3 +202,51 @@ def test_modules_declare_their_placement_position_and_stages(monkeypatch):
     assert [s.after for s in attnkit.attach(torchvision.models.resnet18(), "after_conv")][:1] == ["layer1.0.bn1"]
     with pytest.raises(ValueError, match="replaces or follows a block's 3×3 convolution needs blocks attnkit knows"):
         attnkit.attach(Custom(), "after_conv")
+
+
+def test_a_module_declared_before_norm_follows_the_last_spatial_convolution(monkeypatch):
+    from attnkit import registry
+
+    from .user_modules import ChannelGate
+
+    class BeforeNorm(ChannelGate):  # as SimAM: on the 3×3 convolution's output, before its BN
+        placement = "before_norm"
+
+    monkeypatch.setitem(registry.MODULES.entries, "before_norm", BeforeNorm)
+    report = attnkit.attach(torchvision.models.resnet50(), "before_norm")
+    assert [s.after for s in report][:2] == ["layer1.0.conv2", "layer1.1.conv2"] and len(report) == 16
+    assert [s.channels for s in report][::5] == [64, 128, 256, 512]  # the bottleneck's width, not its output's
+    assert [s.after for s in attnkit.attach(torchvision.models.resnet18(), "before_norm")][:1] == ["layer1.0.conv2"]
+    mobilenet = [s.after for s in attnkit.attach(torchvision.models.mobilenet_v2(), "before_norm")]
+    assert mobilenet[:2] == ["features.1.conv.0.0", "features.2.conv.1.0"] and len(mobilenet) == 17  # the depthwise
+    block = torchvision.models.resnet18().eval().layer1[0]
+    attnkit.attach(block, "before_norm", example_input=torch.randn(2, 64, 8, 8))
+    v = torch.randn(2, 64, 8, 8)
+    (gate,) = attnkit.surgery.gates_of(block.conv2)  # the convolution's output is gated, before bn2 normalises it
+    assert torch.equal(block.conv2(v), gate(torch.nn.functional.conv2d(v, block.conv2.weight, padding=1)))
+    assert not attnkit.surgery.gates_of(block.bn2)
+    with pytest.raises(ValueError, match="replaces or follows a block's 3×3 convolution needs blocks attnkit knows"):
+        attnkit.attach(Custom(), "before_norm")
+
+
+def test_every_other_block_counts_back_from_each_stages_last(monkeypatch):
+    from attnkit import registry
+
+    from .user_modules import ChannelGate
+
+    class EveryOther(ChannelGate):  # as non-local blocks: after every other block of stages 2 and 3
+        default_position, default_stages, default_every = "output", (2, 3), 2
+
+    monkeypatch.setitem(registry.MODULES.entries, "every_other", EveryOther)
+    report = attnkit.attach(torchvision.models.resnet50(), "every_other")
+    assert [s.after for s in report] == ["layer2.1", "layer2.3", "layer3.1", "layer3.3", "layer3.5"]
+    report = attnkit.attach(torchvision.models.resnet50(), "every_other", every=1)
+    assert len(report) == 10
+    report = attnkit.attach(torchvision.models.resnet50(), "every_other", stages=[1, 4], every=2)
+    assert [s.after for s in report] == ["layer1.0", "layer1.2", "layer4.0", "layer4.2"]  # the last of each stage kept
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="`every` must be a positive integer"):
+            attnkit.attach(torchvision.models.resnet18(), "every_other", every=bad)
+    assert attnkit.surgery.parse_placement("position=output;every=2") == {"where": "auto", "position": "output", "every": 2}
+    with pytest.raises(ValueError, match="every takes a positive integer"):
+        attnkit.surgery.parse_placement("every=two")
