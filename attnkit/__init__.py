@@ -10,6 +10,12 @@ from .modules import (
     SelectiveKernel,
     SqueezeExcite,
     TripletAttention,
+    SpatialGroupEnhance,
+    GatedChannelTransformation,
+    FrequencyChannelAttention,
+    SCSE,
+    EfficientLocalAttention,
+    PolarizedSelfAttention,
 )
 from .capture import capture
 from .deploy import ExportReport, export, fuse
@@ -46,6 +52,12 @@ __all__ = [
     "SelectiveKernel",
     "SqueezeExcite",
     "TripletAttention",
+    "SpatialGroupEnhance",
+    "GatedChannelTransformation",
+    "FrequencyChannelAttention",
+    "SCSE",
+    "EfficientLocalAttention",
+    "PolarizedSelfAttention",
     "AttachReport",
     "BlockLayout",
     "block_layouts",

@@ -9,6 +9,12 @@ from .se import SqueezeExcite
 from .sk import SelectiveKernel
 from .srm import SRM
 from .triplet import TripletAttention
+from .sge import SpatialGroupEnhance
+from .gct import GatedChannelTransformation
+from .fca import FrequencyChannelAttention
+from .scse import SCSE
+from .ela import EfficientLocalAttention
+from .psa import PolarizedSelfAttention
 
 __all__ = [
     "BAM",
@@ -22,4 +28,10 @@ __all__ = [
     "SqueezeExcite",
     "TripletAttention",
     "eca_kernel_size",
+    "SpatialGroupEnhance",
+    "GatedChannelTransformation",
+    "FrequencyChannelAttention",
+    "SCSE",
+    "EfficientLocalAttention",
+    "PolarizedSelfAttention",
 ]

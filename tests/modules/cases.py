@@ -31,6 +31,24 @@ CASES: list[tuple[str, dict]] = [
     ("triplet", {"no_spatial": True}),
     ("sk", {"groups": 4}),
     ("sk", {"groups": 8, "out_channels": 24, "stride": 2}),
+    # sge, gct, fca, scse, ela, psa
+    ("sge", {"groups": 4}),
+    ("sge", {"groups": 16, "gate": "hard_sigmoid"}),
+    ("gct", {}),
+    ("gct", {"mode": "l1"}),
+    ("gct", {"mode": "l1", "after_relu": True}),
+    ("fca", {}),
+    ("fca", {"frequencies": "low4", "dct_size": 14, "bias": True}),
+    ("scse", {}),
+    ("scse", {"combine": "add"}),
+    ("scse", {"combine": "mul", "reduction": 4}),
+    ("ela", {}),
+    ("ela", {"variant": "L"}),
+    ("ela", {"shared": False, "norm_groups": 1, "act": "silu", "bias": True}),
+    ("psa", {}),
+    ("psa", {"layout": "sequential"}),
+    ("psa", {"variant": "paper"}),
+    ("psa", {"variant": "paper", "layout": "sequential"}),
 ]
 
 # The first case of each registered module (its defaults, or the nearest config that fits 16 channels).
