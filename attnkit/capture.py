@@ -37,6 +37,12 @@ def capture(model: nn.Module) -> Iterator[Gates]:
         gc             weights, context,   attention pooling softmax N×1×H×W (pooling='att'), c N×C×1×1,
                        mul, add            σ(transform(c)) and transform(c) N×C×1×1, for the fusions used
         sk             paths               softmax over the M paths, N×M×C×1×1
+        sge            spatial             σ(γ ĉ + β), one map per group, N×G×H×W
+        gct            channel             1 + tanh(ŝ + β), N×C×1×1
+        fca            channel             N×C×1×1
+        scse           channel, spatial    s N×C×1×1, q N×1×H×W (before they are combined)
+        ela            a_h, a_w            N×C×H×1, N×C×1×W
+        psa            channel, spatial    Aᶜʰ N×C×1×1, Aˢᵖ N×1×H×W (of x·Aᶜʰ in the sequential layout)
 
     Forward hooks on the submodules that compute the gates are registered on entering the block and removed
     on leaving it, also when it raises; outside the block nothing is registered. The hooks read what the

@@ -194,8 +194,9 @@ def _default_jobs() -> int:
     return 1 if torch.cuda.is_available() else max(1, min(4, os.cpu_count() or 1))
 
 
-def smoke(channels: int = 32, size: tuple[int, int] = (9, 7), batch: int = 4) -> list[dict[str, object]]:
-    """Build every registered module, run it forward and backward on random input, and report each."""
+def smoke(channels: int = 64, size: tuple[int, int] = (9, 7), batch: int = 4) -> list[dict[str, object]]:
+    """Build every registered module at its defaults, run it forward and backward on random input, and report each.
+    The default 64 channels take every module's default groups (SGE's 64)."""
     torch.manual_seed(0)
     rows = []
     for name in registry.list_modules():
@@ -233,7 +234,7 @@ def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered attention modules, backbones and data sets")
     p_smoke = sub.add_parser("smoke", help="build every module and run it forward and backward")
-    p_smoke.add_argument("--channels", type=int, default=32)
+    p_smoke.add_argument("--channels", type=int, default=64)
 
     p_train = sub.add_parser("train", help="train one network (torchrun for several processes)")
     _add_train_options(p_train)

@@ -10,7 +10,7 @@ from attnkit import cli
 
 
 def test_smoke_runs_every_module_forward_and_backward(capsys):
-    assert cli.main(["smoke", "--channels", "32"]) == 0
+    assert cli.main(["smoke"]) == 0  # 64 channels: every module's defaults (SGE's 64 groups) take them
     out = capsys.readouterr().out
     for name in attnkit.list_modules():
         assert f"\n{name} " in out
@@ -18,10 +18,10 @@ def test_smoke_runs_every_module_forward_and_backward(capsys):
 
 
 def test_smoke_rows_report_real_parameter_counts():
-    rows = {row["module"]: row for row in cli.smoke(channels=32)}
-    assert rows["se"]["params"] == sum(p.numel() for p in attnkit.create("se", 32).parameters())
+    rows = {row["module"]: row for row in cli.smoke(channels=64)}
+    assert rows["se"]["params"] == sum(p.numel() for p in attnkit.create("se", 64).parameters())
     assert rows["ge"]["params"] == 0 and rows["triplet"]["params"] == 300
-    assert all(row["finite"] and row["output"] == "4×32×9×7" for row in rows.values())
+    assert all(row["finite"] and row["output"] == "4×64×9×7" for row in rows.values())
 
 
 def test_python_dash_m_list():

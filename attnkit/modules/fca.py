@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
@@ -41,6 +42,12 @@ def pooling_matrix(size: int, out: int, like: Tensor) -> Tensor:
     end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")
     window = (torch.arange(size, device=like.device) >= start[:, None]) & (torch.arange(size, device=like.device) < end[:, None])
     return window.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def _conv1x1(layer: nn.Conv2d, z: Tensor) -> Tensor:
+    """`layer` applied to z in z's dtype (its parameters cast to it)."""
+    bias = None if layer.bias is None else layer.bias.to(z.dtype)
+    return F.conv2d(z, layer.weight.to(z.dtype), bias)
 
 
 @register("fca")
@@ -96,7 +103,7 @@ class FrequencyChannelAttention(AttentionModule):
         self.dct_size = self._size(owner, dct_size)
         kind = SELECTIONS[self.frequencies[:3]]
         # (u, v) per frequency, scaled so that (2, 2) on a 14×14 grid is (1, 1) on the 7×7 one, as in the official code
-        index = torch.tensor([kind[0][:count], kind[1][:count]]).T * torch.tensor([s // 7 for s in self.dct_size])
+        index = torch.tensor(list(zip(kind[0][:count], kind[1][:count]))) * torch.tensor([s // 7 for s in self.dct_size])
         self.register_buffer("frequency_index", index, persistent=False)
         hidden = reduced_width(owner, channels, reduction, hidden_channels)
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bool(bias))
@@ -137,10 +144,12 @@ class FrequencyChannelAttention(AttentionModule):
             return torch.einsum("nkchw,khw->nkc", parts, filters).flatten(1)
 
     def excitation(self, x: Tensor) -> Tensor:
-        """The channel weights s, N×C×1×1, in the parameters' dtype."""
+        """The channel weights s, N×C×1×1, computed in at least float32 (also in a float16 module: a DCT coefficient
+        of an h×w grid is up to √(hw) times the map's values)."""
         freq = self.spectrum(x)[:, :, None, None]
         with gate_math(x):
-            return self.gate(self.fc2(self.act(self.fc1(freq.to(self.fc1.weight.dtype)))))
+            dtype = torch.promote_types(self.fc1.weight.dtype, freq.dtype)
+            return self.gate(_conv1x1(self.fc2, self.act(_conv1x1(self.fc1, freq.to(dtype)))))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

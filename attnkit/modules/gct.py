@@ -71,17 +71,19 @@ class GatedChannelTransformation(AttentionModule):
         return (xs if self.after_relu else xs.abs()).sum((2, 3), keepdim=True)
 
     def excitation(self, x: Tensor) -> Tensor:
-        """The channel weights 1 + tanh(ŝ + β), N×C×1×1, in the parameters' dtype."""
+        """The channel weights 1 + tanh(ŝ + β), N×C×1×1, computed in at least float32 (also in a float16 module: a sum
+        of squares over the map leaves float16's range for activations of a few dozen)."""
         pooled = self.embedding(x)
         with gate_math(x):
-            pooled = pooled.to(self.alpha.dtype)
+            dtype = torch.promote_types(self.alpha.dtype, pooled.dtype)
+            alpha, gamma, beta = (p.to(dtype) for p in (self.alpha, self.gamma, self.beta))
             if self.mode == "l2":
-                s = (pooled + self.eps).sqrt() * self.alpha
-                normalized = s * (self.gamma / (s.square().mean(1, keepdim=True) + self.eps).sqrt())
+                s = (pooled + self.eps).sqrt() * alpha
+                normalized = s * (gamma / (s.square().mean(1, keepdim=True) + self.eps).sqrt())
             else:
-                s = pooled * self.alpha
-                normalized = s * (self.gamma / (s.abs().mean(1, keepdim=True) + self.eps))
-            return 1 + self.gate(normalized + self.beta)
+                s = pooled * alpha
+                normalized = s * (gamma / (s.abs().mean(1, keepdim=True) + self.eps))
+            return 1 + self.gate(normalized + beta)
 
     def gate_probes(self) -> list[Probe]:
         """1 + tanh(ŝ + β) as "channel", N×C×1×1."""

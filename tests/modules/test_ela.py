@@ -39,17 +39,21 @@ def group_norm(z: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     return ((zg - mean) / torch.sqrt(var + BN_EPS)).reshape(n, c, length) * weight[None, :, None] + bias[None, :, None]
 
 
-def ela_equation(m: EfficientLocalAttention, x: torch.Tensor, groups: int, norm_groups: int, act=lambda z: z):
-    """aʰ = σ(act(GN(conv1d(mean_W(x))))), aʷ = σ(act(GN(conv1d(mean_H(x))))), one convolution and GroupNorm for
-    both (shared) or one each; y = x·aʰ·aʷ."""
+def ela_gates(m: EfficientLocalAttention, x: torch.Tensor, groups: int, norm_groups: int, act=lambda z: z):
+    """aʰ = σ(act(GN(conv1d(mean_W(x))))) (N×C×H), aʷ = σ(act(GN(conv1d(mean_H(x))))) (N×C×W), one convolution and
+    GroupNorm for both (shared) or one each."""
     (conv_h, norm_h), (conv_w, norm_w) = m.strips()
 
     def strip(z, conv, norm):
         return torch.sigmoid(act(group_norm(grouped_conv1d(z, conv.weight, groups, conv.bias), norm_groups, norm.weight,
                                             norm.bias)))
 
-    a_h = strip(x.mean(3), conv_h, norm_h)  # N×C×H
-    a_w = strip(x.mean(2), conv_w, norm_w)  # N×C×W
+    return strip(x.mean(3), conv_h, norm_h), strip(x.mean(2), conv_w, norm_w)
+
+
+def ela_equation(m: EfficientLocalAttention, x: torch.Tensor, groups: int, norm_groups: int, act=lambda z: z):
+    """y = x·aʰ·aʷ."""
+    a_h, a_w = ela_gates(m, x, groups, norm_groups, act)
     return x * a_h[:, :, :, None] * a_w[:, :, None, :]
 
 

@@ -20,6 +20,7 @@ from .reference import assert_close, assert_matches_equations, conv1x1, feature_
 TOP16 = [(0, 0), (0, 1), (6, 0), (0, 5), (0, 2), (1, 0), (1, 2), (4, 0), (5, 0), (1, 6), (3, 0), (0, 4), (0, 6), (0, 3),
          (3, 5), (2, 2)]
 LOW4, BOT4 = [(0, 0), (0, 1), (1, 0), (1, 1)], [(6, 6), (1, 4), (3, 4), (3, 6)]
+SELECTIONS = {"top16": TOP16, "low4": LOW4, "bot4": BOT4, "top1": TOP16[:1]}
 
 
 def basis(u: int, v: int, h: int, w: int) -> torch.Tensor:
@@ -31,36 +32,42 @@ def basis(u: int, v: int, h: int, w: int) -> torch.Tensor:
     return b(u, h)[:, None] * b(v, w)[None, :]
 
 
-def fca_equation(m: FrequencyChannelAttention, x: torch.Tensor, selection: list[tuple[int, int]]) -> torch.Tensor:
+def fca_gate(m: FrequencyChannelAttention, x: torch.Tensor) -> torch.Tensor:
     """X pooled to h×w (adaptive average pooling) when its size differs; Freq_c = Σ_ij X_c[i, j]·B_{u_k, v_k}[i, j] for
-    channel c in part k = c // (C/K) (frequencies scaled by h // 7); s = σ(W₂ δ(W₁ Freq)); y = x·s."""
+    channel c in part k = c // (C/K) (frequencies scaled by h // 7); s = σ(W₂ δ(W₁ Freq)), N×C×1×1."""
+    selection = SELECTIONS[m.frequencies]
     h, w = m.dct_size
     pooled = x if tuple(x.shape[2:]) == (h, w) else F.adaptive_avg_pool2d(x, (h, w))
     c, k = x.shape[1], len(selection)
     filters = torch.stack([basis(u * (h // 7), v * (w // 7), h, w) for u, v in selection])
     per_channel = filters.repeat_interleave(c // k, dim=0)  # C×h×w
     freq = (pooled * per_channel).sum((2, 3))
-    return x * torch.sigmoid(conv1x1(torch.relu(conv1x1(freq, m.fc1)), m.fc2))[:, :, None, None]
+    return torch.sigmoid(conv1x1(torch.relu(conv1x1(freq, m.fc1)), m.fc2))[:, :, None, None]
+
+
+def fca_equation(m: FrequencyChannelAttention, x: torch.Tensor) -> torch.Tensor:
+    """y = x·s."""
+    return x * fca_gate(m, x)
 
 
 @pytest.mark.parametrize("size", [(7, 7), (13, 9), (5, 3), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_equations(size):
     m = randomize(FrequencyChannelAttention(32), double=True)  # top16, two channels per frequency, C/r = 2
-    assert_matches_equations(m, lambda x: fca_equation(m, x, TOP16), feature_map(3, 32, *size))
+    assert_matches_equations(m, lambda x: fca_equation(m, x), feature_map(3, 32, *size))
 
 
 @pytest.mark.parametrize(
-    "kwargs, selection, size",
+    "kwargs, size",
     [
-        ({"frequencies": "low4", "dct_size": 14}, LOW4, (14, 14)),
-        ({"frequencies": "bot4", "dct_size": (14, 7), "bias": True}, BOT4, (9, 20)),
-        ({"frequencies": "top16", "dct_size": 56}, TOP16, (56, 56)),
+        ({"frequencies": "low4", "dct_size": 14}, (14, 14)),
+        ({"frequencies": "bot4", "dct_size": (14, 7), "bias": True}, (9, 20)),
+        ({"frequencies": "top16", "dct_size": 56}, (56, 56)),
     ],
     ids=["low4-14", "bot4-14x7-bias", "top16-56"],
 )
-def test_options_match_equations(kwargs, selection, size):
+def test_options_match_equations(kwargs, size):
     m = randomize(FrequencyChannelAttention(16, 4, **kwargs), double=True)
-    assert_matches_equations(m, lambda x: fca_equation(m, x, selection), feature_map(2, 16, *size))
+    assert_matches_equations(m, lambda x: fca_equation(m, x), feature_map(2, 16, *size))
 
 
 def test_dct_filters_are_the_orthonormal_basis_of_the_selection():

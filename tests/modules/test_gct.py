@@ -15,16 +15,21 @@ EPS = 1e-5
 SHAPE = (3, 12, 7, 5)
 
 
-def gct_equation(m: GatedChannelTransformation, x: torch.Tensor) -> torch.Tensor:
+def gct_gate(m: GatedChannelTransformation, x: torch.Tensor) -> torch.Tensor:
     """l2: s = α·sqrt(Σ_hw x² + ε), ŝ = γ·s / sqrt(mean_c s² + ε); l1: s = α·Σ_hw |x| (Σ x after ReLU),
-    ŝ = γ·s / (mean_c |s| + ε); y = x·(1 + tanh(ŝ + β))."""
+    ŝ = γ·s / (mean_c |s| + ε); the gate 1 + tanh(ŝ + β), N×C×1×1."""
     if m.mode == "l2":
         s = m.alpha * torch.sqrt((x**2).sum((2, 3), keepdim=True) + EPS)
         s_hat = m.gamma * s / torch.sqrt((s**2).mean(1, keepdim=True) + EPS)
     else:
         s = m.alpha * (x if m.after_relu else x.abs()).sum((2, 3), keepdim=True)
         s_hat = m.gamma * s / (s.abs().mean(1, keepdim=True) + EPS)
-    return x * (1 + torch.tanh(s_hat + m.beta))
+    return 1 + torch.tanh(s_hat + m.beta)
+
+
+def gct_equation(m: GatedChannelTransformation, x: torch.Tensor) -> torch.Tensor:
+    """y = x·(1 + tanh(ŝ + β))."""
+    return x * gct_gate(m, x)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"mode": "l1"}, {"mode": "l1", "after_relu": True}], ids=["l2", "l1", "l1-relu"])

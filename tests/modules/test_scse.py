@@ -16,10 +16,15 @@ from .reference import assert_matches_equations, conv1x1, feature_map, n_params,
 C = 12
 
 
+def scse_gates(m: SCSE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = σ(W₂ ReLU(W₁ GAP(x) + b₁) + b₂) (N×C×1×1), q = σ(w·x + b) (N×1×H×W)."""
+    return torch.sigmoid(conv1x1(torch.relu(conv1x1(x.mean((2, 3)), m.fc1)), m.fc2))[:, :, None, None], \
+        torch.sigmoid(conv1x1(x, m.conv))
+
+
 def scse_equation(m: SCSE, x: torch.Tensor) -> torch.Tensor:
-    """s = σ(W₂ ReLU(W₁ GAP(x) + b₁) + b₂) (N×C), q = σ(w·x + b) (N×H×W); y = max(x·s, x·q), x·s + x·q or x·s·q."""
-    s = torch.sigmoid(conv1x1(torch.relu(conv1x1(x.mean((2, 3)), m.fc1)), m.fc2))[:, :, None, None]
-    q = torch.sigmoid(conv1x1(x, m.conv))  # N×1×H×W
+    """y = max(x·s, x·q), x·s + x·q or x·s·q."""
+    s, q = scse_gates(m, x)
     if m.combine == "max":
         return torch.maximum(x * s, x * q)
     return x * s + x * q if m.combine == "add" else x * s * q

@@ -16,9 +16,9 @@ from .reference import assert_close, assert_matches_equations, feature_map, n_pa
 EPS = 1e-5  # added to the standard deviation
 
 
-def sge_equation(m: SpatialGroupEnhance, x: torch.Tensor) -> torch.Tensor:
+def sge_gate(m: SpatialGroupEnhance, x: torch.Tensor) -> torch.Tensor:
     """Per group g of C/G channels: c_i = GAP(x_g)·x_g,i; ĉ = (c − mean c) / (std c + ε) over the positions (unbiased
-    std); y_g,i = x_g,i · σ(γ_g ĉ_i + β_g)."""
+    std); the gate σ(γ_g ĉ_i + β_g) (or the hard sigmoid clamp(a/6 + ½, 0, 1)), N×G×H×W."""
     n, c, h, w = x.shape
     g = m.groups
     xg = x.reshape(n, g, c // g, h * w)
@@ -26,7 +26,14 @@ def sge_equation(m: SpatialGroupEnhance, x: torch.Tensor) -> torch.Tensor:
     centred = c_i - c_i.mean(2, keepdim=True)
     std = torch.sqrt((centred**2).sum(2, keepdim=True) / (h * w - 1))
     a = centred / (std + EPS) * m.weight.reshape(1, g, 1) + m.bias.reshape(1, g, 1)
-    return (xg * torch.sigmoid(a)[:, :, None, :]).reshape(n, c, h, w)
+    gate = torch.clamp(a / 6 + 0.5, 0, 1) if isinstance(m.gate, torch.nn.Hardsigmoid) else torch.sigmoid(a)
+    return gate.reshape(n, g, h, w)
+
+
+def sge_equation(m: SpatialGroupEnhance, x: torch.Tensor) -> torch.Tensor:
+    """y_g,i = x_g,i · gate_g,i."""
+    n, c, h, w = x.shape
+    return (x.reshape(n, m.groups, c // m.groups, h, w) * sge_gate(m, x)[:, :, None]).reshape(n, c, h, w)
 
 
 @pytest.mark.parametrize("shape, groups", [((3, 32, 7, 5), 8), ((2, 24, 4, 9), 4), ((2, 12, 6, 6), 12)])
