@@ -36,6 +36,7 @@ class GatedChannelTransformation(AttentionModule):
         beta_weight_decay: leave β under weight decay.
     """
 
+    placement = "before_conv"  # attach(): on the input of every convolution, as the paper's and the official networks
     gate_name = "channel"
 
     def __init__(
