@@ -141,3 +141,23 @@ def test_fcanet50_parameters_and_sites():
 def test_bad_options(kwargs, error, message):
     with pytest.raises(error, match=message):
         FrequencyChannelAttention(**kwargs)
+
+
+def test_the_official_fcanet50_grids_per_stage_match_its_maps_at_224():
+    """The official FcaNet-50 builds each stage's layers for the stage's map size at 224×224 (56, 28, 14, 7) and so
+    never pools there: attach per stage with those dct sizes, and each layer's grid is its input's size."""
+    net = attnkit.create_model("resnet50").eval()
+    for stage, size in zip((1, 2, 3, 4), (56, 28, 14, 7)):
+        attnkit.attach(net, f"fca(dct_size={size})", stages=[stage])
+    seen = {}
+
+    def record(module, args):
+        seen[id(module)] = (module.dct_size, tuple(args[0].shape[2:]))
+
+    handles = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, FrequencyChannelAttention)]
+    with torch.no_grad():
+        net(torch.randn(1, 3, 224, 224))
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == 16 and all(grid == size for grid, size in seen.values())
+    assert n_params(net) == 28_071_976  # the DCT grids are not parameters
