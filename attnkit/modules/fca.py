@@ -37,11 +37,10 @@ def pooling_matrix(size: int, out: int, like: Tensor) -> Tensor:
     """The out×size matrix of adaptive average pooling along one axis, in `like`'s dtype and device: row i averages
     positions [⌊i·size/out⌋, ⌈(i+1)·size/out⌉), torch's windows. Built from tensor operations on `size`, so that
     tracing and export keep it for every map size."""
-    i = torch.arange(out, device=like.device)
-    start = torch.div(i * size, out, rounding_mode="floor")
-    end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")
-    window = (torch.arange(size, device=like.device) >= start[:, None]) & (torch.arange(size, device=like.device) < end[:, None])
-    return window.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+    i, j = torch.arange(out, device=like.device), torch.arange(size, device=like.device)
+    start = torch.div(i * size, out, rounding_mode="floor")[:, None]
+    end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")[:, None]
+    return ((j >= start) & (j < end)).to(like.dtype) / (end - start).to(like.dtype)
 
 
 def _conv1x1(layer: nn.Conv2d, z: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ class PolarizedSelfAttention(AttentionModule):
     The paper and the released code differ, and the code differs between its two layouts; `variant` picks:
       'code' (default), the released PSA_p / PSA_s:
          parallel:    Wz is one convolution; Aˢᵖ = σ(softmax_HW(q · Wv(x))) (a softmax over the positions, then σ);
-         sequential:  Wz is conv C/2 → C/8 (bias), LayerNorm, ReLU, conv C/8 → C (bias); Aˢᵖ = σ(q · softmax_HW(Wv(x))).
+         sequential:  Wz is conv C/2 → C/8 (bias), LayerNorm, ReLU, conv C/8 → C (bias);
+                      Aˢᵖ = σ(q · softmax_HW(Wv(x))).
       'paper', the paper's equations for both layouts: Wz is a convolution followed by LayerNorm over C, and
          Aˢᵖ = σ(softmax_C/2(q) · Wv(x)).
     With 'code' and 'parallel', Aˢᵖ is σ of values that sum to 1 over the H·W positions, so close to ½ on large maps.

@@ -8,12 +8,13 @@ from torch import Tensor, nn
 
 from ..registry import register
 from ._common import dividing, gate_math, make_gate, stat_dtype
-from .base import AttentionModule, Probe
+from .base import AttentionModule, Probe, output
 
 
 @torch.fx.wrap
 def standardize(t: Tensor, eps: float) -> Tensor:
-    """(t − mean) / (std + eps) over the last dimension of an N×G×L tensor, std with Bessel's correction (n − 1; 1 for n = 1).
+    """(t − mean) / (std + eps) over the last dimension of an N×G×L tensor, the std with Bessel's correction (n − 1;
+    1 for n = 1).
 
     Where all values are equal the std is 0 and so is t − mean: the result is 0, with the gradient of a std held at 0
     (the square root's derivative at 0 is infinite). Wrapped for torch.fx, which cannot unpack var_mean's pair."""
@@ -72,7 +73,8 @@ class SpatialGroupEnhance(AttentionModule):
             return self.gate(normalized.to(self.weight.dtype) * self.weight + self.bias)
 
     def gate_probes(self) -> list[Probe]:
-        return [(self.gate, "spatial", lambda inputs, out: out)]
+        """σ(γ ĉ + β) as "spatial", N×G×H×W."""
+        return [(self.gate, "spatial", output)]
 
     def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
         """Each group's gate averaged over the positions, for each of its C/G channels."""

@@ -16,8 +16,8 @@ C = 32
 
 
 def grouped_conv1d(z: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """'same' 1-D convolution in groups, as a sum of shifted strips: out[n, o, l] = Σ_{c ∈ group(o), u}
-    w[o, c, u]·pad(z)[n, c, l + u] (+ b[o])."""
+    """'same' 1-D convolution in groups, as a sum of shifted strips:
+    out[n, o, l] = Σ_{c ∈ group(o), u} w[o, c, u]·pad(z)[n, c, l + u] (+ b[o])."""
     k, length = weight.shape[2], z.shape[2]
     padded = F.pad(z, (k // 2, k // 2))
     per_group = z.shape[1] // groups

@@ -122,7 +122,7 @@ def test_fcanet50_parameters_and_sites():
     widths = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
     net = attnkit.create_model("resnet50", attn="fca")
     assert n_params(net) == 25_557_032 + sum(2 * c * (c // 16) for c in widths) == 28_071_976
-    assert round(n_params(net) / 1e6, 2) == 28.07  # Qin et al., Table 4: FcaNet-50 28.07M
+    assert round(n_params(net) / 1e6, 2) == 28.07  # Qin et al.: FcaNet-50, 28.07M (as bias-free SE-ResNet-50)
     assert net.layer1[0].attn.dct_size == (7, 7)
     assert [s.after for s in attnkit.attach(attnkit.create_model("resnet50"), "fca")][:2] == ["layer1.0.bn3", "layer1.1.bn3"]
 

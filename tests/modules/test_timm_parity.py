@@ -310,6 +310,6 @@ def test_efficient_local_attention(channels: int, kernel_size: int, train: bool)
     # timm: one depthwise convolution (as a k×1 / 1×k Conv2d) and GroupNorm(1) per direction, then SiLU
     ours = EfficientLocalAttention(channels, kernel_size, shared=False, norm_groups=1, act="silu")
     theirs = EfficientLocalAttn(channels, kernel_size=kernel_size)
-    name_map = {f"{layer}_{axis}.{p}": f"{layer}_{axis}.{p}"
-                for layer, params in (("conv", ("weight",)), ("norm", ("weight", "bias"))) for axis in "hw" for p in params}
-    check_parity(ours, theirs, name_map, train=train, channels=channels, reshaped=frozenset({"conv_h.weight", "conv_w.weight"}))
+    names = ["conv_h.weight", "conv_w.weight", "norm_h.weight", "norm_h.bias", "norm_w.weight", "norm_w.bias"]
+    check_parity(ours, theirs, {n: n for n in names}, train=train, channels=channels,
+                 reshaped=frozenset({"conv_h.weight", "conv_w.weight"}))  # (C, 1, k) against (C, 1, k, 1) and (C, 1, 1, k)
