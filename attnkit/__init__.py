@@ -10,6 +10,12 @@ from .modules import (
     SelectiveKernel,
     SqueezeExcite,
     TripletAttention,
+    SpatialGroupEnhance,
+    GatedChannelTransformation,
+    FrequencyChannelAttention,
+    SCSE,
+    EfficientLocalAttention,
+    PolarizedSelfAttention,
 )
 from .modules import EMA, GAM, NAM, NonLocal, ShuffleAttention, SimAM  # simam, ema, gam, shuffle, nam, nonlocal
 from .capture import capture
@@ -54,6 +60,12 @@ __all__ = [
     "NonLocal",
     "ShuffleAttention",
     "SimAM",
+    "SpatialGroupEnhance",
+    "GatedChannelTransformation",
+    "FrequencyChannelAttention",
+    "SCSE",
+    "EfficientLocalAttention",
+    "PolarizedSelfAttention",
     "AttachReport",
     "BlockLayout",
     "block_layouts",

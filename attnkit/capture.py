@@ -44,6 +44,12 @@ def capture(model: nn.Module) -> Iterator[Gates]:
         nam            channel, spatial    Mc, and Ms with the spatial submodule, N×C×H×W each
         nonlocal       attention,          the pairwise weights each position of x̂ receives, averaged over the
                        response            positions of x, N×1×h×w; BN(W_z y), added to x, N×C×H×W
+        sge            spatial             σ(γ ĉ + β), one map per group, N×G×H×W
+        gct            channel             1 + tanh(ŝ + β), N×C×1×1
+        fca            channel             N×C×1×1
+        scse           channel, spatial    s N×C×1×1, q N×1×H×W (before they are combined)
+        ela            a_h, a_w            N×C×H×1, N×C×1×W
+        psa            channel, spatial    Aᶜʰ N×C×1×1, Aˢᵖ N×1×H×W (of x·Aᶜʰ in the sequential layout)
 
     Forward hooks on the submodules that compute the gates are registered on entering the block and removed
     on leaving it, also when it raises; outside the block nothing is registered. The hooks read what the

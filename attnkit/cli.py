@@ -235,7 +235,7 @@ def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.Argument
     p_smoke = sub.add_parser("smoke", help="build every module and run it forward and backward")
     p_smoke.add_argument("--channels", type=int, default=128,
                          help="channels (default: %(default)s, which every module takes at its defaults: SK's 32 "
-                              "groups, Shuffle Attention's 2×64)")
+                              "groups, Shuffle Attention's 2×64, SGE's 64)")
 
     p_train = sub.add_parser("train", help="train one network (torchrun for several processes)")
     _add_train_options(p_train)

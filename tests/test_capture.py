@@ -25,6 +25,12 @@ from .modules.test_ema import group_norm_per_channel
 from .modules.test_gam import dense
 from .modules.test_nam import pixel_batch_norm, share
 from .modules.test_nonlocal import max_pool_2x2
+from .modules.test_sge import sge_gate
+from .modules.test_gct import gct_gate
+from .modules.test_fca import fca_gate
+from .modules.test_scse import scse_gates
+from .modules.test_ela import ela_gates
+from .modules.test_psa import channel_attention, spatial_attention
 
 C = 32
 SHAPE = (3, C, 9, 7)
@@ -240,6 +246,33 @@ EQUATIONS = {"se": se_gates, "eca": eca_gates, "srm": srm_gates, "cbam": cbam_ga
              # simam, ema, gam, shuffle, nam, nonlocal
              "simam": simam_gates, "ema": ema_gates, "gam": gam_gates, "shuffle": shuffle_gates, "nam": nam_gates,
              "nonlocal": nonlocal_gates}
+
+
+# sge, gct, fca, scse, ela, psa
+def scse_gate_dict(m, x, train):
+    """s = σ(W₂ ReLU(W₁ GAP(x) + b₁) + b₂), q = σ(w·x + b)."""
+    s, q = scse_gates(m, x)
+    return {"channel": s, "spatial": q}
+
+
+def ela_gate_dict(m, x, train):
+    """aʰ, aʷ = σ(act(GN(conv1d(strip means)))), with the module's groups."""
+    conv_h, norm_h = m.strips()[0]
+    act = F.silu if isinstance(m.act, nn.SiLU) else (lambda z: z)
+    a_h, a_w = ela_gates(m, x, conv_h.groups, norm_h.num_groups, act)
+    return {"a_h": a_h[:, :, :, None], "a_w": a_w[:, :, None, :]}
+
+
+def psa_gates(m, x, train):
+    """Aᶜʰ(x); Aˢᵖ of x (parallel) or of x·Aᶜʰ(x) (sequential)."""
+    a_ch = channel_attention(m, x)[:, :, None, None]
+    return {"channel": a_ch, "spatial": spatial_attention(m, x * a_ch if m.layout == "sequential" else x)[:, None]}
+
+
+EQUATIONS |= {"sge": lambda m, x, train: {"spatial": sge_gate(m, x)},
+              "gct": lambda m, x, train: {"channel": gct_gate(m, x)},
+              "fca": lambda m, x, train: {"channel": fca_gate(m, x)},
+              "scse": scse_gate_dict, "ela": ela_gate_dict, "psa": psa_gates}
 
 
 def hooks(model: nn.Module) -> int:

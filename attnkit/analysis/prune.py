@@ -18,7 +18,7 @@ from ..data.loader import Loader
 from ..files import make_folder, write_csv, write_file
 from ..modules import SelectiveKernel
 from ..registry import did_you_mean
-from ..surgery import IdentityStart, gates_of
+from ..surgery import IdentityStart, gates_before, gates_of
 from .gate_stats import channel_sites, channel_weights, sample_batches
 from .report import text_table
 
@@ -33,12 +33,14 @@ PLOT_INCHES, DPI = (6.0, 4.0), 100
 @dataclass
 class PruneSite:
     """An attention site: the module whose gates rank its channels, the module whose output channels are zeroed,
-    the channel count, and the convolutions that produce those channels (for the L1 ranking)."""
+    the channel count, and the convolutions that produce those channels (for the L1 ranking), or, for a module on a
+    convolution's input (GCT), that convolution, which reads them (`reads`)."""
 
     gate: str  # the attention module, as attnkit.capture names it
     output: str  # the attention module, or the IdentityStart that wraps it
     channels: int
     convs: tuple[str, ...]
+    reads: bool = False
 
 
 @dataclass
@@ -139,6 +141,7 @@ def _sites(model: nn.Module, gates: Sequence[str], x: Tensor) -> list[PruneSite]
         parent, _, leaf = gate.rpartition(".")
         outputs[gate] = parent if leaf == "module" and isinstance(model.get_submodule(parent), IdentityStart) else gate
     gated_convs = {id(g): name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) for g in gates_of(m)}
+    read_by = {id(g): name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) for g in gates_before(m)}
     inside = tuple(name + "." for name in outputs.values())
     ran: list[str] = []  # convolutions in the order they finish
     before: dict[str, int] = {}  # output module -> how many convolutions had finished when it started
@@ -173,6 +176,9 @@ def _sites(model: nn.Module, gates: Sequence[str], x: Tensor) -> list[PruneSite]
     sites = []
     for gate, out in outputs.items():
         module, c = model.get_submodule(gate), channels[out]
+        if id(model.get_submodule(out)) in read_by:
+            sites.append(PruneSite(gate, out, c, (read_by[id(model.get_submodule(out))],), reads=True))
+            continue
         if isinstance(module, SelectiveKernel):
             convs = tuple(f"{gate}.paths.{n}" for n, m in module.paths.named_modules() if isinstance(m, nn.Conv2d))
         elif id(model.get_submodule(out)) in gated_convs:
@@ -188,7 +194,9 @@ def _l1_order(model: nn.Module, site: PruneSite) -> np.ndarray:
     if not site.convs:
         raise ValueError(f"prune: no convolution with {site.channels} output channels runs before {site.output}, so "
                          f"there is no L1 ranking for it; leave 'l1' out of the rankings.")
-    norms = sum(model.get_submodule(n).weight.detach().abs().sum((1, 2, 3)).double() for n in site.convs)
+    # the L1 norm of each output filter of the producing convolutions, or of each input slice of the reading one
+    dims = (0, 2, 3) if site.reads else (1, 2, 3)
+    norms = sum(model.get_submodule(n).weight.detach().abs().sum(dims).double() for n in site.convs)
     sources = getattr(model.get_submodule(site.gate), "input_channel_of_output", None)
     if callable(sources):  # a module that reorders the channels (Shuffle Attention): each output's producing filter
         norms = norms[torch.as_tensor(sources())]
@@ -214,7 +222,8 @@ def prune(model: nn.Module, data: Dataset, fractions: Sequence[float] = DEFAULT_
         gate    the mean channel weight (as attnkit stats computes it) over the training split, or `max_samples`
                 samples of it evenly spaced; evaluated on the test split
         l1      the L1 norm of each output filter of the convolution producing the gated channels (summed over sk's
-                paths; BatchNorm scales are not folded in)
+                paths; BatchNorm scales are not folded in); for a module on a convolution's input (GCT), of the
+                weights of that convolution that read each channel
         random  a permutation per site from numpy's generator seeded with (seed, draw), for `random_draws` draws
 
     Fraction 0 is the unpruned network, evaluated once, with no hook installed."""

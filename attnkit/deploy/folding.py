@@ -6,7 +6,7 @@ whose output goes only to a BatchNorm, each called once. The folding itself is t
 (torch.nn.utils.fusion). Modules whose BatchNorm follows something other than a layer fold it themselves
 through a `fold_batchnorm()` method (SRM's channel-wise FC). Models that torch.fx cannot trace fall back to
 the pairs that are adjacent in a plain nn.Sequential. Gates that attach() placed after a folded BatchNorm
-move to the Identity that replaces it.
+move to the Identity that replaces it; gates on a convolution's input (GCT's) stay on the folded convolution's.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from ..surgery import gates_of, with_gates_of
+from ..surgery import gates_before, gates_of, with_gates_of
+from ..surgery.gating import is_gated, ungated
 
 __all__ = ["fuse"]
 
@@ -64,17 +65,21 @@ def _candidate_pairs(model: nn.Module) -> list[tuple[str, str]]:
     # gates the trace did not go through (those of a layer traced as one call) are traced on their own
     for module in model.modules():
         if paths.get(id(module)) in one_call:
-            for gate in gates_of(module):
+            for gate in gates_before(module) + gates_of(module):
                 prefix = paths[id(gate)] + "."
                 pairs += [(prefix + a, prefix + b) for a, b in _candidate_pairs(gate)]
     return pairs
 
 
 def _foldable(layer: nn.Module, norm: nn.Module) -> bool:
-    """Exactly torch's layers (a subclass may transform its weight, as weight standardisation does), not
-    gated, followed by a BatchNorm over their output channels that has running statistics."""
-    if type(layer) not in _LAYERS or not isinstance(norm, _NORMS) or norm.running_mean is None:
+    """Exactly torch's layers (a subclass may transform its weight, as weight standardisation does), with no gate
+    on their output (gates on their input are kept), followed by a BatchNorm over their output channels that has
+    running statistics."""
+    if gates_of(layer) or not isinstance(norm, _NORMS) or norm.running_mean is None:
         return False
+    with ungated(layer):
+        if type(layer) not in _LAYERS:
+            return False
     width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return norm.num_features == width
 
@@ -105,8 +110,9 @@ def fuse(model: nn.Module) -> nn.Module:
         layer, norm = fused.get_submodule(layer_path), fused.get_submodule(norm_path)
         if not _foldable(layer, norm):
             continue
-        folded = fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, norm)
-        _set(fused, layer_path, folded)
+        with ungated(layer):  # folded alone; its input's gates (registered elsewhere in the model) are put back on it
+            folded = fuse_linear_bn_eval(layer, norm) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, norm)
+        _set(fused, layer_path, with_gates_of(layer, folded) if is_gated(layer) else folded)
         _set(fused, norm_path, with_gates_of(norm, nn.Identity()))
     for module in fused.modules():
         if hasattr(module, "fold_batchnorm"):

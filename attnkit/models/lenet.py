@@ -23,9 +23,12 @@ class LeNet(nn.Module):
 
     def attention_sites(self, placement: str) -> list[tuple]:
         """(site, holder, channels, stage[, replaced]) for attach(): gates after each conv stage's activation,
-        before pooling; SK in place of conv1 where its padding keeps the size (28×28 inputs)."""
+        before pooling; SK in place of conv1 where its padding keeps the size (28×28 inputs); GCT on the input of
+        each convolution."""
         if placement == "conv":
             return [("conv1", "", 6, 1, ("conv1",))] if self.conv1.padding == (2, 2) else []
+        if placement == "before_conv":
+            return [("conv1", "", self.conv1.in_channels, 1), ("conv2", "", 6, 2)]
         return [("relu1", "", 6, 1), ("relu2", "", 16, 2)]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -9,6 +9,12 @@ from .se import SqueezeExcite
 from .sk import SelectiveKernel
 from .srm import SRM
 from .triplet import TripletAttention
+from .sge import SpatialGroupEnhance
+from .gct import GatedChannelTransformation
+from .fca import FrequencyChannelAttention
+from .scse import SCSE
+from .ela import EfficientLocalAttention
+from .psa import PolarizedSelfAttention
 
 # simam, ema, gam, shuffle, nam, nonlocal
 from .ema import EMA
@@ -37,4 +43,10 @@ __all__ = [
     "NonLocal",
     "ShuffleAttention",
     "SimAM",
+    "SpatialGroupEnhance",
+    "GatedChannelTransformation",
+    "FrequencyChannelAttention",
+    "SCSE",
+    "EfficientLocalAttention",
+    "PolarizedSelfAttention",
 ]

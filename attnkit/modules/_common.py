@@ -22,6 +22,7 @@ __all__ = [
     "reduced_width",
     "positive_int",
     "odd_kernel",
+    "dividing",
     "one_of",
     "stat_dtype",
     "gate_math",
@@ -72,6 +73,16 @@ def odd_kernel(owner: str, name: str, value: object) -> int:
     value = positive_int(owner, name, value)
     if value % 2 == 0:
         raise ValueError(f"{owner}: `{name}` must be odd so the padding is symmetric, got {value}.")
+    return value
+
+
+def dividing(owner: str, name: str, value: object, channels: int, what: str = "the channel count") -> int:
+    """`value` as an int >= 1 that divides `channels`, else an error that names both and the divisor to use instead."""
+    value = positive_int(owner, name, value)
+    if channels % value:
+        fit = max(d for d in range(1, min(value, channels) + 1) if channels % d == 0)
+        raise ValueError(f"{owner}: `{name}`={value} must divide {what} {channels}; pass {name}={fit} (the largest "
+                         f"divisor of {channels} up to {value}) for this layer.")
     return value
 
 

@@ -40,7 +40,7 @@ __all__ = [
 
 # (submodule whose forward is observed, gate name, the gate's value from that submodule's inputs and output)
 Probe = tuple[nn.Module, str, Callable[[tuple, Tensor], Tensor]]
-PLACEMENTS = ("block", "after_conv", "before_norm", "stage", "conv")
+PLACEMENTS = ("block", "after_conv", "before_norm", "before_conv", "stage", "conv")
 
 
 def output(inputs: tuple, out: Tensor) -> Tensor:
@@ -106,7 +106,8 @@ class AttentionModule(nn.Module):
     #: "block": in every block, where the block's layout says (before the residual addition, after the depthwise
     #: stage, ...); "after_conv": in every block, after its 3×3 convolution (and that convolution's BN); "before_norm": in
     #: every block, on the output of its last k×k (k > 1) convolution, before that convolution's normalisation (SimAM);
-    #: "stage": once before every downsampling (BAM); "conv": in place of each block's 3×3 convolution (SK).
+    #: "before_conv": on the input of every convolution of the network (GCT); "stage": once before every downsampling
+    #: (BAM); "conv": in place of each block's 3×3 convolution (SK).
     placement: ClassVar[str] = "block"
     #: with placement "block": "residual" (inside the block, as above) or "output" (after the block, as non-local
     #: blocks go between residual blocks); attach(position=...) overrides it

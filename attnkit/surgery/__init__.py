@@ -8,7 +8,7 @@
     pretrained.py  load_pretrained()
 """
 from .attach import AttachedSite, AttachReport, IdentityStart, attach, parse_placement
-from .gating import gates_of, is_gated, with_gates_of
+from .gating import gates_before, gates_of, is_gated, with_gates_of
 from .layouts import BlockLayout, block_layouts, has_attributes, of_class, register_block_layout
 from .pretrained import LoadReport, load_pretrained
 
@@ -20,6 +20,7 @@ __all__ = [
     "LoadReport",
     "attach",
     "block_layouts",
+    "gates_before",
     "gates_of",
     "has_attributes",
     "is_gated",

@@ -10,13 +10,13 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..modules.base import placement_of
-from .gating import gate_after, gates_of
+from .gating import gate_after, gate_before, gates_before, gates_of
 from .probe import Measured, measure
 from .sites import Site, auto_sites, join, named_sites
 
 __all__ = ["AttachReport", "AttachedSite", "IdentityStart", "attach", "parse_placement"]
 
-POSITIONS = ("auto", "residual", "output", "after")
+POSITIONS = ("auto", "residual", "output", "after", "before")
 
 
 class IdentityStart(nn.Module):
@@ -35,8 +35,8 @@ class IdentityStart(nn.Module):
 def parse_placement(text: str) -> dict[str, Any]:
     """attach() keyword arguments from a placement string, as the CLI's --where takes it.
 
-    Entries are separated by ';': `position=residual|output|after`, `stages=2,3`, `every=2`, and a bare entry that is
-    attach()'s `where` ("auto", a regular expression, or comma-separated module names). Examples: "auto",
+    Entries are separated by ';': `position=residual|output|after|before`, `stages=2,3`, `every=2`, and a bare entry
+    that is attach()'s `where` ("auto", a regular expression, or comma-separated module names). Examples: "auto",
     "position=output", "stages=3", "position=output;stages=2,3;every=2", "layer4.*.bn2".
     """
     placement: dict[str, Any] = {"where": "auto"}
@@ -68,14 +68,15 @@ def parse_placement(text: str) -> dict[str, Any]:
 
 @dataclass
 class AttachedSite:
-    """One inserted module: where it is registered, what it gates (or replaces), its channels and parameters, and the
-    rule that found the site."""
+    """One inserted module: where it is registered, the layer whose output it gates (or whose input, with `position`
+    "before"; or that it replaces), its channels and parameters, and the rule that found the site."""
 
     module: str
     after: str
     channels: int
     params: int
     rule: str = ""
+    position: str = "after"
 
 
 @dataclass
@@ -98,7 +99,8 @@ class AttachReport:
 
     def __str__(self) -> str:
         rows = [("module", "after", "channels", "params", "found by")]
-        rows += [(s.module, s.after, str(s.channels), f"{s.params:,}", s.rule) for s in self.sites]
+        rows += [(s.module, s.after if s.position == "after" else f"(before) {s.after}", str(s.channels),
+                  f"{s.params:,}", s.rule) for s in self.sites]
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.rjust(w) if i in (2, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                  for r in rows]
@@ -143,6 +145,18 @@ def _replace(model: nn.Module, site: Site, module: nn.Module) -> str:
 
 def _given(channels: int | Mapping[str, int] | None, path: str) -> int | None:
     return channels if isinstance(channels, int) else (channels or {}).get(path)
+
+
+def _measured_input_channels(model: nn.Module, measured: Measured, path: str) -> int:
+    """The channels of `path`'s input in the measured pass; a clear error where it has none to give."""
+    runs = measured.calls.get(path, 0)
+    found = measured.input_channels(path) if runs == 1 else None
+    if found is None:
+        what = ("never runs in an eval-mode forward pass" if runs == 0 else f"runs {runs} times in one forward pass" if
+                runs > 1 else f"takes {measured.input_shapes.get(path, 'no tensor')}, not an N×C×H×W map")
+        raise ValueError(f"attach: {path!r} ({type(model.get_submodule(path)).__name__}) {what}; name a layer that runs "
+                         f"once on a feature map to gate its input, or pass channels={{{path!r}: C}}.")
+    return found
 
 
 def _measured_channels(model: nn.Module, measured: Measured, path: str) -> int:
@@ -203,11 +217,13 @@ def attach(
         where: "auto" places the module as its paper does in every block of the families attnkit knows
             (attnkit.block_layouts(): after the last BN of a residual branch, before the addition; after the depthwise
             stage of an inverted residual; ...), and in other networks before each residual addition of the traced
-            graph, or else at each stage's output; BAM before each downsampling, SK in place of the 3×3 convolution.
+            graph, or else at each stage's output; BAM before each downsampling, SK in place of the 3×3 convolution,
+            GCT before every convolution.
             Otherwise a list of module names, or a regular expression matched against module names.
         position: for "auto" and named blocks, "residual" (inside the block, as its layout says) or "output" (after
-            the block); "after" gates the output of each named module (the default for names). With "auto", the
-            module's own `default_position` ("residual" for all but modules that go between blocks).
+            the block); "after" gates the output of each named module (the default for names), "before" its input (the
+            default for names with modules that go before convolutions, GCT). With "auto", the module's own
+            `default_position` ("residual" for all but modules that go between blocks).
         stages: with "auto", only sites in these 1-based stages (a stage ends where the resolution changes); by
             default the module's `default_stages`, or every stage from its `first_stage` on.
         every: with "auto", in each stage the last site and every `every`-th one before it (2: every other block, as
@@ -219,7 +235,7 @@ def attach(
             channel counts and stages; by default random 2×C×S×S images, S = 64, then other sizes until one runs.
         **kwargs: passed to the module's constructor.
 
-    The new modules take the mode (train/eval), device and floating dtype of the layer they follow.
+    The new modules take the mode (train/eval), device and floating dtype of the layer they follow (or precede).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attach: `model` must be an nn.Module, got {type(model).__name__}.")
@@ -240,8 +256,9 @@ def attach(
         return measured
 
     if where == "auto":
-        if position == "after":
-            raise ValueError("attach: position='after' needs named sites (where=[...]); 'auto' finds blocks.")
+        if position in ("after", "before"):
+            raise ValueError(f"attach: position={position!r} needs named sites (where=[...]); 'auto' finds blocks.")
+        before = placement == "before_conv"
         if position == "auto":
             position = getattr(factory, "default_position", "residual")
         sites = auto_sites(model, placement, position, getattr(factory, "first_stage", 1), measure_once)
@@ -254,14 +271,20 @@ def attach(
     else:
         if placement == "conv":
             raise ValueError(f"attach: {name!r} replaces a convolution; use where='auto' to place it.")
-        sites = named_sites(model, where, "after" if position == "auto" else position,
-                            lambda path: _given(channels, path) or _measured_channels(model, measure_once(), path))
+        if position == "auto":
+            position = "before" if placement == "before_conv" else "after"
+        before = position == "before"
+        measured_channels = _measured_input_channels if before else _measured_channels
+        sites = named_sites(model, where, position,
+                            lambda path: _given(channels, path) or measured_channels(model, measure_once(), path))
     if not sites:
         raise ValueError(f"attach: no site for {spec!r} in {type(model).__name__} with where={where!r}, stages={stages!r}.")
     if not allow_multiple:
+        present = gates_before if before else gates_of
         for s in sites:
-            if gates_of(model.get_submodule(s.site)):
-                raise ValueError(f"attach: {s.site!r} already has an attention module; pass allow_multiple=True to add another.")
+            if present(model.get_submodule(s.site)):
+                raise ValueError(f"attach: {s.site!r} already has an attention module{' on its input' if before else ''}; "
+                                 f"pass allow_multiple=True to add another.")
 
     report = AttachReport(spec)
     for s in sites:
@@ -281,7 +304,7 @@ def attach(
             _like(module, target, holder, model)
             child = _free_name(holder)
             holder.add_module(child, module)
-            gate_after(target, module)
+            (gate_before if before else gate_after)(target, module)
             path = join(s.holder, child)
-        report.sites.append(AttachedSite(path, s.site, s.channels, _count(module), s.rule))
+        report.sites.append(AttachedSite(path, s.site, s.channels, _count(module), s.rule, "before" if before else "after"))
     return report

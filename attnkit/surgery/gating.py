@@ -1,5 +1,6 @@
 """How a gate follows a layer without renaming anything: the layer's class becomes a subclass of its own class whose
-forward applies the gates after the original forward.
+forward applies the gates after the original forward (and the gates that go before it, such as GCT's before each
+convolution, to its input).
 
 The subclass is made once per original class and keeps its name, so the layer prints, loads its state dict and passes
 `isinstance` checks as before. Three things are done so that the model stays an ordinary PyTorch model:
@@ -16,9 +17,10 @@ from typing import Any, Iterator
 
 from torch import fx, nn
 
-__all__ = ["gate_after", "gates_of", "is_gated", "with_gates_of"]
+__all__ = ["gate_after", "gate_before", "gates_before", "gates_of", "is_gated", "ungated", "with_gates_of"]
 
 _GATES = "_attnkit_gates"  # the attribute of a gated layer that lists its gates (registered elsewhere as modules)
+_GATES_BEFORE = "_attnkit_gates_before"  # and the gates applied to its input
 _GATED_CLASSES: dict[type, type] = {}
 
 
@@ -49,6 +51,12 @@ def _gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             leaf = tracer.is_leaf_module(self, path)
         if leaf:
             return tracer.create_proxy("call_module", path, args, kwargs)
+    before = self.__dict__.get(_GATES_BEFORE, ())
+    if before:
+        first = args[0]
+        for gate in before:
+            first = gate(first)
+        args = (first, *args[1:])
     out = _original_class(self).forward(self, *args, **kwargs)
     for gate in self.__dict__[_GATES]:
         out = gate(out)
@@ -67,8 +75,10 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
 
 def _extra_repr(self: nn.Module) -> str:
     own = _original_class(self).extra_repr(self)
-    gates = ", ".join(type(g).__name__ for g in self.__dict__[_GATES])
-    return f"{own}, then {gates}" if own else f"then {gates}"
+    before = ", ".join(type(g).__name__ for g in self.__dict__.get(_GATES_BEFORE, ()))
+    after = ", ".join(type(g).__name__ for g in self.__dict__[_GATES])
+    parts = [own] + ([f"input through {before}"] if before else []) + ([f"then {after}"] if after else [])
+    return ", ".join(p for p in parts if p)
 
 
 def _gated_class(original: type) -> type:
@@ -79,7 +89,7 @@ def _gated_class(original: type) -> type:
             "extra_repr": _extra_repr,
             "__module__": __name__,
             "__qualname__": original.__qualname__,
-            "__doc__": f"{original.__qualname__}, followed by the attention modules attnkit.attach() put after it.",
+            "__doc__": f"{original.__qualname__}, with the attention modules attnkit.attach() put before and after it.",
         })
     return _GATED_CLASSES[original]
 
@@ -94,19 +104,54 @@ def gates_of(module: nn.Module) -> list[nn.Module]:
     return list(module.__dict__.get(_GATES, ()))
 
 
+def gates_before(module: nn.Module) -> list[nn.Module]:
+    """The attention modules attach() applies to `module`'s input, in order (empty if none)."""
+    return list(module.__dict__.get(_GATES_BEFORE, ()))
+
+
+def _gated(layer: nn.Module) -> dict:
+    if not is_gated(layer):
+        layer.__class__ = _gated_class(type(layer))
+        layer.__dict__[_GATES] = []
+    layer.__dict__.setdefault(_GATES_BEFORE, [])
+    return layer.__dict__
+
+
 def gate_after(layer: nn.Module, gate: nn.Module) -> None:
     """Make `layer` apply `gate` to its output (after any gates it already applies). `gate` must also be registered as
     a module somewhere in the model (attach() registers it in the block), so that it is saved, moved and switched to
     eval mode with the model."""
-    if not is_gated(layer):
-        layer.__class__ = _gated_class(type(layer))
-        layer.__dict__[_GATES] = []
-    layer.__dict__[_GATES].append(gate)
+    _gated(layer)[_GATES].append(gate)
+
+
+def gate_before(layer: nn.Module, gate: nn.Module) -> None:
+    """Make `layer` apply `gate` to its (first) input, after any gates it already applies there; `gate` registered as
+    for gate_after()."""
+    _gated(layer)[_GATES_BEFORE].append(gate)
+
+
+@contextlib.contextmanager
+def ungated(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` as its original class, without its gates, inside the block (to copy or transform the layer alone);
+    gated again after it."""
+    if not is_gated(module):
+        yield module
+        return
+    gated, original = type(module), _original_class(module)
+    lists = {key: module.__dict__.pop(key) for key in (_GATES, _GATES_BEFORE) if key in module.__dict__}
+    module.__class__ = original
+    try:
+        yield module
+    finally:
+        module.__class__ = gated
+        module.__dict__.update(lists)
 
 
 def with_gates_of(source: nn.Module, replacement: nn.Module) -> nn.Module:
-    """`replacement`, made to apply the gates that follow `source` (when a gated layer is swapped, e.g. a BN folded
-    into its convolution becomes an Identity that still gates)."""
+    """`replacement`, made to apply the gates that follow `source` and those before it (when a gated layer is swapped,
+    e.g. a BN folded into its convolution becomes an Identity that still gates)."""
+    for gate in gates_before(source):
+        gate_before(replacement, gate)
     for gate in gates_of(source):
         gate_after(replacement, gate)
     return replacement

@@ -1,5 +1,5 @@
 """What attach() measures instead of guessing: one forward pass of the model in eval mode, without gradients, on a
-small input, recording each module's output shape and how often it runs."""
+small input, recording each module's output and input shapes and how often it runs."""
 from __future__ import annotations
 
 import contextlib
@@ -16,13 +16,14 @@ SIDES = (64, 224, 32, 28, 299)  # tried in turn until the model runs; 299 for In
 
 @dataclass
 class Measured:
-    """One forward pass: per module path, its output shape (first call, tensor outputs only) and its number of calls,
-    and the paths of the modules without children in the order they ran."""
+    """One forward pass: per module path, its output shape and the shape of its first input (first call, tensors
+    only) and its number of calls, and the paths of the modules without children in the order they ran."""
 
     example: Tensor = field(repr=False)  # the input it ran on
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     leaves: list[str] = field(default_factory=list)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def channels(self, path: str) -> int | None:
         shape = self.shapes.get(path)
@@ -30,6 +31,14 @@ class Measured:
 
     def resolution(self, path: str) -> tuple[int, ...] | None:
         shape = self.shapes.get(path)
+        return shape[2:] if shape is not None and len(shape) == 4 else None
+
+    def input_channels(self, path: str) -> int | None:
+        shape = self.input_shapes.get(path)
+        return shape[1] if shape is not None and len(shape) == 4 else None
+
+    def input_resolution(self, path: str) -> tuple[int, ...] | None:
+        shape = self.input_shapes.get(path)
         return shape[2:] if shape is not None and len(shape) == 4 else None
 
 
@@ -70,6 +79,8 @@ def measure(model: nn.Module, example_input: Tensor | None = None) -> Measured:
         if path is None or record is None:
             return
         record.calls[path] = record.calls.get(path, 0) + 1
+        if inputs and isinstance(inputs[0], Tensor) and path not in record.input_shapes:
+            record.input_shapes[path] = tuple(inputs[0].shape)
         if isinstance(out, Tensor) and path not in record.shapes:
             record.shapes[path] = tuple(out.shape)
             if next(module.children(), None) is None:

@@ -6,6 +6,7 @@ Rules for where="auto", in order:
 3. residual additions found in the torch.fx graph: the attention follows the layer that ends the branch, before the
    addition (for networks of unknown blocks);
 4. stage outputs: the last layer at each resolution (for networks without residual connections).
+Modules placed before every convolution (GCT) take, after rule 1, every 2-D convolution that runs once, in any network.
 Channel counts and stages come from one measured forward pass (probe.py), never from the layers' attributes.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..modules.base import is_attention_module
 from .layouts import BlockLayout, layout_of
 from .probe import Measured, evaluating
 
@@ -206,6 +208,18 @@ def _stage_output_sites(model: nn.Module, measured: Measured) -> list[Site]:
     return [Site(p, holder_of(model, parent(p), p), measured.channels(p), s, "stage output") for s, p in sorted(last.items())]
 
 
+# ---------------------------------------------------------------------------------------------- before convolutions
+def _convolution_input_sites(model: nn.Module, measured: Measured) -> list[Site]:
+    """Before each 2-D convolution that runs once on an N×C×H×W map, outside attention modules, in the order they ran;
+    the site is the convolution, its channels and stage those of its input."""
+    inside = tuple(path + "." for path, m in model.named_modules() if path and is_attention_module(m))
+    convs = [p for p in measured.leaves if isinstance(model.get_submodule(p), nn.Conv2d) and measured.calls.get(p) == 1
+             and measured.input_channels(p) is not None and not p.startswith(inside)]
+    stages = _stages([measured.input_resolution(p) for p in convs])
+    return [Site(p, holder_of(model, parent(p), p), measured.input_channels(p), stage, "before each convolution")
+            for p, stage in zip(convs, stages)]
+
+
 # ---------------------------------------------------------------------------------------------- where="auto"
 def auto_sites(model: nn.Module, placement: str, position: str, first_stage: int,
                measure: Callable[[], Measured]) -> list[Site]:
@@ -214,6 +228,8 @@ def auto_sites(model: nn.Module, placement: str, position: str, first_stage: int
     if callable(declared):
         return [Site(*entry[:4], "declared by the model", *entry[4:]) for entry in declared(placement)]
     measured = measure()
+    if placement == "before_conv":
+        return _convolution_input_sites(model, measured)
     if blocks(model):
         sites = _block_sites(model, measured, placement, position)
     elif placement in ("conv", "after_conv", "before_norm"):

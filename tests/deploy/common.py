@@ -8,9 +8,10 @@ import attnkit
 
 BACKBONES = ("resnet18", "resnet56", "mobilenet_v2")
 # the spec each module takes inside a backbone at any input size (GE θ's global gather needs a fixed size) and width
-# (EMA's 32 and Shuffle Attention's 2·64 default groups need wider layers than resnet56's and mobilenet_v2's)
+# (EMA's 32, Shuffle Attention's 2·64 and SGE's 64 default groups need wider layers than resnet56's and
+# mobilenet_v2's; 8 SGE groups divide them all)
 SPECS = {name: name for name in attnkit.list_modules()} | {"ge": "ge(extent=2, variant='plus')", "ema": "ema(groups=8)",
-                                                          "shuffle": "shuffle(groups=4)"}
+                                                          "shuffle": "shuffle(groups=4)", "sge": "sge(groups=8)"}
 
 
 @torch.no_grad()

@@ -33,6 +33,11 @@ def plain_params(model: str) -> int:
 # EMA's 32 groups and Shuffle Attention's 2·64 do not divide LeNet's 6 and 16 channels or resnet20's 16: groups that do
 NARROW = {"ema": "ema(groups=2)", "shuffle": "shuffle(groups=1)"}
 PARAMETER_FREE = {"ge", "simam"}  # Gather-Excite θ⁻ and SimAM
+# Grouped modules whose default groups do not divide a narrow backbone's widths (LeNet's 6 channels, the CIFAR
+# ResNets' 16-64, MobileNetV2's 96-960) run there with groups that do; their defaults refuse with a clear error.
+FITTED = {("lenet", "sge"): "sge(groups=2)", ("lenet", "fca"): "fca(frequencies='top2')",
+          ("lenet", "ela"): "ela(norm_groups=2)", ("mobilenet_v2", "sge"): "sge(groups=16)",
+          **{(model, "sge"): "sge(groups=16)" for model in CIFAR}}
 
 
 def _combinations():
@@ -45,7 +50,7 @@ def _combinations():
 @pytest.mark.parametrize("model, attn", list(_combinations()))
 def test_every_backbone_with_every_module_trains_a_step(model, attn):
     torch.manual_seed(0)
-    net = attnkit.create_model(model, attn=attn, num_classes=7)
+    net = attnkit.create_model(model, attn=FITTED.get((model, attn), attn), num_classes=7)
     x = input_for(model)
     logits = net(x)
     assert logits.shape == (2, 7)
@@ -54,6 +59,12 @@ def test_every_backbone_with_every_module_trains_a_step(model, attn):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     if attn is not None:
         assert (n_params(net) == plain_params(model)) == (attn in PARAMETER_FREE)
+
+
+@pytest.mark.parametrize("model, attn", sorted(FITTED))
+def test_grouped_defaults_that_do_not_fit_a_backbone_say_what_to_pass(model, attn):
+    with pytest.raises(ValueError, match=r"must divide the channel count|does not divide the channel count"):
+        attnkit.create_model(model, attn=attn)
 
 
 @pytest.mark.parametrize("name", IMAGENET)

@@ -47,6 +47,24 @@ CASES: list[tuple[str, dict]] = [
     ("nonlocal", {"pairwise": "concatenation", "subsample": "after"}),
     ("nonlocal", {"pairwise": "dot_product", "norm": False}),
     ("nonlocal", {"pairwise": "gaussian", "subsample": "none", "scale": False}),
+    # sge, gct, fca, scse, ela, psa
+    ("sge", {"groups": 4}),
+    ("sge", {"groups": 16, "gate": "hard_sigmoid"}),
+    ("gct", {}),
+    ("gct", {"mode": "l1"}),
+    ("gct", {"mode": "l1", "after_relu": True}),
+    ("fca", {}),
+    ("fca", {"frequencies": "low4", "dct_size": 14, "bias": True}),
+    ("scse", {}),
+    ("scse", {"combine": "add"}),
+    ("scse", {"combine": "mul", "reduction": 4}),
+    ("ela", {}),
+    ("ela", {"variant": "L"}),
+    ("ela", {"shared": False, "norm_groups": 1, "act": "silu", "bias": True}),
+    ("psa", {}),
+    ("psa", {"layout": "sequential"}),
+    ("psa", {"variant": "paper"}),
+    ("psa", {"variant": "paper", "layout": "sequential"}),
 ]
 
 # The first case of each registered module (its defaults, or the nearest config that fits 16 channels).

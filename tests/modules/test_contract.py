@@ -62,8 +62,8 @@ def test_gradcheck_float64(case):
     name, kwargs = case
     if name == "sk":
         kwargs = {**kwargs, "groups": 4, "out_channels": 8}
-    module = randomize(build(name, kwargs, 8, (5, 4)), double=True)
-    x = torch.randn(2, 8, 5, 4, dtype=torch.float64, requires_grad=True)
+    module = randomize(build(name, kwargs, C, (5, 4)), double=True)  # C: grouped modules' defaults need 16
+    x = torch.randn(2, C, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(module, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 

@@ -324,3 +324,22 @@ def test_gather_excite_minus(
     (y * w).sum().backward()
     torch.testing.assert_close(y, y_timm, rtol=RTOL, atol=ATOL, msg=lambda m: f"output: {m}")
     torch.testing.assert_close(xa.grad, grad_timm, rtol=RTOL, atol=ATOL, msg=lambda m: f"input gradient: {m}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sge, gct, fca, scse, ela, psa: timm computes ELA's unshared variant (SGE, GCT, FcaNet, scSE and PSA are not in timm;
+# test_fca compares FcaNet's DC frequency with timm's SEModule, test_scse scSE's cSE with torchvision's SE).
+@TRAIN_MODES
+@pytest.mark.parametrize("kernel_size", [7, 3])
+@pytest.mark.parametrize("channels", [16, 64])
+def test_efficient_local_attention(channels: int, kernel_size: int, train: bool) -> None:
+    from timm.layers.coord_attn import EfficientLocalAttn
+
+    from attnkit.modules import EfficientLocalAttention
+
+    # timm: one depthwise convolution (as a k×1 / 1×k Conv2d) and GroupNorm(1) per direction, then SiLU
+    ours = EfficientLocalAttention(channels, kernel_size, shared=False, norm_groups=1, act="silu")
+    theirs = EfficientLocalAttn(channels, kernel_size=kernel_size)
+    names = ["conv_h.weight", "conv_w.weight", "norm_h.weight", "norm_h.bias", "norm_w.weight", "norm_w.bias"]
+    check_parity(ours, theirs, {n: n for n in names}, train=train, channels=channels,
+                 reshaped=frozenset({"conv_h.weight", "conv_w.weight"}))  # (C, 1, k) against (C, 1, k, 1) and (C, 1, 1, k)
