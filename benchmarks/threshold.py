@@ -12,7 +12,6 @@ The three modes take turns, run by run; a ratio below 1 means faster than the re
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import torch
@@ -20,12 +19,11 @@ import torch
 import attnkit
 from attnkit.kernels import dispatch
 from modules import Report, header, in_mode  # beside this script
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = [(2, 16, 16, 16), (4, 32, 16, 16), (64, 16, 8, 8), (64, 64, 5, 5), (8, 64, 16, 16), (64, 32, 10, 10),
           (8, 64, 32, 32)]
 MODES = ("reference", "auto", "cpu")
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def evaluation(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:

@@ -18,6 +18,11 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+# how the benchmarks time a run: the wall clock, or the process's CPU time, which on a machine shared with other
+# work leaves out the time the process waits for a core (with one thread; with more it counts their waits too)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def load() -> str:
     """The machine's load averages over 1, 5 and 15 minutes, where the platform has them."""
     try:

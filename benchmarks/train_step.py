@@ -19,7 +19,6 @@ thread, it leaves out the time the process waits for a core. SGD: lr 0.01, momen
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -29,9 +28,8 @@ from torch import nn
 import attnkit
 from attnkit.modules.base import is_attention_module
 from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class Net(NamedTuple):
