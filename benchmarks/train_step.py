@@ -148,9 +148,9 @@ def main() -> None:
             steps[variant] = synced(in_mode(mode, step), args.device)
 
     numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
-    report = Report(f"Training step: {net.model} {net.batch}×{net.in_chans}×{net.size}×{net.size}, attention "
-                    f"overhead over plain (benchmarks/train_step.py)",
-                    header(args.device, f"{net.model}, input {net.batch}×{net.in_chans}×{net.size}×{net.size}, {numbers}",
+    shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
+    report = Report(f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)",
+                    header(args.device, f"{net.model}, input {shape}, {numbers}",
                            f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"))
     times = dict(zip(steps, median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
     add_table(report, names, {v: t for v, t in times.items() if v.attn}, times[Variant("plain", None, "auto")])
