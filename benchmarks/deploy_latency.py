@@ -1,23 +1,24 @@
 """Inference latency of a backbone with each attention module, as deployed: PyTorch eager, PyTorch after
 attnkit.fuse (BatchNorms folded), and onnxruntime on the file attnkit.export writes, in one run.
 
-    python benchmarks/deploy_latency.py [--model resnet50 --size 224 --batch 1 --repeats 20]
+    python benchmarks/deploy_latency.py [--model resnet50 --size 224 --batch 1 --repeats 20] [--attn se,eca,cbam]
+        [--threads N] [--clock wall|cpu]
 
-Each variant's three runtimes take turns, run by run, and the median is reported; the ONNX column also gives
-the export check's largest relative error against the unfolded PyTorch model. CPU only.
+All the variants' runtimes take turns, run by run, and the median is reported, with each variant's overhead over
+plain in each runtime; the last column gives the export check's largest relative error against the unfolded PyTorch
+model. CPU only.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 
 import onnxruntime
 import torch
 
 import attnkit
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import CLOCKS, cpu_name, load, median_ms  # benchmarks/timing.py, beside this script
 
 
 def main() -> None:
@@ -28,18 +29,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="torch and onnxruntime threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall clock or process CPU time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     x = torch.randn(args.batch, 3, args.size, args.size)
-    print(f"{args.model}, input {args.batch}×3×{args.size}×{args.size}, fp32, CPU: {platform.processor() or platform.machine()}, "
+    print(f"{args.model}, input {args.batch}×3×{args.size}×{args.size}, fp32, CPU: {cpu_name()}, "
           f"{os.cpu_count()} cores, {threads} threads (torch and onnxruntime); torch {torch.__version__}, "
-          f"onnxruntime {onnxruntime.__version__}; median of {args.repeats} runs after {args.warmup}\n")
-    print("| variant | params | eager ms | fused ms | fused params | onnxruntime ms | ORT check (max rel err) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"onnxruntime {onnxruntime.__version__}; {args.clock} clock, median of {args.repeats} runs after "
+          f"{args.warmup}; {load()} at the start\n")
+    rows, fns = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for attn in [None, *[a for a in args.attn.split(",") if a]]:
             model = attnkit.create_model(args.model, attn=attn).eval()
@@ -48,14 +53,21 @@ def main() -> None:
             report = attnkit.export(model, path, "onnx", input_shape=(3, args.size, args.size), batch_size=args.batch)
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             feed = {"image": x.numpy()}
-            with torch.inference_mode():
-                eager, folded, ort = median_ms(
-                    [lambda: model(x), lambda: fused(x), lambda: session.run(None, feed)], args.warmup, args.repeats
-                )
-            params = sum(p.numel() for p in model.parameters())
-            fused_params = sum(p.numel() for p in fused.parameters())
-            print(f"| {attn or 'plain'} | {params:,} | {eager:.1f} | {folded:.1f} | {fused_params:,} | {ort:.1f} | "
-                  f"{report.max_rel_error:.1e} |", flush=True)
+            params, fused_params = (sum(p.numel() for p in m.parameters()) for m in (model, fused))
+            rows.append((attn or "plain", params, fused_params, report.max_rel_error))
+            fns += [lambda model=model: model(x), lambda fused=fused: fused(x),
+                    lambda session=session, feed=feed: session.run(None, feed)]
+        with torch.inference_mode():
+            times = median_ms(fns, args.warmup, args.repeats, CLOCKS[args.clock])
+    plain = times[:3]
+    print("| variant | params | eager ms | fused ms | fused params | onnxruntime ms | over plain: eager, fused, "
+          "onnxruntime | ORT check (max rel err) |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for i, (name, params, fused_params, error) in enumerate(rows):
+        eager, folded, ort = times[3 * i: 3 * i + 3]
+        over = ", ".join(f"{100 * (t / p - 1):+.1f}%" for t, p in zip((eager, folded, ort), plain))
+        print(f"| {name} | {params:,} | {eager:.1f} | {folded:.1f} | {fused_params:,} | {ort:.1f} | {over} | "
+              f"{error:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

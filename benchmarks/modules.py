@@ -41,7 +41,7 @@ from torch import nn
 
 import attnkit
 import attnkit.kernels
-from timing import cpu_name, median_ms  # benchmarks/timing.py, beside this script
+from timing import cpu_name, load, median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = {  # name: N×C×H×W
     "r50-s3-b32": (32, 512, 28, 28),  # SE-ResNet-50, stage 3 (conv3_x), batch 32
@@ -121,7 +121,7 @@ def command() -> str:
 def header(device: str, setup: str, timing: str) -> str:
     """One line: machine, torch, threads, the run's set-up (dtype, layout...), allocator, how it was timed, date."""
     return (f"Machine: {machine(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; {setup}; "
-            f"allocator: {allocator(device)}; {timing}; {datetime.date.today().isoformat()}.")
+            f"allocator: {allocator(device)}; {timing}; {load()} at the start; {datetime.date.today().isoformat()}.")
 
 
 class Report:

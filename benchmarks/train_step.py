@@ -1,15 +1,20 @@
-"""The end-to-end training step (forward, cross-entropy, backward, SGD step) of a network with and without attention,
-with attnkit's gate modules on their reference formulas and on the fused path, in one run.
+"""The end-to-end training step (forward, cross-entropy, backward, SGD step) of a network without attention and with
+each gate module, in one run: what attention costs over the plain network, with attnkit's modules in mode 'auto'
+(the default: fused kernels or the fast eager formulas) and in mode 'reference', and with timm's module of the same
+function in the same places, where timm has one.
 
-    python benchmarks/train_step.py [--attn se,cbam,coord] [--batch 64] [--repeats 10] [--device cpu|cuda]
-        [--bf16] [--channels-last] [--quick] [--markdown BENCHMARKS.md]
+    python benchmarks/train_step.py [--net resnet56|resnet20-compare|mobilenet_v2|resnet50|resnet50-224]
+        [--attn se,eca,srm,ge,cbam,coord,triplet] [--batch 64] [--size 32] [--threads 2] [--clock wall|cpu]
+        [--repeats 10] [--device cpu|cuda] [--bf16] [--channels-last] [--quick] [--markdown BENCHMARKS.md]
 
-On CPU the network is the CIFAR ResNet-56 (input batch×3×32×32, 10 classes); with --device cuda, ResNet-50 at
-224×224 (1,000 classes); --model, --size and --classes override. Every variant (plain, then each --attn
-module at the paper's placement) runs in mode 'reference' and in mode 'auto' (the fused path, labelled by the
-backend it picks for the activations); the 2 × variants steps take turns, step by step, and the median of
-`--repeats` after `--warmup` is reported. Plain has no gate module: its two columns differ by noise alone.
-SGD: lr 0.01, momentum 0.9, weight decay 5e-4. --quick: batch 4, 2 repeats after 1, for a smoke run.
+The networks (--net; --model, --size, --batch, --in-chans and --classes override): the CIFAR ResNet-56 (64×3×32×32,
+the CPU default), the default `attnkit compare`'s ResNet-20 (64×1×20×20, the cluttered digits), MobileNetV2
+(32×3×112×112), ResNet-50 (16×3×128×128; at 224×224 the CUDA default). Every variant (plain, then each module at
+the paper's placement: attnkit 'auto', attnkit 'reference', timm) is a model of its own; their steps take turns,
+step by step, and the median of `--repeats` after `--warmup` is reported, with each variant's overhead over plain.
+--clock cpu times the process's CPU time instead of the wall clock: on a machine shared with other work, with one
+thread, it leaves out the time the process waits for a core. SGD: lr 0.01, momentum 0.9, weight decay 5e-4.
+--quick: batch 4, 2 repeats after 1, for a smoke run.
 """
 from __future__ import annotations
 
@@ -21,19 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnkit
-from modules import Report, add_common_options, check_device, fused_backend, header, in_mode, synced  # beside this
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from attnkit.modules.base import is_attention_module
+from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
+from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
-MODES = ("reference", "auto")
 
 
-class Preset(NamedTuple):
+class Net(NamedTuple):
     model: str
     size: int
+    batch: int
+    in_chans: int
     classes: int
 
 
-PRESETS = {"cpu": Preset("resnet56", 32, 10), "cuda": Preset("resnet50", 224, 1000)}
+NETS = {
+    "resnet56": Net("resnet56", 32, 64, 3, 10),
+    "resnet20-compare": Net("resnet20", 20, 64, 1, 10),  # attnkit compare's defaults: cluttered digits, batch 64
+    "mobilenet_v2": Net("mobilenet_v2", 112, 32, 3, 1000),
+    "resnet50": Net("resnet50", 128, 16, 3, 1000),
+    "resnet50-224": Net("resnet50", 224, 32, 3, 1000),
+}
+DEFAULT_NET = {"cpu": "resnet56", "cuda": "resnet50-224"}
+
+
+class Variant(NamedTuple):
+    label: str  # plain, or the module and its implementation
+    attn: str | None
+    impl: str  # "auto", "reference" or "timm"
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
@@ -49,39 +69,54 @@ def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> 
     return run
 
 
+def with_timm_modules(model: nn.Module, name: str) -> nn.Module | None:
+    """`model` with each of attnkit's `name` modules replaced by timm's module of the same function, in place; None
+    where timm has no such module."""
+    sites = [(parent, child_name, child) for parent in model.modules()
+             for child_name, child in parent.named_children() if is_attention_module(child)]
+    for parent, child_name, child in sites:
+        theirs = timm_module(name, child.channels, (1, 1))
+        if theirs is None:
+            return None
+        setattr(parent, child_name, theirs)
+    return model
+
+
+def build(variant: Variant, net: Net) -> nn.Module | None:
+    model = attnkit.create_model(net.model, attn=variant.attn, num_classes=net.classes, in_chans=net.in_chans)
+    return with_timm_modules(model, variant.attn) if variant.impl == "timm" else model
+
+
 def overhead(ms: float, plain_ms: float) -> str:
     return f"{100 * (ms / plain_ms - 1):+.1f}%"
 
 
-def variant_steps(variants: list[str | None], name: str, classes: int, x: torch.Tensor, y: torch.Tensor,
-                  bf16: bool, layout: torch.memory_format) -> list[Callable[[], None]]:
-    """For each variant, its training step in mode 'reference', then in mode 'auto'."""
-    steps: list[Callable[[], None]] = []
-    for attn in variants:
-        model = attnkit.create_model(name, attn=attn, num_classes=classes)
-        step = sgd_step(model.to(x.device, memory_format=layout).train(), x, y, bf16)
-        steps += [synced(in_mode(mode, step), x.device.type) for mode in MODES]
-    return steps
-
-
-def add_table(report: Report, variants: list[str | None], times: list[float], backend: str) -> None:
-    report.add(f"| variant | reference ms | fused ({backend}) ms | fused speed-up | overhead vs plain, reference | "
-               f"overhead vs plain, fused |")
-    report.add("|---|---:|---:|---:|---:|---:|")
-    plain_ref, plain_fused = times[0], times[1]
-    for i, attn in enumerate(variants):
-        ref, fused = times[2 * i], times[2 * i + 1]
-        report.add(f"| {attn or 'plain'} | {ref:.1f} | {fused:.1f} | {ref / fused:.2f}× | "
-                   f"{overhead(ref, plain_ref)} | {overhead(fused, plain_fused)} |")
+def add_table(report: Report, names: list[str], times: dict[Variant, float], plain: float) -> None:
+    report.add("| module | attnkit auto ms | attnkit reference ms | timm ms | overhead over plain: auto | reference "
+               "| timm |")
+    report.add("|---|---:|---:|---:|---:|---:|---:|")
+    report.add(f"| plain | {plain:.1f} | | | | | |")
+    for name in names:
+        ms = {v.impl: t for v, t in times.items() if v.attn == name}
+        cells = [f"{ms[k]:.1f}" if k in ms else "—" for k in ("auto", "reference", "timm")]
+        cells += [overhead(ms[k], plain) if k in ms else "—" for k in ("auto", "reference", "timm")]
+        report.add(f"| {name} | {' | '.join(cells)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attn", default="se,cbam,coord", help="comma-separated modules; plain always runs")
-    parser.add_argument("--model", help="create_model name (default: resnet56 on CPU, resnet50 on CUDA)")
-    parser.add_argument("--size", type=int, help="input side (default: 32 on CPU, 224 on CUDA)")
-    parser.add_argument("--classes", type=int, help="number of classes (default: 10 on CPU, 1000 on CUDA)")
-    parser.add_argument("--batch", type=int, help="batch size (default: 64, 4 with --quick)")
+    parser.add_argument("--net", choices=tuple(NETS), help="the network and its input (default: resnet56 on CPU, "
+                        "resnet50-224 on CUDA)")
+    parser.add_argument("--attn", default="se,eca,srm,ge,cbam,coord,triplet", help="comma-separated modules; plain "
+                        "always runs")
+    parser.add_argument("--model", help="create_model name, instead of the network's")
+    parser.add_argument("--size", type=int, help="input side, instead of the network's")
+    parser.add_argument("--batch", type=int, help="batch size, instead of the network's (4 with --quick)")
+    parser.add_argument("--in-chans", type=int, help="input channels, instead of the network's")
+    parser.add_argument("--classes", type=int, help="number of classes, instead of the network's")
+    parser.add_argument("--no-timm", dest="timm", action="store_false", help="leave out timm's modules")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall clock or process CPU time")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -89,29 +124,36 @@ def main() -> None:
     add_common_options(parser)
     args = parser.parse_args()
     check_device(parser, args.device)
-    preset = PRESETS[args.device]
-    name, size, classes = args.model or preset.model, args.size or preset.size, args.classes or preset.classes
-    batch = args.batch or (4 if args.quick else 64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = NETS[args.net or DEFAULT_NET[args.device]]
+    net = Net(args.model or preset.model, args.size or preset.size, args.batch or (4 if args.quick else preset.batch),
+              args.in_chans or preset.in_chans, args.classes or preset.classes)
     warmup, repeats = (1, 2) if args.quick else (args.warmup, args.repeats)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, size, size, device=args.device).contiguous(memory_format=layout)
-    y = torch.randint(classes, (batch,), device=args.device)
-    # the label: the backend 'auto' picks for the smallest activation a CIFAR ResNet's gates see (its last stage)
-    activation = torch.empty(batch, 64, size // 4, size // 4, device=args.device,
-                             dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    backend = fused_backend(activation.contiguous(memory_format=layout))
-    variants = [None, *args.attn.split(",")]
-    steps = variant_steps(variants, name, classes, x, y, args.bf16, layout)
+    x = torch.randn(net.batch, net.in_chans, net.size, net.size, device=args.device).contiguous(memory_format=layout)
+    y = torch.randint(net.classes, (net.batch,), device=args.device)
+    names = args.attn.split(",")
+    impls = ("auto", "reference", "timm") if args.timm else ("auto", "reference")
+    steps: dict[Variant, Callable[[], None]] = {}
+    for variant in [Variant("plain", None, "auto"), *[Variant(f"{n} {i}", n, i) for n in names for i in impls]]:
+        model = build(variant, net)
+        if model is not None:
+            step = sgd_step(model.to(args.device, memory_format=layout).train(), x, y, args.bf16)
+            mode = "reference" if variant.impl == "timm" else variant.impl
+            steps[variant] = synced(in_mode(mode, step), args.device)
 
     numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
-    report = Report(f"Training step: {name}, reference vs fused gate modules (benchmarks/train_step.py)",
-                    header(args.device, f"{name}, input {batch}×3×{size}×{size}, {numbers}",
-                           f"median of {repeats} steps after {warmup}, the variants taking turns"))
-    add_table(report, variants, median_ms(steps, warmup, repeats), backend)
+    shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
+    report = Report(f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)",
+                    header(args.device, f"{net.model}, input {shape}, {numbers}",
+                           f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"))
+    times = dict(zip(steps, median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
+    add_table(report, names, {v: t for v, t in times.items() if v.attn}, times[Variant("plain", None, "auto")])
     if args.markdown:
         report.append_to(args.markdown)
 

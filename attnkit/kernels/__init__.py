@@ -6,7 +6,8 @@ one to write dx, saving only x and the small pooled tensors (functions.py). Each
   cpu.py      compiled C loops (OpenMP), float32 and bfloat16, NCHW and channels_last;
   triton.py   Triton kernels for CUDA, float32, bfloat16 and float16, NCHW and channels_last, deterministic;
   reference.py  the same primitives as plain torch ops: the specification the backends are tested against.
-The modules' own forward formulas stay the reference path.
+The modules' own forward formulas stay the reference path; outside it (`reference_only`), they compute their small
+gate networks as linear algebra on the pooled N×C statistics, the same function at a fraction of the per-call cost.
 
 Choosing (dispatch.py): `attnkit.kernels.set_mode(m)`, `with attnkit.kernels.use(m): ...` or ATTNKIT_KERNELS=m,
 with m one of 'auto' (fused where a backend serves the input and it pays, see dispatch.py, else the reference: the
@@ -14,6 +15,6 @@ default), 'reference', 'cpu' or 'triton' (that backend or an error). Tracing, sc
 always see the reference formulas. The fused path's backward cannot be differentiated again: for double backward
 (gradient penalties), use 'reference'.
 """
-from .dispatch import MODES, backend_for, get_mode, set_mode, use
+from .dispatch import MODES, backend_for, get_mode, reference_only, route, set_mode, use
 
-__all__ = ["MODES", "backend_for", "get_mode", "set_mode", "use"]
+__all__ = ["MODES", "backend_for", "get_mode", "reference_only", "route", "set_mode", "use"]

@@ -68,20 +68,34 @@ def unavailable() -> str | None:
     return library if isinstance(library, str) else None
 
 
-def _arg(value: object) -> object:
-    if isinstance(value, Tensor):
-        return ctypes.c_void_p(value.data_ptr())
-    if value is None:
-        return ctypes.c_void_p(None)
-    if isinstance(value, float):
-        return ctypes.c_float(value)
-    return ctypes.c_int64(value)
+# the elements per thread below which a pass runs on one thread: ATen's grain size for its own parallel loops
+GRAIN = 32768
+
+
+def _ctype(value: object) -> type:
+    if isinstance(value, Tensor) or value is None:
+        return ctypes.c_void_p
+    return ctypes.c_float if isinstance(value, float) else ctypes.c_int64
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None]:
+    return getattr(_library(), f"{name}_{SUFFIX[dtype]}")
+
+
+def _threads(like: Tensor) -> int:
+    """The threads a pass over `like` runs on: torch's count, but one per GRAIN elements at most, as ATen's own
+    elementwise loops (a parallel region costs more than a small pass, and on a busy machine waits for every
+    thread it asks for)."""
+    return max(1, min(torch.get_num_threads(), like.numel() // GRAIN))
 
 
 def _call(name: str, like: Tensor, *args: object) -> None:
     """Run kernel `name` for `like`'s dtype; appends the layout flag and the thread count."""
-    function = getattr(_library(), f"{name}_{SUFFIX[like.dtype]}")
-    function(*map(_arg, args), ctypes.c_int(_cl(like)), ctypes.c_int(torch.get_num_threads()))
+    function = _kernel(name, like.dtype)
+    if function.argtypes is None:  # declared once, from the first call: ctypes then converts plain ints and floats
+        function.argtypes, function.restype = [*map(_ctype, args), ctypes.c_int, ctypes.c_int], None
+    function(*[a.data_ptr() if isinstance(a, Tensor) else a for a in args], _cl(like), _threads(like))
 
 
 def _cl(x: Tensor) -> bool:

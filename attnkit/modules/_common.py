@@ -11,8 +11,12 @@ import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
+from .. import kernels
+from ..kernels.backend import Backend
 from ..registry import did_you_mean
 
 __all__ = [
@@ -29,6 +33,9 @@ __all__ = [
     "pooled_maps_for_conv",
     "in_format_of",
     "check_groups",
+    "gate_path",
+    "pointwise",
+    "autocast_off",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -205,3 +212,42 @@ def check_groups(owner: str, channels: int, groups: object, halves: bool = False
             f"pass `groups` that divide{' half of' if halves else ''} {channels}."
         )
     return groups
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _observed(children: dict[str, nn.Module | None]) -> bool:
+    """Whether a forward or backward hook would see one of these modules, or one inside them, run."""
+    for m in children.values():
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                              or (m._modules and _observed(m._modules))):
+            return True
+    return False
+
+
+def gate_path(module: nn.Module, x: Tensor, forward_pays: bool = True) -> tuple[Backend | None, bool]:
+    """How `module` computes its gates for input `x`: the backend of the fused path, or None
+    (attnkit.kernels.backend_for), and whether it may compute its gate network without calling the submodules that
+    make it, as the same function in fewer and cheaper operations (`pointwise` for 1×1 convolutions over pooled
+    maps). Neither where the reference formulas are required (attnkit.kernels.reference_only: 'reference' mode,
+    tracing, export, torch.compile); no fast gate network while a hook observes a submodule (attnkit.capture, prune
+    and explain record them), or a global module hook is set."""
+    backend, fast = kernels.route(x, forward_pays)
+    if fast and (_observed(module._modules) or any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS)):
+        fast = False
+    return backend, fast
+
+
+def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:
+    """A 1×1 convolution applied to rows of channels ([..., C_in] -> [..., C_out]) as F.linear: the product conv()
+    computes on N×C×1×1 maps, with the same weight and bias, at a fraction of the CPU convolution's per-call cost."""
+    return F.linear(rows, conv.weight.flatten(1), conv.bias)
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """gate_math for the fast paths: a context with autocast off for x's device, entered only where autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()

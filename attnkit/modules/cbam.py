@@ -6,15 +6,17 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
 from ..kernels.functions import channel_spatial_gate
 from ..registry import register
 from ._common import (
+    autocast_off,
     gate_math,
+    gate_path,
     make_activation,
     make_gate,
     odd_kernel,
     one_of,
+    pointwise,
     pooled_maps_for_conv,
     reduced_width,
     stat_dtype,
@@ -79,6 +81,15 @@ class ChannelGate(nn.Module):
             dtype = self.fc1.weight.dtype
             logits = sum(self.fc2(self.act(self.fc1(p.to(dtype)))) for p in pooled)
             return self.gate(logits)
+
+    def from_rows(self, mean: Tensor, top: Tensor) -> Tensor:
+        """Mc, N×C, from the mean and max over H×W (N×C each; `pool_types` of 'avg' and 'max' only): from_pools with
+        the shared MLP run once, as F.linear, on the pools stacked as rows."""
+        pools = {"avg": mean, "max": top}
+        rows = torch.cat([pools[kind] for kind in self.pool_types])
+        with autocast_off(rows):
+            logits = pointwise(self.fc2, self.act(pointwise(self.fc1, rows.to(self.fc1.weight.dtype))))
+            return self.gate(logits.view(len(self.pool_types), *mean.shape).sum(0))
 
 
 class SpatialGate(nn.Module):
@@ -169,7 +180,7 @@ class CBAM(AttentionModule):
             raise ValueError(f"{owner}: `{name}` has a repeated entry: {value!r}.")
         return tuple(one_of(owner, name, v, valid) for v in value)
 
-    def _fused(self, backend, x: Tensor) -> Tensor:
+    def _fused(self, backend, x: Tensor, fast: bool) -> Tensor:
         channel, spatial = self.channel_gate, self.spatial_gate
 
         def channel_weights(mean: Tensor, top: Tensor) -> Tensor:
@@ -180,7 +191,14 @@ class CBAM(AttentionModule):
             pools = {"mean": mean, "max": top}
             return spatial.from_pools(torch.stack([pools[kind] for kind in spatial.order], dim=1)).squeeze(1)
 
-        return channel_spatial_gate(backend, x, channel_weights, spatial_weights, self)
+        return channel_spatial_gate(backend, x, channel.from_rows if fast else channel_weights, spatial_weights)
+
+    def _fast(self, x: Tensor) -> Tensor:
+        """The reference formulas with the channel gate's MLP as in the fused path (ChannelGate.from_rows)."""
+        dtype = stat_dtype(x)
+        mc = self.channel_gate.from_rows(x.mean((2, 3), dtype=dtype), x.flatten(2).max(2).values.to(dtype))
+        y = x * mc.to(x.dtype).view(*x.shape[:2], 1, 1)
+        return y * self.spatial_gate(y).to(x.dtype)
 
     def gate_probes(self) -> list[Probe]:
         """Mc as "channel" (N×C×1×1) and Ms as "spatial" (N×1×H×W, unless no_spatial); channel weights are Mc."""
@@ -190,9 +208,11 @@ class CBAM(AttentionModule):
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         fusable = self.spatial_gate is not None and set(self.channel_gate.pool_types) <= {"avg", "max"}
-        backend = kernels.backend_for(x) if fusable else None
+        backend, fast = gate_path(self, x) if fusable else (None, False)
         if backend is not None:
-            y = self._fused(backend, x)
+            y = self._fused(backend, x, fast)
+        elif fast:
+            y = self._fast(x)
         else:
             y = x * self.channel_gate(x).to(x.dtype)
             if self.spatial_gate is not None:

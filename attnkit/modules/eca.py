@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import gate_math, make_gate, odd_kernel, stat_dtype
+from ._common import autocast_off, gate_math, gate_path, make_gate, odd_kernel, stat_dtype
 from .base import AttentionModule, Probe
 
 
@@ -78,11 +78,22 @@ class ECA(AttentionModule):
         """s as "channel", N×C×1×1 (the gate's output is N×1×C)."""
         return [(self.gate, "channel", lambda inputs, out: out[:, 0, :, None, None])]
 
+    def _excite_rows(self, mean: Tensor) -> Tensor:
+        """s, N×C, from the pooled means, N×C: excite() with the 1-D convolution as a product of each zero-padded
+        window of k channels with the kernel."""
+        with autocast_off(mean):
+            weight, bias, pad = self.conv.weight, self.conv.bias, self.conv.padding[0]
+            windows = F.pad(mean.to(weight.dtype), (pad, pad)).unfold(1, self.kernel_size, 1)  # N×C×k
+            z = windows @ weight.view(-1)
+            return self.gate(z if bias is None else z + bias)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x, forward_pays=False)
+        backend, fast = gate_path(self, x, forward_pays=False)
         if backend is not None:
-            return channel_gate(backend, x, self.excite, self)
+            return channel_gate(backend, x, self._excite_rows if fast else self.excite)
+        if fast:
+            return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)
 
     def extra_repr(self) -> str:

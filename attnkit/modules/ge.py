@@ -7,10 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
 from ..kernels.functions import channel_gate, gathered_channel_gate
 from ..registry import register
-from ._common import gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from ._common import (
+    autocast_off,
+    gate_math,
+    gate_path,
+    make_activation,
+    make_gate,
+    one_of,
+    positive_int,
+    reduced_width,
+    stat_dtype,
+)
 from .base import AttentionModule
 
 VARIANTS = ("minus", "theta", "plus")
@@ -132,6 +141,11 @@ class GatherExcite(AttentionModule):
         with gate_math(mean):
             return self.gate(self.excite(mean[:, :, None, None])).flatten(1)
 
+    def _gate_of_means(self, mean: Tensor) -> Tensor:
+        """θ⁻'s gate from the means (float [N, C]), without the identity ξ_E."""
+        with autocast_off(mean):
+            return self.gate(mean)
+
     def _excite_gathered(self, gathered: Tensor) -> Tensor:
         """The gate from the global gather's depthwise sums (float [N, C]): the convolution's bias if it has one
         (once attnkit.fuse has folded the BN into it), the rest of ξ_G (BN), ξ_E and the gate."""
@@ -147,12 +161,15 @@ class GatherExcite(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x, forward_pays=self.gather is not None) if self.extent == 0 else None
-        if backend is not None and self.gather is None:  # θ⁻: a gate per channel from the means
-            return channel_gate(backend, x, self._excite_means, self)
+        backend, fast = gate_path(self, x, forward_pays=self.gather is not None) if self.extent == 0 else (None, False)
+        minus_global = self.extent == 0 and self.gather is None
+        if backend is not None and minus_global:  # θ⁻: a gate per channel from the means
+            return channel_gate(backend, x, self._gate_of_means if fast else self._excite_means)
         if backend is not None:  # θ, θ⁺: from the depthwise kernel covering the map
             check_gather_size(x, self.spatial_size)
-            return gathered_channel_gate(backend, x, self.gather[0].weight, self._excite_gathered, self)
+            return gathered_channel_gate(backend, x, self.gather[0].weight, self._excite_gathered)
+        if minus_global and fast:
+            return x * self._gate_of_means(x.mean((2, 3), keepdim=True, dtype=stat_dtype(x))).to(x.dtype)
         g = self.attention(x)
         if self.extent:
             g = F.interpolate(g, size=x.shape[2:], mode="nearest")

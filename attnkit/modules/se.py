@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import gate_math, make_activation, make_gate, reduced_width, stat_dtype
+from ._common import autocast_off, gate_math, gate_path, make_activation, make_gate, pointwise, reduced_width, stat_dtype
 from .base import AttentionModule
 
 
@@ -60,9 +59,19 @@ class SqueezeExcite(AttentionModule):
         """The channel weights s, N×C×1×1, in the parameters' dtype."""
         return self.excite(x.mean((2, 3), keepdim=True, dtype=stat_dtype(x)))
 
+    def _excite_rows(self, mean: Tensor) -> Tensor:
+        """s, N×C, from the pooled means, N×C: excite() with the FCs as F.linear."""
+        with autocast_off(mean):
+            return self.gate(pointwise(self.fc2, self.act(pointwise(self.fc1, mean.to(self.fc1.weight.dtype)))))
+
+    def _excite_submodules(self, mean: Tensor) -> Tensor:
+        return self.excite(mean[:, :, None, None]).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x, forward_pays=False)
+        backend, fast = gate_path(self, x, forward_pays=False)
         if backend is not None:
-            return channel_gate(backend, x, lambda mean: self.excite(mean[:, :, None, None]).flatten(1), self)
+            return channel_gate(backend, x, self._excite_rows if fast else self._excite_submodules)
+        if fast:
+            return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)

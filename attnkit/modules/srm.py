@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import gate_math, make_gate, stat_dtype
+from ._common import autocast_off, gate_math, gate_path, make_gate, stat_dtype
 from .base import AttentionModule
 
 
@@ -86,16 +85,31 @@ class SRM(AttentionModule):
         self.bias = nn.Parameter(shift.to(self.cfc.dtype))
         self.bn = nn.Identity()
 
-    def _excite_moments(self, mean: Tensor, m2: Tensor, hw: int) -> Tensor:
-        """g, N×C, from the mean and the sum of squared deviations M2 over the hw positions, as style_pool."""
-        return self.excite(torch.stack([mean, (m2 / max(hw - 1, 1) + self.eps).sqrt()], dim=2)).flatten(1)
+    def _excite_stacked(self, mean: Tensor, std: Tensor) -> Tensor:
+        """g, N×C, from μ and σ, N×C each, as excite() computes it from the style t = [μ, σ]."""
+        return self.excite(torch.stack([mean, std], dim=2)).flatten(1)
+
+    def _excite_rows(self, mean: Tensor, std: Tensor) -> Tensor:
+        """g, N×C, from μ and σ, N×C each: excite() with the channel-wise FC as w_μ μ + w_σ σ."""
+        with autocast_off(mean):
+            w = self.cfc
+            z = mean.to(w.dtype) * w[:, 0] + std.to(w.dtype) * w[:, 1]
+            if self.bias is not None:
+                z = z + self.bias
+            return self.gate(self.bn(z[:, :, None, None])).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        backend = kernels.backend_for(x)
-        if backend is not None:
+        backend, fast = gate_path(self, x)
+        if backend is not None:  # σ from M2 as style_pool takes it: HW − 1 taken as 1 for a 1×1 map
             hw = x.shape[2] * x.shape[3]
-            return channel_gate(backend, x, lambda mean, m2: self._excite_moments(mean, m2, hw), self, with_m2=True)
+            excite = self._excite_rows if fast else self._excite_stacked
+            return channel_gate(backend, x, lambda mean, m2: excite(mean, (m2 / max(hw - 1, 1) + self.eps).sqrt()),
+                                with_m2=True)
+        if fast:
+            hw = x.shape[2] * x.shape[3]
+            var, mean = torch.var_mean(x.to(stat_dtype(x)), (2, 3), correction=1 if hw > 1 else 0)
+            return x * self._excite_rows(mean, (var + self.eps).sqrt()).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)
 
     def no_weight_decay(self) -> set[str]:

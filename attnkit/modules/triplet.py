@@ -107,6 +107,6 @@ class TripletAttention(AttentionModule):
         x = self.check_input(x)
         backend = kernels.backend_for(x)
         if backend is not None:
-            return triplet_gate(backend, x, self._gates_from_pools, self, spatial=self.hw is not None)
+            return triplet_gate(backend, x, self._gates_from_pools, spatial=self.hw is not None)
         gates = self.attention(x)
         return x * (sum(gates) / len(gates)).to(x.dtype)

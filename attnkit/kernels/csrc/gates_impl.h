@@ -23,10 +23,10 @@ void FN(pool_hw)(const T *x, float *mean, float *m2, i64 N, i64 C, i64 HW, int c
             const float mu = s / HW;
             mean[r] = mu;
             if (m2) {
-                double q = 0;
+                float q = 0;
 #pragma omp simd reduction(+ : q)
-                for (i64 p = 0; p < HW; p++) { const float d = LD(row, p) - mu; q += (double)d * d; }
-                m2[r] = (float)q;
+                for (i64 p = 0; p < HW; p++) { const float d = LD(row, p) - mu; q += d * d; }
+                m2[r] = q;
             }
         }
         return;
