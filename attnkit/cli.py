@@ -39,6 +39,8 @@ _TRAIN_HELP = {
                       "at the first (costs one device sync per step; may be raised on --resume)",
     "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
     "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
+    "init": "the inserted modules' initialisation: paper (as their official network code re-initialises them) or "
+            "pytorch (PyTorch's defaults)",
     "freeze": "backbone: train only the inserted modules and the classifier",
     "sync_bn": "SyncBatchNorm across processes (GPUs)",
     "threads": "torch CPU threads",

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..registry import did_you_mean
 from ..surgery import attach
+from ..surgery.attach import INITS
 from .cifar_resnet import CifarResNet
 from .lenet import LeNet
 from .mobilenet import MobileNetV2, mobilenet_v2
@@ -41,20 +42,24 @@ def create_model(
     *,
     input_size: int | None = None,
     identity_init: bool = False,
+    init: str = "paper",
     **kwargs: Any,
 ) -> nn.Module:
     """Build backbone `name`, with the attention module `attn` (a registry spec) placed as its paper says.
 
     `input_size` (the input's side) reaches the backbones whose classifier depends on it (lenet) and is
     ignored by those that pool globally. Other `kwargs` go to the backbone; attention options go in the spec
-    string, e.g. create_model("resnet50", attn="cbam(reduction=8)").
+    string, e.g. create_model("resnet50", attn="cbam(reduction=8)"). `init` is attach()'s: "paper" initialises the
+    attention as its official network code does, "pytorch" keeps PyTorch's defaults.
     """
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}. Available: {', '.join(list_models())}.{did_you_mean(name, _MODELS)}")
+    if init not in INITS:
+        raise ValueError(f"create_model: `init` must be one of {list(INITS)}, got {init!r}.")
     options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
     if input_size is not None and "input_size" in inspect.signature(_MODELS[name]).parameters:
         options["input_size"] = input_size
     model = _MODELS[name](**options, **kwargs)
     if attn is not None:
-        attach(model, attn, identity_init=identity_init)
+        attach(model, attn, identity_init=identity_init, init=init)
     return model

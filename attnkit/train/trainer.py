@@ -80,17 +80,19 @@ def seed_everything(seed: int) -> None:
 def model_arch(config: TrainConfig, data: Dataset) -> dict[str, Any]:
     """What build_model() needs to rebuild a run's network; checkpoints store it as "arch"."""
     return {"model": config.model, "attn": config.attn, "where": config.where, "identity_init": config.identity_init,
-            "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
+            "init": config.init, "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
 
 
 def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
-    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init,
-    num_classes, in_chans and input_size, as checkpoints store it."""
+    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init, init (PyTorch's
+    where it lacks it: the checkpoints written before it existed), num_classes, in_chans and input_size, as checkpoints
+    store it."""
     model = create_model(arch["model"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
                          input_size=arch["input_size"])
     report = None
     if arch["attn"]:
-        report = attach(model, arch["attn"], identity_init=arch["identity_init"], **parse_placement(arch["where"]))
+        report = attach(model, arch["attn"], identity_init=arch["identity_init"], init=arch.get("init", "pytorch"),
+                        **parse_placement(arch["where"]))
     return model, report
 
 
