@@ -356,6 +356,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             print(f"attnkit compare: {error}", file=sys.stderr)
             return 130 if isinstance(error, Interrupted) else 1
         print(result.table())
+        print(f"\n{result.guardrails()}")
         found = len(result.runs) - result.trained
         print(f"\n{len(result.runs)} runs ({found} found finished in the folder); report, CSV, JSON and plots in {result.out_dir}")
         return 0
