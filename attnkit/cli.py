@@ -25,6 +25,7 @@ _TRAIN_HELP = {
     "data_dir": "where the data set's files are",
     "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
     "image_size": "resize the images to this side (default: the data set's own)",
+    "epochs": "training epochs",
     "batch_size": "global batch, divided among the processes",
     "workers": "data-loading processes (image folders)",
     "nesterov": "Nesterov momentum (SGD)",
@@ -231,6 +232,8 @@ def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = No
 
 def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command's parser; `compare_defaults` (a study file's options) replace compare's defaults."""
+    from .train.compare import DEFAULT_STUDY
+
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered attention modules, backbones and data sets")
@@ -251,8 +254,9 @@ def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.Argument
     p_compare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_train_options(p_compare, skip=_COMPARE_OWN)
     _add_launcher_options(p_compare)
-    # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
-    p_compare.set_defaults(**{"dataset": "cluttered-digits", **(compare_defaults or {})})
+    # the default study: the embedded task where the plain network is below its ceiling, trained until the test accuracy
+    # stops rising (docs/cluttered-digits.md)
+    p_compare.set_defaults(**{**DEFAULT_STUDY, **(compare_defaults or {})})
 
     p_profile = sub.add_parser("profile", help="parameters, FLOPs, activation memory and latency, plain and with attention")
     p_profile.add_argument("--model", required=True, help="backbone name (attnkit.list_models())")

@@ -12,6 +12,7 @@ from PIL import Image
 from attnkit import cli
 from attnkit.analysis.stats import paired_comparison
 from attnkit.train import compare
+from attnkit.train.compare import DEFAULT_STUDY
 
 
 def assert_real_png(path, min_size=(300, 200)):
@@ -88,6 +89,7 @@ def test_cli_compare_prints_the_table(tmp_path, capsys):
     assert lines[0].split()[:2] == ["variant", "accuracy"]
     assert [line.split()[0] for line in lines[1:4]] == ["plain", "se", "cbam(reduction=2,"]
     assert "6 runs (0 found finished in the folder)" in out
+    assert "rise, last fifth (pp)  converged" in out and "NOT CONVERGED: plain" in out  # one epoch shows no plateau
     command = json.loads((tmp_path / "c" / "results.json").read_text())["command"]
     assert command.startswith("attnkit compare --model lenet")
 
@@ -96,9 +98,10 @@ def test_split_specs_keeps_commas_inside_parentheses():
     assert cli.split_specs("se, cbam(reduction=8, kernel_size=3),eca,plain") == ["se", "cbam(reduction=8, kernel_size=3)", "eca"]
 
 
-def test_cli_compare_defaults_to_cluttered_digits():
+def test_cli_compare_defaults_to_the_default_study():
     args = cli._parser().parse_args(["compare"])
-    assert args.dataset == "cluttered-digits" and args.seeds == [0, 1, 2]
+    assert args.dataset == DEFAULT_STUDY["dataset"] == "cluttered-digits" and args.seeds == [0, 1, 2]
+    assert args.epochs == DEFAULT_STUDY["epochs"] and args.threads is None and args.init == "paper"
     assert cli.split_specs(args.attn) == ["se", "cbam", "eca", "srm", "coord"]
     assert cli._parser().parse_args(["train"]).dataset == "digits"
 
