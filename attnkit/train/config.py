@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: str | None = None
     identity_init: bool = False
+    init: str = "paper"  # the inserted modules' initialisation: attach()'s `init`
     freeze: str = "none"
     sync_bn: bool = False
     device: str = "auto"
