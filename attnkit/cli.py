@@ -25,6 +25,7 @@ _TRAIN_HELP = {
     "data_dir": "where the data set's files are",
     "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
     "image_size": "resize the images to this side (default: the data set's own)",
+    "epochs": "training epochs",
     "batch_size": "global batch, divided among the processes",
     "workers": "data-loading processes (image folders)",
     "nesterov": "Nesterov momentum (SGD)",
@@ -39,6 +40,8 @@ _TRAIN_HELP = {
                       "at the first (costs one device sync per step; may be raised on --resume)",
     "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
     "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
+    "init": "the inserted modules' initialisation: paper (as their official network code re-initialises them) or "
+            "pytorch (PyTorch's defaults)",
     "freeze": "backbone: train only the inserted modules and the classifier",
     "sync_bn": "SyncBatchNorm across processes (GPUs)",
     "threads": "torch CPU threads",
@@ -229,6 +232,8 @@ def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = No
 
 def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command's parser; `compare_defaults` (a study file's options) replace compare's defaults."""
+    from .train.compare import DEFAULT_STUDY
+
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered attention modules, backbones and data sets")
@@ -251,8 +256,9 @@ def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.Argument
     p_compare.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_train_options(p_compare, skip=_COMPARE_OWN)
     _add_launcher_options(p_compare)
-    # the embedded task where the plain network is below its ceiling (docs/cluttered-digits.md)
-    p_compare.set_defaults(**{"dataset": "cluttered-digits", **(compare_defaults or {})})
+    # the default study: the embedded task where the plain network is below its ceiling, trained until the test accuracy
+    # stops rising (docs/cluttered-digits.md)
+    p_compare.set_defaults(**{**DEFAULT_STUDY, **(compare_defaults or {})})
 
     p_profile = sub.add_parser("profile", help="parameters, FLOPs, activation memory and latency, plain and with attention")
     p_profile.add_argument("--model", required=True, help="backbone name (attnkit.list_models())")
@@ -356,6 +362,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             print(f"attnkit compare: {error}", file=sys.stderr)
             return 130 if isinstance(error, Interrupted) else 1
         print(result.table())
+        print(f"\n{result.guardrails()}")
         found = len(result.runs) - result.trained
         print(f"\n{len(result.runs)} runs ({found} found finished in the folder); report, CSV, JSON and plots in {result.out_dir}")
         return 0

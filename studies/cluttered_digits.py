@@ -1,17 +1,22 @@
 """The cluttered-digits study: how hard the task is at each clutter level (the plain network's accuracy), which
-is the evidence for the defaults of `attnkit compare`.
+is the evidence for the defaults of `attnkit compare`, and whether its conclusions depend on the CPU's kernels.
 
     python studies/cluttered_digits.py sweep [--fragments 0 1 2 3 4 6] [--canvas 20] [--seeds 2] [--epochs 10]
     python studies/cluttered_digits.py maps CHECKPOINT [--images 8] [--figure docs/cluttered-cbam-maps.png]
+    python studies/cluttered_digits.py agree COMPARISON COMPARISON
 
 `sweep` prints a markdown table of the plain ResNet-20's test accuracy (mean ± std over seeds) per setting and
 writes it, with every run, under runs/study-cluttered/. `maps` draws CBAM's spatial attention at the last block
-of each stage of a trained checkpoint on test images, with the placed digit's box. The comparison itself is
-`attnkit compare` (see docs/cluttered-digits.md for the command and its table).
+of each stage of a trained checkpoint on test images, with the placed digit's box. `agree` sets two folders of
+`attnkit compare` side by side (the same comparison run with two kernel sets, say): each variant's mean with its 95%
+interval in both, whether each mean lies in the other's interval, and whether the verdicts are the same. The
+comparison itself is `attnkit compare` (see docs/cluttered-digits.md for the command and its table).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +55,7 @@ def attention_maps(checkpoint: str, images: int, figure: str) -> None:
     # the test split's generator call, repeated for the digits' boxes
     sources, labels, _, test_idx = _digit_split()
     data_seed = knobs.get("seed", 0)
-    knobs = {k: v for k, v in knobs.items() if k not in ("samples", "test_samples", "seed", "image_size")}
+    knobs = {k: v for k, v in knobs.items() if k not in ("samples", "test_samples", "seed", "image_size", "fresh")}
     split = make_cluttered(sources[test_idx].numpy(), labels[test_idx].numpy(), len(data.test[1]),
                            seed=2 * data_seed + 1, **knobs)
     assert torch.equal(torch.from_numpy(split.images[:images]), data.test[0][:images, 0]), "regenerated split differs"
@@ -83,10 +88,37 @@ def attention_maps(checkpoint: str, images: int, figure: str) -> None:
     print(f"wrote {figure}")
 
 
+def agreement(folders: list[str]) -> str:
+    """A markdown table: per variant, mean ± 95% interval of the test accuracy in each comparison folder, whether each
+    mean lies in the other's interval, and the verdicts."""
+    from scipy import stats
+
+    summaries = [{row["variant"]: row for row in json.loads((Path(f) / "results.json").read_text())["summary"]}
+                 for f in folders]
+    environments = [json.loads((Path(f) / "results.json").read_text()).get("environments", []) for f in folders]
+
+    def interval(row: dict) -> tuple[float, float]:
+        half = stats.t.ppf(0.975, row["seeds"] - 1) * row["acc_std"] / math.sqrt(row["seeds"])
+        return 100 * row["acc_mean"], 100 * half
+
+    kernels = [", ".join(sorted({e.get("cpu_kernels", "?") + (f" (oneDNN {e['onednn_max_isa']})" if "onednn_max_isa" in e
+                                  else "") for e in envs})) for envs in environments]
+    lines = [f"| variant | {kernels[0]}: mean [95% CI] | {kernels[1]}: mean [95% CI] | each mean in the other's interval "
+             f"| verdicts |", "|---|---|---|---|---|"]
+    for variant in summaries[0]:
+        (a, ha), (b, hb) = interval(summaries[0][variant]), interval(summaries[1][variant])
+        verdicts = [s[variant].get("verdict", "baseline") for s in summaries]
+        lines.append(f"| {variant} | {a:.2f} [{a - ha:.2f}, {a + ha:.2f}] | {b:.2f} [{b - hb:.2f}, {b + hb:.2f}] | "
+                     f"{'yes' if abs(a - b) <= min(ha, hb) else 'no'} | "
+                     f"{verdicts[0] if verdicts[0] == verdicts[1] else ' / '.join(verdicts)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sweep", "maps"])
-    parser.add_argument("checkpoint", nargs="?", help="for maps: a CBAM model trained on cluttered-digits")
+    parser.add_argument("what", choices=["sweep", "maps", "agree"])
+    parser.add_argument("checkpoint", nargs="*", help="for maps: a CBAM model trained on cluttered-digits; for agree: "
+                                                      "two folders of attnkit compare")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--figure", default="docs/cluttered-cbam-maps.png")
     parser.add_argument("--fragments", type=int, nargs="+", default=[0, 1, 2, 3, 4, 6])
@@ -99,9 +131,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/study-cluttered")
     args = parser.parse_args()
     if args.what == "maps":
-        if not args.checkpoint:
-            parser.error("maps needs a CHECKPOINT")
-        attention_maps(args.checkpoint, args.images, args.figure)
+        if len(args.checkpoint) != 1:
+            parser.error("maps needs one CHECKPOINT")
+        attention_maps(args.checkpoint[0], args.images, args.figure)
+        return
+    if args.what == "agree":
+        if len(args.checkpoint) != 2:
+            parser.error("agree needs two folders of attnkit compare")
+        print(agreement(args.checkpoint))
         return
     configs = []
     for canvas in args.canvas:

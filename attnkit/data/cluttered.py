@@ -4,6 +4,7 @@ of work (Jaderberg et al., NeurIPS 2015; Mnih et al., "Recurrent Models of Visua
 where-to-look matters. Generated with NumPy from a seed: the same bytes on every machine."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,15 +19,18 @@ class ClutteredSplit:
     boxes: np.ndarray  # int64 N×3: row, column and side of the placed digit
 
 
+@functools.lru_cache(maxsize=None)
 def _resize_matrix(src: int, dst: int) -> np.ndarray:
     """dst×src matrix of area-weighted (box-filter) interpolation: each output pixel averages the source
-    pixels its footprint covers, so up- and down-scaling both keep the strokes' mass."""
+    pixels its footprint covers, so up- and down-scaling both keep the strokes' mass. Cached, and read-only."""
     m = np.zeros((dst, src))
     for i in range(dst):
         lo, hi = i * src / dst, (i + 1) * src / dst
         for j in range(int(np.floor(lo)), int(np.ceil(hi))):
             m[i, j] = min(hi, j + 1) - max(lo, j)
-    return m / m.sum(1, keepdims=True)
+    m /= m.sum(1, keepdims=True)
+    m.flags.writeable = False
+    return m
 
 
 def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 and batched by TensorLoader; image folders are decoded from disk by torchvision's ImageFolder."""
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,6 +41,8 @@ class Dataset:
     std: tuple[float, ...]
     augment: str = "none"  # "none", "crop_flip" (pad 4, random crop, horizontal flip), or "resized_crop_flip"
     classes: list[str] = field(default_factory=list)
+    #: in-memory data made anew for every epoch: the epoch's training split (`train` is epoch 0's); None: `train` always
+    train_for_epoch: Callable[[int], tuple[Tensor, Tensor]] | None = None
 
     def loader(self, train: bool, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                workers: int = 0) -> Loader:
@@ -47,7 +51,8 @@ class Dataset:
         if isinstance(split, tuple):
             return TensorLoader(*split, batch_size=batch_size, train=train, seed=seed, rank=rank,
                                 world_size=world_size, mean=self.mean, std=self.std,
-                                augment=self.augment if train else "none")
+                                augment=self.augment if train else "none",
+                                refresh=self.train_for_epoch if train else None)
         return FolderLoader(split, batch_size=batch_size, train=train, seed=seed, rank=rank,
                             world_size=world_size, workers=workers)
 
@@ -96,20 +101,46 @@ def digits(image_size: int | None = 16, test_fraction: float = 0.2) -> Dataset:
                       [str(i) for i in range(10)])
 
 
+def _cluttered_seed(seed: int, part: int, epoch: int) -> int:
+    """The generator's seed for a split (part 0: training, 1: test) and, for fresh training images, an epoch ≥ 1."""
+    return seed * 2 + part if epoch == 0 else int(np.random.SeedSequence([seed, part, epoch]).generate_state(1)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _cluttered_split(part: int, count: int, seed: int, epoch: int, knobs: tuple[tuple[str, Any], ...]) -> tuple[Tensor, Tensor]:
+    """One split of cluttered digits as uint8 N×1×canvas×canvas images and labels, from the digits' training split
+    (part 0) or test split (part 1). Cached: the runs of a comparison that share a process make each epoch once."""
+    images, labels, tr, te = _digit_split()
+    idx = te if part else tr
+    made = make_cluttered(images[idx].numpy(), labels[idx].numpy(), count, seed=_cluttered_seed(seed, part, epoch),
+                          **dict(knobs))
+    return torch.from_numpy(made.images)[:, None], torch.from_numpy(made.labels)
+
+
 def cluttered_digits(canvas: int = 20, fragments: int = 3, scale: tuple[float, float] = (1.0, 1.5),
                      fragment_size: int = 4, noise: float = 0.0, samples: int = 1500, test_samples: int = 500,
-                     seed: int = 0, image_size: int | None = None) -> Dataset:
+                     seed: int = 0, fresh: bool = False, image_size: int | None = None) -> Dataset:
     """The digits on a `canvas`-pixel canvas among `fragments` pieces of other digits (attnkit.data.cluttered).
     Training images are made from the digits' training split only and test images from its test split, so no
-    source digit appears on both sides. The defaults keep a plain ResNet-20 well below its ceiling (about 74%
-    after 10 epochs) and the default `attnkit compare` within 10 minutes on 2 cores (docs/cluttered-digits.md)."""
-    images, labels, tr, te = _digit_split()
-    knobs = dict(canvas=canvas, fragments=fragments, scale=tuple(scale), fragment_size=fragment_size, noise=noise)
-    split = []
-    for part, (idx, count) in enumerate(((tr, samples), (te, test_samples))):
-        made = make_cluttered(images[idx].numpy(), labels[idx].numpy(), count, seed=seed * 2 + part, **knobs)
-        split.append((torch.from_numpy(made.images)[:, None], torch.from_numpy(made.labels)))
-    return _in_memory("cluttered-digits", split[0], split[1], image_size, "none", [str(i) for i in range(10)])
+    source digit appears on both sides. With `fresh`, every epoch trains on `samples` new images (new positions,
+    scales and clutter for the same training digits; epoch 0's are `train`); the test images stay the same.
+    docs/cluttered-digits.md says why the defaults are what they are."""
+    if not isinstance(fresh, bool):
+        raise TypeError(f"cluttered-digits: `fresh` is True or False, got {fresh!r}.")
+    knobs = tuple(dict(canvas=canvas, fragments=fragments, scale=tuple(scale), fragment_size=fragment_size,
+                       noise=noise).items())
+    train, test = _cluttered_split(0, samples, seed, 0, knobs), _cluttered_split(1, test_samples, seed, 0, knobs)
+    data = _in_memory("cluttered-digits", train, test, image_size, "none", [str(i) for i in range(10)])
+    if fresh:
+        data.train_for_epoch = functools.partial(_fresh_training_split, samples=samples, seed=seed, knobs=knobs,
+                                                 size=data.image_size)
+    return data
+
+
+def _fresh_training_split(epoch: int, *, samples: int, seed: int, knobs: tuple[tuple[str, Any], ...],
+                          size: int) -> tuple[Tensor, Tensor]:
+    images, labels = _cluttered_split(0, samples, seed, epoch, knobs)
+    return _resize(images, size), labels
 
 
 def _mnist_family(name: str, folder: str, url: str, classes: list[str]) -> Callable[..., Dataset]:

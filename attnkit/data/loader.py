@@ -4,7 +4,7 @@ number of processes, and a run is reproducible from its seed alone."""
 from __future__ import annotations
 
 import math
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +48,12 @@ def pad_crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int = 4) 
 
 class TensorLoader:
     """Batches of in-memory uint8 images, normalised to float32; training batches are shuffled per epoch and
-    drop the last incomplete batch, evaluation batches cover every sample once across the ranks."""
+    drop the last incomplete batch, evaluation batches cover every sample once across the ranks. `refresh(epoch)`,
+    where given, gives each epoch's images and labels instead of `images` and `labels`."""
 
     def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
-                 augment: str = "none") -> None:
+                 augment: str = "none", refresh: Callable[[int], tuple[Tensor, Tensor]] | None = None) -> None:
         if augment not in ("none", "crop_flip"):
             raise ValueError(f"in-memory data takes augment 'none' or 'crop_flip', got {augment!r}.")
         self.images, self.labels, self.train, self.seed = images, labels, train, seed
@@ -60,10 +61,13 @@ class TensorLoader:
         self.local_batch = _check_batch(batch_size, world_size, len(labels), train)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.refresh = refresh
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.refresh is not None:  # data made anew for every epoch: the same count, other images
+            self.images, self.labels = self.refresh(epoch)
 
     def __len__(self) -> int:
         if self.train:

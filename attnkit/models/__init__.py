@@ -9,6 +9,7 @@ from torch import nn
 
 from ..registry import Registry
 from ..surgery import attach
+from ..surgery.attach import INITS
 from .cifar_resnet import CifarResNet
 from .lenet import LeNet
 from .mobilenet import MobileNetV2, mobilenet_v2
@@ -41,19 +42,23 @@ def create_model(
     *,
     input_size: int | None = None,
     identity_init: bool = False,
+    init: str = "paper",
     **kwargs: Any,
 ) -> nn.Module:
     """Build backbone `name`, with the attention module `attn` (a registry spec) placed as its paper says.
 
     `input_size` (the input's side) reaches the backbones whose classifier depends on it (lenet) and is
     ignored by those that pool globally. Other `kwargs` go to the backbone; attention options go in the spec
-    string, e.g. create_model("resnet50", attn="cbam(reduction=8)").
+    string, e.g. create_model("resnet50", attn="cbam(reduction=8)"). `init` is attach()'s: "paper" initialises the
+    attention as its official network code does, "pytorch" keeps PyTorch's defaults.
     """
     factory = MODELS.get(name)
+    if init not in INITS:
+        raise ValueError(f"create_model: `init` must be one of {list(INITS)}, got {init!r}.")
     options = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
     if input_size is not None and "input_size" in inspect.signature(factory).parameters:
         options["input_size"] = input_size
     model = factory(**options, **kwargs)
     if attn is not None:
-        attach(model, attn, identity_init=identity_init)
+        attach(model, attn, identity_init=identity_init, init=init)
     return model

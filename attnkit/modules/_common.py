@@ -36,6 +36,8 @@ __all__ = [
     "gate_path",
     "pointwise",
     "autocast_off",
+    "CAFFE_BN_MOMENTUM",
+    "caffe_msra_",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -125,6 +127,17 @@ def make_activation(owner: str, spec: object) -> nn.Module:
 def make_gate(owner: str, spec: object) -> nn.Module:
     """The gating function: 'sigmoid' (the papers'), 'hard_sigmoid', or an nn.Module class."""
     return _make_layer(owner, "gate", spec, GATES)
+
+
+#: PyTorch's BatchNorm momentum for the Caffe definitions' moving-average momentum 0.95 (GENet's and SKNet's BatchNorm
+#: layers pass 1 − 0.95 to cuDNN as the weight of the new batch, which is what PyTorch's momentum is)
+CAFFE_BN_MOMENTUM = 0.05
+
+
+def caffe_msra_(weight: Tensor) -> Tensor:
+    """Caffe's "msra" weight filler, in place: N(0, 2 / fan_in) with fan_in the weights per output channel (for a
+    convolution, its input channels per group times its kernel's area)."""
+    return weight.normal_(0.0, math.sqrt(2.0 / weight[0].numel()))
 
 
 BatchNormViews = tuple[tuple[tuple[int, ...], int], ...]

@@ -67,6 +67,16 @@ class BAM(AttentionModule):
         self.spatial_gate = nn.Sequential(*layers)
         self.gate = make_gate(owner, gate)
 
+    def init_in_network(self) -> None:
+        """As the official ResNet (MODELS/model_resnet.py) re-initialises its BAM modules: the spatial branch's
+        convolutions kaiming-normal (fan_out), every bias 0; the BNs keep weight 1 and the channel branch's Linear
+        weights PyTorch's initialisation."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) and m.bias is not None:
+                m.bias.zero_()
+
     def attention(self, x: Tensor) -> Tensor:
         """σ(Mc ∘ Ms), N×C×H×W, in the parameters' dtype (the module returns x · (1 + this))."""
         pooled = x.mean((2, 3), dtype=stat_dtype(x))

@@ -5,6 +5,7 @@
     channel_weights()        attnkit stats / prune: one weight per channel and sample, from one pass's gates
     spatial_map()            attnkit explain: the N×h×w map to draw, from one pass's gates
     fixed_spatial_size       attnkit export: the one input size the module takes, if it takes only one
+    init_in_network()        attach() and create_model(): what the official network code re-initialises after building
 
 AttentionModule gives every name a default. A registered module that does not subclass it may define any of them;
 the functions below fall back to the same defaults, which read a child called `gate` (the convention of attnkit's
@@ -16,6 +17,7 @@ import functools
 import inspect
 from typing import Any, Callable, ClassVar, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..registry import registered_classes
@@ -31,6 +33,7 @@ __all__ = [
     "channel_weights_unavailable",
     "fixed_spatial_size",
     "gate_probes",
+    "init_in_network",
     "is_attention_module",
     "output",
     "placement_of",
@@ -171,6 +174,11 @@ class AttentionModule(nn.Module):
         return next(((name, g.float().mean(1)) for name, g in gates.items() if g.dim() == 4 and g.shape[-2:].numel() > 1),
                     None)
 
+    def init_in_network(self) -> None:
+        """Re-initialise the module as its paper's official network code does once the network is built (attach() and
+        create_model() call it unless init="pytorch"). By default nothing: where the official code leaves the
+        module as its layers' constructors made it, PyTorch's initialisation is already the paper's."""
+
 
 def _gate_name(module: nn.Module) -> str:
     return getattr(module, "gate_name", "gate")
@@ -229,3 +237,11 @@ def spatial_map(module: nn.Module, gates: Mapping[str, Tensor]) -> tuple[str, Te
 
 def fixed_spatial_size(module: nn.Module) -> tuple[int, int] | None:
     return getattr(module, "fixed_spatial_size", None)
+
+
+def init_in_network(module: nn.Module) -> None:
+    """The module's network-level initialisation, if its class declares one (a module of the user's need not)."""
+    own = getattr(type(module), "init_in_network", None)
+    if callable(own):
+        with torch.no_grad():
+            own(module)

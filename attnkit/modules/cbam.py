@@ -200,6 +200,21 @@ class CBAM(AttentionModule):
         y = x * mc.to(x.dtype).view(*x.shape[:2], 1, 1)
         return y * self.spatial_gate(y).to(x.dtype)
 
+    def init_in_network(self) -> None:
+        """As the official ResNet (MODELS/model_resnet.py) re-initialises its CBAM modules: every bias 0, the spatial
+        convolution kaiming-normal (fan_out), and the spatial gate's BN weight 0 (its key holds "SpatialGate"), so
+        that Ms starts at σ(0) = 0.5 everywhere. The MLP's weights keep PyTorch's initialisation, as there."""
+        convs = [self.channel_gate.fc1, self.channel_gate.fc2]
+        if self.spatial_gate is not None:
+            nn.init.kaiming_normal_(self.spatial_gate.conv.weight, mode="fan_out")
+            convs.append(self.spatial_gate.conv)
+            if isinstance(self.spatial_gate.bn, nn.BatchNorm2d):
+                self.spatial_gate.bn.weight.zero_()
+                self.spatial_gate.bn.bias.zero_()
+        for conv in convs:
+            if conv.bias is not None:
+                conv.bias.zero_()
+
     def gate_probes(self) -> list[Probe]:
         """Mc as "channel" (N×C×1×1) and Ms as "spatial" (N×1×H×W, unless no_spatial); channel weights are Mc."""
         spatial = [] if self.spatial_gate is None else [(self.spatial_gate, "spatial", output)]

@@ -1,6 +1,7 @@
 """Coordinate Attention."""
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -71,6 +72,15 @@ class CoordAttention(AttentionModule):
         self.conv_h = nn.Conv2d(mip, channels, 1, bias=bool(bias))
         self.conv_w = nn.Conv2d(mip, channels, 1, bias=bool(bias))
         self.gate = make_gate(owner, gate)
+
+    def init_in_network(self) -> None:
+        """As the official MobileNetV2 (mbv2_ca.py, _initialize_weights) re-initialises every convolution: weights
+        N(0, 2/n) with n = k·k·out_channels (kaiming-normal, fan_out), biases 0; the BN keeps weight 1, bias 0."""
+        for conv in (self.conv1, self.conv_h, self.conv_w):
+            n = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+            conv.weight.normal_(0, math.sqrt(2.0 / n))
+            if conv.bias is not None:
+                conv.bias.zero_()
 
     def attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(aʰ, aʷ): N×C×H×1 and N×C×1×W."""

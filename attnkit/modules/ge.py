@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from ..kernels.functions import channel_gate, gathered_channel_gate
 from ..registry import register
 from ._common import (
+    CAFFE_BN_MOMENTUM,
     autocast_off,
+    caffe_msra_,
     gate_math,
     gate_path,
     make_activation,
@@ -120,6 +122,24 @@ class GatherExcite(AttentionModule):
                 nn.Conv2d(hidden, channels, 1),
             )
         self.gate = make_gate(owner, gate)
+
+    def init_in_network(self) -> None:
+        """As the official Caffe definitions (models/RN50-GEP.prototxt, RN50-GEPP.prototxt) fill the module: the
+        gather's depthwise convolutions "msra" (N(0, 2/fan_in)), its BNs scale 1, shift 0 and momentum 0.95 in Caffe's
+        sense (CAFFE_BN_MOMENTUM in PyTorch's); θ⁺'s excite convolutions N(0, 0.01²) with biases 0. The definitions
+        give the global extent only; the strided gathers' convolutions and BNs are filled the same way. θ⁻ has no
+        parameters."""
+        for m in self.gather.modules() if self.gather is not None else ():
+            if isinstance(m, nn.Conv2d):
+                caffe_msra_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.momentum = CAFFE_BN_MOMENTUM
+                m.weight.fill_(1)
+                m.bias.zero_()
+        for m in self.excite.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_(0, 0.01)
+                m.bias.zero_()
 
     def gathered(self, x: Tensor) -> Tensor:
         """ξ_G(x): N×C×1×1 for the global extent, N×C×⌈H/e⌉×⌈W/e⌉ otherwise."""

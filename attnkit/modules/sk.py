@@ -6,7 +6,16 @@ from typing import Mapping, Sequence
 from torch import Tensor, nn
 
 from ..registry import register
-from ._common import gate_math, make_activation, odd_kernel, positive_int, reduced_width, stat_dtype
+from ._common import (
+    CAFFE_BN_MOMENTUM,
+    caffe_msra_,
+    gate_math,
+    make_activation,
+    odd_kernel,
+    positive_int,
+    reduced_width,
+    stat_dtype,
+)
 from .base import AttentionModule, Probe
 
 
@@ -83,6 +92,22 @@ class SelectiveKernel(AttentionModule):
         self.bn = nn.BatchNorm2d(hidden)
         self.act = make_activation(owner, act)
         self.fc_select = nn.Conv2d(hidden, out_channels * len(dilations), 1, bias=bool(bias))
+
+    def init_in_network(self) -> None:
+        """As the official Caffe definition (models/sknet50.prototxt) fills the module: the path convolutions "msra"
+        (N(0, 2/fan_in)), every BN scale 1, shift 0 and momentum 0.95 in Caffe's sense (CAFFE_BN_MOMENTUM in
+        PyTorch's), the two FCs of the selection N(0, 0.01²) (biases, where `bias=True` adds them, 0)."""
+        for path in self.paths:
+            caffe_msra_(path[0].weight)
+        for fc in (self.fc_reduce, self.fc_select):
+            fc.weight.normal_(0, 0.01)
+            if fc.bias is not None:
+                fc.bias.zero_()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = CAFFE_BN_MOMENTUM
+                m.weight.fill_(1)
+                m.bias.zero_()
 
     def selection(self, feats: list[Tensor]) -> Tensor:
         """The path weights a, N×M×C_out×1×1 (softmax over M), from the M path outputs."""

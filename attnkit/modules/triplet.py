@@ -87,6 +87,17 @@ class TripletAttention(AttentionModule):
         a_cw, a_hc, *a_hw = self.attention_from_pools(*z)
         return [a_cw.squeeze(2), a_hc.squeeze(3), *(a.squeeze(1) for a in a_hw)]
 
+    def init_in_network(self) -> None:
+        """As the official ResNet (MODELS/resnet.py) re-initialises its modules: each branch's convolution
+        kaiming-normal (fan_out), in the order (C, W), (H, C), (H, W); the (H, W) branch's BN weight 0 (its key holds
+        "SpatialGate"), so that branch's gate starts at σ(0) = 0.5; the other two BNs keep weight 1."""
+        for branch in (self.cw, self.hc, self.hw):
+            if branch is not None:
+                nn.init.kaiming_normal_(branch.conv.weight, mode="fan_out")
+        if self.hw is not None:
+            self.hw.bn.weight.zero_()
+            self.hw.bn.bias.zero_()
+
     def gate_probes(self) -> list[Probe]:
         """The branch gates as "cw" (N×C×1×W), "hc" (N×C×H×1) and "hw" (N×1×H×W, unless no_spatial)."""
         spatial = [] if self.hw is None else [(self.hw, "hw", output)]

@@ -9,14 +9,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import registry
-from ..modules.base import placement_of
+from ..modules.base import init_in_network, placement_of
 from .gating import gate_after, gate_before, gates_before, gates_of
 from .probe import Measured, measure
 from .sites import Site, auto_sites, join, named_sites
 
-__all__ = ["AttachReport", "AttachedSite", "IdentityStart", "attach", "parse_placement"]
+__all__ = ["AttachReport", "AttachedSite", "IdentityStart", "INITS", "attach", "parse_placement"]
 
 POSITIONS = ("auto", "residual", "output", "after", "before")
+#: "paper": each inserted module re-initialised as its official network code does (the module's init_in_network);
+#: "pytorch": left as its layers' constructors made it
+INITS = ("paper", "pytorch")
 
 
 class IdentityStart(nn.Module):
@@ -204,6 +207,7 @@ def attach(
     stages: Iterable[int] | None = None,
     every: int | None = None,
     identity_init: bool = False,
+    init: str = "paper",
     allow_multiple: bool = False,
     channels: int | Mapping[str, int] | None = None,
     example_input: Tensor | None = None,
@@ -229,6 +233,11 @@ def attach(
         every: with "auto", in each stage the last site and every `every`-th one before it (2: every other block, as
             non-local blocks go); by default the module's `default_every` (1: every site).
         identity_init: wrap every inserted module in IdentityStart so the network's function is unchanged.
+        init: "paper" re-initialises each inserted module as its paper's official network code does once the network
+            is built (CBAM's spatial BN weight 0, Coordinate Attention's convolutions kaiming-normal, GE's and SK's
+            Caffe fillers and BN momenta, ...: the module's `init_in_network`; README, "The modules and their
+            defaults"); "pytorch" keeps PyTorch's initialisation. With identity_init, the wrapped module is the one
+            initialised.
         allow_multiple: allow a second module at a site that already has one.
         channels: the channel count at the sites (an int for all, or {site: C}), instead of measuring it.
         example_input: an input the model takes, for the one forward pass (eval mode, no gradients) that measures the
@@ -241,6 +250,9 @@ def attach(
         raise TypeError(f"attach: `model` must be an nn.Module, got {type(model).__name__}.")
     if position not in POSITIONS:
         raise ValueError(f"attach: `position` must be one of {list(POSITIONS)}, got {position!r}.")
+    if init not in INITS:
+        raise ValueError(f"attach: `init` must be 'paper' (as the official network code initialises the module) or "
+                         f"'pytorch' (PyTorch's defaults), got {init!r}.")
     _check_channels(channels)
     name, spec_kwargs = registry.parse_spec(spec)
     factory = registry.get_module_class(name)
@@ -293,11 +305,16 @@ def attach(
             conv = target[0] if isinstance(target, nn.Sequential) else target
             options = {"out_channels": conv.out_channels, "stride": conv.stride[0], "groups": conv.groups}
             options = {k: v for k, v in options.items() if k not in spec_kwargs}  # the spec's own choices win
-            module = _like(registry.build(name, spec_kwargs, conv.in_channels, {**options, **kwargs}), target)
+            module = registry.build(name, spec_kwargs, conv.in_channels, {**options, **kwargs})
+            if init == "paper":
+                init_in_network(module)
+            _like(module, target)
             report.params_removed += sum(_count(model.get_submodule(join(s.holder, r))) for r in s.replaces)
             path = _replace(model, s, module)
         else:
             module = registry.build(name, spec_kwargs, s.channels, kwargs)
+            if init == "paper":
+                init_in_network(module)
             if identity_init:
                 module = IdentityStart(module)
             holder = model.get_submodule(s.holder)

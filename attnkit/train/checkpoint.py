@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..files import write_bytes, write_file, write_json
+from ..surgery.attach import INITS
 from .config import TrainConfig
 
 __all__ = ["ARCH_LIMITS", "atomic_write_bytes", "check_checkpoint", "load_checkpoint", "nonfinite_tensors",
@@ -68,10 +69,10 @@ def _check_arch(arch: Any, source: object) -> None:
         if not isinstance(arch.get(key), kind):
             raise ValueError(f"{source}: its 'arch' gives {key}={arch.get(key)!r}, not a name. The file is damaged or "
                              f"was not written by attnkit train.")
-    attn, identity_init = arch.get("attn"), arch.get("identity_init")
-    if not (attn is None or isinstance(attn, str)) or not isinstance(identity_init, bool):
-        raise ValueError(f"{source}: its 'arch' gives attn={attn!r}, identity_init={identity_init!r}; "
-                         f"expected a module spec (or None) and True or False.")
+    attn, identity_init, init = arch.get("attn"), arch.get("identity_init"), arch.get("init", "pytorch")
+    if not (attn is None or isinstance(attn, str)) or not isinstance(identity_init, bool) or init not in INITS:
+        raise ValueError(f"{source}: its 'arch' gives attn={attn!r}, identity_init={identity_init!r}, init={init!r}; "
+                         f"expected a module spec (or None), True or False, and one of {list(INITS)}.")
 
 
 def check_checkpoint(state: Any, source: object, resumable: bool = False) -> dict[str, Any]:

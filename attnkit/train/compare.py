@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from ..analysis.report import csv_text, format_table, markdown_report, plot_all, summarize
+from ..analysis.report import csv_text, format_guardrails, format_table, markdown_report, plot_all, summarize
 from .checkpoint import atomic_write_bytes, write_json_atomic
 from .runlock import RunFolderLock
 from .config import TrainConfig
@@ -21,9 +21,12 @@ from .study import study_toml
 from .trainer import read_result, train
 from .workers import exit_with_parent
 
-__all__ = ["CompareResult", "DEFAULT_MODULES", "compare", "run_configs"]
+__all__ = ["CompareResult", "DEFAULT_MODULES", "DEFAULT_STUDY", "compare", "run_configs"]
 
 DEFAULT_MODULES = ("se", "cbam", "eca", "srm", "coord")
+#: `attnkit compare` without options: training options over TrainConfig's, chosen so that every variant's test accuracy
+#: has stopped rising by the last epoch and the comparison runs in about 15 minutes on 2 cores (docs/cluttered-digits.md)
+DEFAULT_STUDY = {"dataset": "cluttered-digits", "epochs": 20}
 
 
 @dataclass
@@ -35,6 +38,10 @@ class CompareResult:
 
     def table(self) -> str:
         return format_table(self.rows)
+
+    def guardrails(self) -> str:
+        """Whether the comparison can be trusted: convergence, train–test gap, the smallest detectable difference."""
+        return format_guardrails(self.rows)
 
 
 def _slug(text: str) -> str:
@@ -83,8 +90,9 @@ def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: 
     """Train the plain `base.model` and each module × placement for every seed; write results.csv, runs.csv,
     results.json, report.md and plots into `out_dir`; return the summary.
 
-    `jobs` > 1 trains that many runs at once in separate processes, each with cpu_count // jobs threads:
-    on small CPU models this uses the cores better than threads inside one run. A `launcher` trains the runs
+    `jobs` > 1 trains that many runs at once in separate processes: on small CPU models this uses the cores better
+    than threads inside one run. Each run has `base.threads` threads (one when that is None) whatever `jobs` is, since
+    the thread count changes float results: the numbers do not depend on `jobs`. A `launcher` trains the runs
     instead, e.g. attnkit.train.slurm.SubmititLauncher (a Slurm job per run); it is called with the runs to
     train, the comparison's folder, a function to call with each run's result, and the progress bar.
     `study`, the comparison's options as `attnkit compare --config` reads them, is written to study.toml.
@@ -97,9 +105,9 @@ def compare(base: TrainConfig, modules: Sequence[str] = DEFAULT_MODULES, seeds: 
 def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Sequence[int], placements: Sequence[str],
                 jobs: int, progress: bool, command: str, launcher: Callable[..., None] | None,
                 study: dict[str, Any] | None) -> CompareResult:
+    if launcher is None:  # one thread per run unless told: the thread count changes float results, --jobs must not
+        base = replace(base, threads=base.threads or 1)
     configs = run_configs(base, modules, seeds, placements, out)
-    if jobs > 1 and base.threads is None:
-        configs = [replace(c, threads=max(1, (os.cpu_count() or 1) // jobs)) for c in configs]
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for config in configs:
@@ -134,13 +142,15 @@ def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Seq
     runs = [results[c.run_dir] for c in configs]
     rows = summarize(runs)
     setup = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "batch size": base.batch_size,
-             "optimizer": base.optimizer, "lr": base.lr, "schedule": base.schedule, "seeds": ", ".join(map(str, seeds))}
+             "optimizer": base.optimizer, "lr": base.lr, "schedule": base.schedule, "init": base.init,
+             "threads per run": base.threads or "the launcher's", "seeds": ", ".join(map(str, seeds))}
     atomic_write_bytes(out / "results.csv", csv_text(rows).encode())
     atomic_write_bytes(out / "runs.csv", csv_text(runs).encode())
+    environments = [dict(e) for e in sorted({tuple(sorted(r["environment"].items())) for r in runs if r.get("environment")})]
     write_json_atomic(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
                                              **({"study": study} if study is not None else {}),
-                                             "summary": rows, "runs": runs})
-    report = markdown_report(rows, setup, command)
+                                             "environments": environments, "summary": rows, "runs": runs})
+    report = markdown_report(rows, setup, command, environments)
     if study is not None:
         atomic_write_bytes(out / "study.toml", study_toml(study).encode())
         report += (f"\nThe comparison's options, resolved (`attnkit compare --config {out / 'study.toml'}` runs it "

@@ -20,6 +20,7 @@ CHOICES = {  # the options that take one of a few names
     "amp": ("none", "bf16", "fp16"),
     "freeze": ("none", "backbone"),
     "device": ("auto", "cpu", "cuda"),
+    "init": ("paper", "pytorch"),
 }
 
 
@@ -55,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: str | None = None
     identity_init: bool = False
+    init: str = "paper"  # the inserted modules' initialisation: attach()'s `init`
     freeze: str = "none"
     sync_bn: bool = False
     device: str = "auto"
@@ -101,6 +103,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A stored configuration (a checkpoint's, a result.json's). One stored before `init` existed was trained with
+        PyTorch's initialisation, and says so."""
+        values = {"init": "pytorch", **values}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -27,6 +27,7 @@ from ..files import write_bytes
 from .checkpoint import check_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint, write_json_atomic
 from .config import TrainConfig
 from .distributed import Distributed, setup_distributed
+from .environment import environment, warn_if_different
 from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
 from .runlock import RunFolderLock
@@ -46,6 +47,7 @@ class TrainResult:
     macs: int
     train_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # what the numbers are reproducible on (environment())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,7 +61,7 @@ def read_result(path: Path) -> dict[str, Any]:
         result = json.loads(path.read_bytes())
     except ValueError as error:  # not UTF-8, not JSON: damaged or cut short
         raise ValueError(f"{path} is not readable JSON ({type(error).__name__}: {error}). {advice}") from None
-    missing = [name for name in ["config", *(f.name for f in fields(TrainResult))]
+    missing = [name for name in ["config", *(f.name for f in fields(TrainResult) if f.name != "environment")]
                if not isinstance(result, dict) or name not in result]
     if missing:
         raise ValueError(f"{path} is not a finished run's result: it lacks {', '.join(missing)}. {advice}")
@@ -80,17 +82,19 @@ def seed_everything(seed: int) -> None:
 def model_arch(config: TrainConfig, data: Dataset) -> dict[str, Any]:
     """What build_model() needs to rebuild a run's network; checkpoints store it as "arch"."""
     return {"model": config.model, "attn": config.attn, "where": config.where, "identity_init": config.identity_init,
-            "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
+            "init": config.init, "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
 
 
 def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
-    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init,
-    num_classes, in_chans and input_size, as checkpoints store it."""
+    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init, init (PyTorch's
+    where it lacks it: the checkpoints written before it existed), num_classes, in_chans and input_size, as checkpoints
+    store it."""
     model = create_model(arch["model"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
                          input_size=arch["input_size"])
     report = None
     if arch["attn"]:
-        report = attach(model, arch["attn"], identity_init=arch["identity_init"], **parse_placement(arch["where"]))
+        report = attach(model, arch["attn"], identity_init=arch["identity_init"], init=arch.get("init", "pytorch"),
+                        **parse_placement(arch["where"]))
     return model, report
 
 
@@ -179,6 +183,7 @@ class _Run:
         if differences:
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (new, old) in differences.items())
             raise ValueError(f"--resume: {last} was trained with other options ({listed}). Resume with the same options or use another --run-dir.")
+        warn_if_different(state.get("environment"), f"--resume: {last}")
         if self.dist.is_main:
             self._repair_best(state, last)
         return state
@@ -312,6 +317,7 @@ class _Run:
             "history": history,
             "best_acc": best[0],
             "best_epoch": best[1],
+            "environment": environment(),
         }
 
     def run(self) -> TrainResult:
@@ -396,7 +402,8 @@ class _Run:
             if logger is not None:
                 logger.close()
         result = TrainResult(str(self.run_dir), cfg.variant, cfg.seed, history[-1]["test_acc"], best[0], best[1],
-                             count_params(self.model), macs, sum(r["epoch_seconds"] for r in history), history)
+                             count_params(self.model), macs, sum(r["epoch_seconds"] for r in history), history,
+                             environment())
         if dist.is_main:
             write_json_atomic(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
         dist.barrier()
@@ -404,11 +411,14 @@ class _Run:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train one run as `config` says, on every process torchrun started (or on this one alone)."""
+    """Train one run as `config` says, on every process torchrun started (or on this one alone). `config.threads`
+    holds for the run; the process's thread count is restored after it."""
     dist = setup_distributed(config.device)
+    threads = torch.get_num_threads()
     try:
         run = _Run(config, dist)
         with RunFolderLock(run.run_dir) if dist.is_main else contextlib.nullcontext():
             return run.run()
     finally:
+        torch.set_num_threads(threads)
         dist.close()

@@ -82,6 +82,32 @@ def test_area_resize_keeps_mass_and_constant_images():
         assert m.sum() * src / dst == pytest.approx(src)
 
 
+def test_fresh_images_every_epoch_from_the_same_training_digits():
+    spec = "cluttered-digits(samples=200, test_samples=50, fresh=True)"
+    data, fixed = load_dataset(spec), load_dataset(spec.replace(", fresh=True", ""))
+    assert torch.equal(data.train[0], fixed.train[0]) and torch.equal(data.test[0], fixed.test[0])
+    loader = data.loader(True, 50, seed=0)
+    epochs = []
+    for epoch in (0, 1, 2, 1):
+        loader.set_epoch(epoch)
+        epochs.append((loader.images.clone(), loader.labels.clone()))
+    assert torch.equal(epochs[0][0], data.train[0])  # epoch 0 is `train`
+    assert not torch.equal(epochs[1][0], epochs[0][0]) and not torch.equal(epochs[2][0], epochs[1][0])
+    assert torch.equal(epochs[3][0], epochs[1][0]) and torch.equal(epochs[3][1], epochs[1][1])  # a function of the epoch
+    again = load_dataset(spec).loader(True, 50, seed=3)
+    again.set_epoch(2)
+    assert torch.equal(again.images, epochs[2][0])  # not of the run's seed: every run of a comparison sees the same
+    assert len(list(loader)) == 4 and fixed.train_for_epoch is None
+    # each epoch places the training split's digits anew: with no clutter and scale 1 every image holds one of them
+    images, labels, tr, _ = sources()
+    keys = {images[i].tobytes(): labels[i] for i in tr}
+    clean = load_dataset("cluttered-digits(samples=100, test_samples=10, fresh=True, fragments=0, scale=(1, 1), canvas=12)")
+    clean_loader = clean.loader(True, 50)
+    clean_loader.set_epoch(5)
+    for image, label in zip(clean_loader.images[:, 0].numpy(), clean_loader.labels.numpy()):
+        assert any(keys.get(image[t:t + 8, c:c + 8].tobytes()) == label for t in range(5) for c in range(5))
+
+
 def test_bad_knobs_are_clear_errors():
     with pytest.raises(ValueError, match="does not fit a 10-pixel canvas"):
         load_dataset("cluttered-digits(canvas=10, scale=(1.0, 1.5))")
@@ -89,6 +115,8 @@ def test_bad_knobs_are_clear_errors():
         load_dataset("cluttered-digits(fragment_size=9)")
     with pytest.raises(ValueError, match="'cluttered-digits' has no argument 'clutter'.*Valid arguments: canvas, fragments"):
         load_dataset("cluttered-digits(clutter=3)")
+    with pytest.raises(TypeError, match="`fresh` is True or False, got 'yes'"):
+        load_dataset("cluttered-digits(fresh='yes')")
 
 
 def test_plugs_into_training_and_compare(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from attnkit import cli
 from attnkit.analysis.stats import paired_comparison
 from attnkit.train import compare
+from attnkit.train.compare import DEFAULT_STUDY
 
 
 def assert_real_png(path, min_size=(300, 200)):
@@ -42,6 +43,12 @@ def test_compare_writes_the_report_and_resumes(tiny, tmp_path):
     assert "| plain |" in report and "| se |" in report and "Holm" in report
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["runs"]) == 9 and saved["summary"][1]["verdict"] in ("better", "worse", "no detectable difference")
+    for row in saved["summary"]:  # the guardrails, per variant
+        assert isinstance(row["converged"], bool) and "final_rise_pp" in row and "train_test_gap_pp" in row
+    assert saved["summary"][0]["converged"] is False  # one epoch: nothing shows that it stopped rising
+    assert all(row["min_detectable_effect_pp"] > 0 for row in saved["summary"][1:])
+    assert saved["environments"] == [saved["runs"][0]["environment"]] and saved["environments"][0]["threads"] == 1
+    assert "## Can the comparison be trusted?" in report and "NOT CONVERGED" in report and "## Reproducibility" in report
 
     again = compare(tiny(epochs=1), modules=["se", "eca"], seeds=[0, 1, 2], out_dir=out, progress=False)
     assert again.trained == 0 and again.rows == result.rows
@@ -63,10 +70,13 @@ def test_placements_are_compared_like_modules(tiny, tmp_path):
 
 
 def test_compare_in_parallel_processes_gives_the_same_accuracies(tiny, tmp_path):
-    serial = compare(tiny(epochs=1), modules=["eca"], seeds=[0, 1], out_dir=tmp_path / "serial", progress=False)
-    parallel = compare(tiny(epochs=1), modules=["eca"], seeds=[0, 1], out_dir=tmp_path / "parallel", jobs=2,
-                       progress=False)
+    """Unless --threads says otherwise, every run has one thread whatever --jobs is: the numbers do not depend on it."""
+    serial = compare(tiny(epochs=1, threads=None), modules=["eca"], seeds=[0, 1], out_dir=tmp_path / "serial",
+                     progress=False)
+    parallel = compare(tiny(epochs=1, threads=None), modules=["eca"], seeds=[0, 1], out_dir=tmp_path / "parallel",
+                       jobs=2, progress=False)
     assert [r["test_acc"] for r in serial.runs] == [r["test_acc"] for r in parallel.runs]
+    assert {r["environment"]["threads"] for r in serial.runs + parallel.runs} == {1}
 
 
 def test_cli_compare_prints_the_table(tmp_path, capsys):
@@ -79,6 +89,7 @@ def test_cli_compare_prints_the_table(tmp_path, capsys):
     assert lines[0].split()[:2] == ["variant", "accuracy"]
     assert [line.split()[0] for line in lines[1:4]] == ["plain", "se", "cbam(reduction=2,"]
     assert "6 runs (0 found finished in the folder)" in out
+    assert "rise, last fifth (pp)  converged" in out and "NOT CONVERGED: plain" in out  # one epoch shows no plateau
     command = json.loads((tmp_path / "c" / "results.json").read_text())["command"]
     assert command.startswith("attnkit compare --model lenet")
 
@@ -87,9 +98,10 @@ def test_split_specs_keeps_commas_inside_parentheses():
     assert cli.split_specs("se, cbam(reduction=8, kernel_size=3),eca,plain") == ["se", "cbam(reduction=8, kernel_size=3)", "eca"]
 
 
-def test_cli_compare_defaults_to_cluttered_digits():
+def test_cli_compare_defaults_to_the_default_study():
     args = cli._parser().parse_args(["compare"])
-    assert args.dataset == "cluttered-digits" and args.seeds == [0, 1, 2]
+    assert args.dataset == DEFAULT_STUDY["dataset"] == "cluttered-digits" and args.seeds == [0, 1, 2]
+    assert args.epochs == DEFAULT_STUDY["epochs"] and args.threads is None and args.init == "paper"
     assert cli.split_specs(args.attn) == ["se", "cbam", "eca", "srm", "coord"]
     assert cli._parser().parse_args(["train"]).dataset == "digits"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import pytest
 import torch
@@ -77,6 +78,39 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny, tmp_pat
     assert resumed.test_acc == whole.test_acc
     rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_fresh_data_resumes_to_the_weights_of_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    """Data made anew every epoch is a function of the epoch: a resumed run trains on what it would have."""
+    options = dict(dataset="cluttered-digits(samples=128, test_samples=64, fresh=True)", epochs=2, batch_size=32)
+    train(tiny(**options, run_dir=str(tmp_path / "whole")))
+    evaluate = trainer_module._Run.evaluate
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate(self)
+
+    monkeypatch.setattr(trainer_module._Run, "evaluate", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(**options, run_dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(trainer_module._Run, "evaluate", evaluate)
+    train(tiny(**options, run_dir=str(tmp_path / "cut"), resume=True))
+    assert states_equal(load_checkpoint(tmp_path / "whole" / "last.pt")["model"],
+                        load_checkpoint(tmp_path / "cut" / "last.pt")["model"])
+
+
+def test_resuming_in_another_environment_warns_that_it_is_not_bit_for_bit(tiny, tmp_path):
+    first = train(tiny(epochs=1))
+    assert first.environment["threads"] == 1 and first.environment["cpu_kernels"]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["environment"] == first.environment
+    with pytest.warns(RuntimeWarning, match="another environment \\(threads 1 there, 2 here\\).*not bit for bit"):
+        train(tiny(epochs=1, threads=2, resume=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(tiny(epochs=1, resume=True))  # the same environment: no warning
 
 
 def test_variants_of_a_seed_share_the_backbone_initialisation():
