@@ -88,7 +88,8 @@ def test_fused_is_the_default_and_runs_without_autograd(spec):
         y = module(x)
         with kernels.use("reference"):
             y_ref = module(x)
-    assert_close(y, y_ref, 1e-5, spec)
+    # GE θ's gather sums 6,400 float32 products per channel, in another order than the convolution: up to ~2e-5
+    assert_close(y, y_ref, 5e-5, spec)
 
 
 def test_auto_leaves_small_inputs_to_the_reference_formulas():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import attnkit
+from attnkit import registry
 from attnkit.train import TrainConfig
 from attnkit.train.trainer import build_model
 
@@ -52,8 +53,7 @@ def test_selective_kernel_gets_the_caffe_batchnorm_momentum_through_attach():
     assert {m.momentum for m in plain.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
 
 
-def test_a_users_module_may_declare_its_own_network_initialisation():
-    @attnkit.register("halved_gate_for_init_test", override=True)
+def test_a_users_module_may_declare_its_own_network_initialisation(monkeypatch):
     class Halved(nn.Module):
         def __init__(self, channels: int) -> None:
             super().__init__()
@@ -65,6 +65,7 @@ def test_a_users_module_may_declare_its_own_network_initialisation():
         def forward(self, x):
             return x * self.scale
 
+    monkeypatch.setitem(registry.MODULES.entries, "halved_gate_for_init_test", Halved)
     model = attnkit.create_model("resnet20", attn="halved_gate_for_init_test")
     scales = [m.scale for m in model.modules() if isinstance(m, Halved)]
     assert scales and all(torch.all(s == 0.5) for s in scales)
