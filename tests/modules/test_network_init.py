@@ -15,11 +15,23 @@ from attnkit.modules import (
     BAM,
     CBAM,
     ECA,
+    EMA,
+    GAM,
+    NAM,
+    SCSE,
     SRM,
     CoordAttention,
+    EfficientLocalAttention,
+    FrequencyChannelAttention,
+    GatedChannelTransformation,
     GatherExcite,
     GlobalContext,
+    NonLocal,
+    PolarizedSelfAttention,
     SelectiveKernel,
+    ShuffleAttention,
+    SimAM,
+    SpatialGroupEnhance,
     SqueezeExcite,
     TripletAttention,
 )
@@ -210,14 +222,124 @@ def test_selective_kernel_as_the_caffe_definition_fills_it():
     assert all(m.momentum == pytest.approx(0.05) for m in module.modules() if isinstance(m, nn.BatchNorm2d))
 
 
-@pytest.mark.parametrize("make", [lambda: SqueezeExcite(64), lambda: ECA(64), lambda: SRM(64), lambda: GlobalContext(64),
-                                  lambda: GatherExcite(64)], ids=["se", "eca", "srm", "gc", "ge-minus"])
+@pytest.mark.parametrize("make", [
+    lambda: SqueezeExcite(64), lambda: ECA(64), lambda: SRM(64), lambda: GlobalContext(64), lambda: GatherExcite(64),
+    lambda: SimAM(64), lambda: EMA(64), lambda: GAM(64), lambda: ShuffleAttention(256), lambda: NAM(64),
+    lambda: NonLocal(64), lambda: NonLocal(64, norm=False), lambda: SpatialGroupEnhance(128),
+    lambda: GatedChannelTransformation(64), lambda: FrequencyChannelAttention(64), lambda: SCSE(64),
+    lambda: EfficientLocalAttention(64), lambda: PolarizedSelfAttention(64),
+    lambda: PolarizedSelfAttention(64, layout="sequential"),
+], ids=["se", "eca", "srm", "gc", "ge-minus", "simam", "ema", "gam", "shuffle", "nam", "nonlocal", "nonlocal-no-bn",
+        "sge", "gct", "fca", "scse", "ela", "psa", "psa-sequential"])
 def test_modules_the_official_networks_leave_as_built_are_unchanged(make):
     """SE: the released Caffe models are deploy definitions, without fillers. ECA: the official ResNet re-initialises
     nn.Conv2d layers, and ECA's is a Conv1d. SRM: the official ResNet sets BN weight 1 and bias 0, as built, and the
     channel-wise FC is zero-initialised by the module itself. GC: the block's own reset_parameters is its constructor's;
-    the detection backbones it was trained in load ImageNet weights instead of re-initialising. θ⁻: no parameters."""
+    the detection backbones it was trained in load ImageNet weights instead of re-initialising. θ⁻: no parameters.
+    EMA, ELA: no network code was released; GAM: no code at all. Non-local: the fillers are the block's own
+    (nonlocal_helper.py), applied by the constructor. PSA: the constructor applies the released HRNet's
+    init_weights (`init='network'`). The others: the official loops below leave them as built."""
     module = make()
     before = copy.deepcopy(module.state_dict())
     init_in_network(module)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def official_resnet_loop(network: nn.Module) -> None:
+    """The loop at the end of ResNet.__init__ in torchvision (the network of cfzd/FcaNet's model/fcanet.py),
+    wofmanaf/SA-Net (models/sa_resnet.py) and ZjjConan/SimAM (networks/imagenet/resnet.py)."""
+    for m in network.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def official_sge_resnet_loop(network: nn.Module) -> None:
+    """ResNet.__init__ in implus/PytorchInsight (classification/models/imagenet/resnet_sge.py)."""
+    for m in network.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def official_nam_resnet_loop(network: nn.Module) -> None:
+    """ResNet.__init__ in Christian-lyc/NAM (MODELS/model_resnet.py), the same in the first release (with the spatial
+    submodule's BatchNorm1d) and the current one."""
+    for m in network.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight.data)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+
+
+def official_gct_conv_init(gct: nn.Module) -> None:
+    """Bottleneck.__init__ in z-x-yang/GCT (PyTorch/resnet.py): over each nn.Sequential(GCT, Conv2d), the
+    convolutions kaiming-uniform (a=1); GCT's α, γ, β stay as GCT.__init__ made them."""
+    for layer in nn.Sequential(gct, nn.Conv2d(gct.channels, gct.channels, 1, bias=False)).modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_uniform_(layer.weight, a=1)
+
+
+@pytest.mark.parametrize("make, official", [
+    (lambda: ShuffleAttention(256), official_resnet_loop),
+    (lambda: SimAM(64), official_resnet_loop),
+    (lambda: SpatialGroupEnhance(128), official_sge_resnet_loop),
+    (lambda: NAM(64), official_nam_resnet_loop),
+    (lambda: NAM(64, spatial_size=8), official_nam_resnet_loop),
+    (lambda: GatedChannelTransformation(64), official_gct_conv_init),
+], ids=["shuffle", "simam", "sge", "nam", "nam-spatial", "gct"])
+def test_the_official_networks_loops_leave_these_modules_as_built(make, official):
+    """SA-Net's loop sets the GroupNorm to weight 1, bias 0, as built; SGE's γ = 0, β = 1, GCT's α = 1, γ = 0, β = 0
+    and Shuffle Attention's gate parameters are plain Parameters the loops do not visit; NAM's BatchNorms are set to
+    1 and 0, as built; SimAM has no parameters."""
+    module, expected = initialised(make(), official)
+    assert_same_state(module, expected)
+
+
+def official_fca_layer_fcs(channels: int) -> nn.Module:
+    """MultiSpectralAttentionLayer.fc in cfzd/FcaNet (model/layer.py), whose nn.Linear layers torchvision's loop
+    leaves as built."""
+    return nn.Sequential(nn.Linear(channels, channels // 16, bias=False), nn.ReLU(inplace=True),
+                         nn.Linear(channels // 16, channels, bias=False), nn.Sigmoid())
+
+
+def official_scse_layers(channels: int) -> list[nn.Module]:
+    """ChannelSpatialSELayer in ai-med/squeeze_and_excitation, in its order: cSE's fc1 and fc2 (nn.Linear with biases,
+    r = 2), then sSE's 1×1 convolution; QuickNAT (ai-med/quickNAT_pytorch) does not re-initialise them."""
+    fc1 = nn.Linear(channels, channels // 2)
+    fc2 = nn.Linear(channels // 2, channels)
+    return [fc1, fc2, nn.Conv2d(channels, 1, 1)]
+
+
+@pytest.mark.parametrize("make, official", [
+    (lambda: FrequencyChannelAttention(64), lambda: [m for m in official_fca_layer_fcs(64) if isinstance(m, nn.Linear)]),
+    (lambda: SCSE(64), lambda: official_scse_layers(64)),
+], ids=["fca", "scse"])
+def test_one_by_one_convolutions_start_as_the_official_linear_layers(make, official):
+    """attnkit's 1×1 convolutions draw PyTorch's default initialisation as the official nn.Linear layers do (same
+    fan-in, same order): with the same seed the values are equal, and the official networks keep them."""
+    torch.manual_seed(3)
+    expected = official()
+    torch.manual_seed(3)
+    module = make()
+    init_in_network(module)
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == len(expected)
+    for conv, layer in zip(convs, expected):
+        assert torch.equal(conv.weight.detach().flatten(1), layer.weight.detach().flatten(1))
+        assert (conv.bias is None) == (layer.bias is None)
+        if conv.bias is not None:
+            assert torch.equal(conv.bias.detach(), layer.bias.detach())
+
+
+def test_nonlocal_keeps_the_official_batchnorm_momentum():
+    """The Caffe2 definition's SpatialBN keeps 0.9 of the running averages (NONLOCAL.BN_MOMENTUM): PyTorch's
+    momentum 0.1, as built; its fillers (N(0, 0.01²), biases 0, BN scale 0) are the constructor's."""
+    module = NonLocal(64)
+    init_in_network(module)
+    assert module.norm.momentum == pytest.approx(0.1) and torch.all(module.norm.weight == 0)
