@@ -55,7 +55,7 @@ _COMPARE_OWN = {"attn", "where", "seed", "run_dir", "resume", "progress"}
 
 def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) -> None:
     from .train import TrainConfig
-    from .train.config import CHOICES
+    from .runs import CHOICES
 
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -232,7 +232,7 @@ def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = No
 
 def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command's parser; `compare_defaults` (a study file's options) replace compare's defaults."""
-    from .train.compare import DEFAULT_STUDY
+    from .compare import DEFAULT_STUDY
 
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,7 +349,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                   f"(best {result.best_acc:.2%} at epoch {result.best_epoch}); run folder {result.run_dir}")
         return 0
     if args.command == "compare":
-        from .train import compare
+        from .compare import compare
         from .train.slurm import Interrupted, RunsFailed
 
         command = "attnkit " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -387,7 +387,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "stats":
         from .analysis.gate_stats import gate_stats, write_gate_stats
-        from .analysis.runs import load_run
+        from .runs import load_run
 
         run = load_run(args.checkpoint, args.dataset, args.data_dir)
         stats = gate_stats(run.model, run.data, max_samples=args.max_samples)
@@ -395,7 +395,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(f"{stats.table()}\n\nCSV and plots in {paths[0].parent}: {', '.join(p.name for p in paths)}")
         return 0
     if args.command == "prune":
-        from .analysis.runs import load_run
+        from .runs import load_run
         from .analysis.prune import parse_fractions, prune, write_prune
 
         fractions = parse_fractions(args.fractions)

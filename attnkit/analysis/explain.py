@@ -26,10 +26,7 @@ from ..data import Dataset
 from ..data.formats import read_image
 from ..files import make_folder, write_csv, write_file
 from ..registry import did_you_mean
-from ..train.checkpoint import load_checkpoint
-from ..train.config import TrainConfig
-from ..train.trainer import model_from_checkpoint
-from .runs import run_data
+from ..runs import TrainConfig, load_checkpoint, model_from_checkpoint, run_data
 
 __all__ = ["AttentionMap", "ExplainReport", "Explained", "METHODS", "explain", "feature_layers", "find_baseline", "grad_cam"]
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..models import create_model, list_models
 from ..modules._common import positive_int
 from ..surgery import attach
-from .cost import count_macs, count_params
+from ..cost import count_macs, count_params
 from .report import text_table
 
 __all__ = ["DEFAULT_INPUT_SIZES", "ProfileRow", "activation_bytes", "format_profile", "profile"]

@@ -19,20 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..analysis.cost import count_macs, count_params
+from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
-from ..models import create_model
-from ..surgery import AttachReport, attach, load_pretrained, parse_placement
-from ..files import write_bytes
-from .checkpoint import check_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint, write_json_atomic
-from .config import TrainConfig
+from ..files import write_bytes, write_json
+from ..runs import TrainConfig, build_model, load_checkpoint, load_weights, model_arch, nonfinite_tensors, save_checkpoint
+from ..surgery import AttachReport, load_pretrained
 from .distributed import Distributed, setup_distributed
 from .environment import environment, warn_if_different
 from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
 from .runlock import RunFolderLock
 
-__all__ = ["TrainResult", "build_model", "model_arch", "model_from_checkpoint", "read_result", "seed_everything", "train"]
+__all__ = ["TrainResult", "read_result", "seed_everything", "train"]
 
 
 @dataclass
@@ -77,48 +75,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def model_arch(config: TrainConfig, data: Dataset) -> dict[str, Any]:
-    """What build_model() needs to rebuild a run's network; checkpoints store it as "arch"."""
-    return {"model": config.model, "attn": config.attn, "where": config.where, "identity_init": config.identity_init,
-            "init": config.init, "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
-
-
-def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
-    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init, init (PyTorch's
-    where it lacks it: the checkpoints written before it existed), num_classes, in_chans and input_size, as checkpoints
-    store it."""
-    model = create_model(arch["model"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
-                         input_size=arch["input_size"])
-    report = None
-    if arch["attn"]:
-        report = attach(model, arch["attn"], identity_init=arch["identity_init"], init=arch.get("init", "pytorch"),
-                        **parse_placement(arch["where"]))
-    return model, report
-
-
-def load_weights(model: nn.Module, weights: dict[str, Any], source: object) -> None:
-    """model.load_state_dict(weights), strictly; weights of another network are a ValueError naming `source`."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        reason = next(iter(str(error).strip().splitlines()[1:2]), str(error)).strip()  # torch's list of keys
-        reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        raise ValueError(f"{source}: its weights do not fit the architecture it records ({reason}).") from error
-
-
-def model_from_checkpoint(checkpoint: str | Path | dict[str, Any], source: object = None) -> nn.Module:
-    """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
-    it, then `source` names it in errors), with its weights, in eval mode."""
-    if isinstance(checkpoint, dict):
-        source = source or "the checkpoint"
-        state = check_checkpoint(checkpoint, source)
-    else:
-        source, state = checkpoint, load_checkpoint(checkpoint)
-    model, _ = build_model(state["arch"])
-    load_weights(model, state["model"], source)
-    return model.eval()
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -405,7 +361,7 @@ class _Run:
                              count_params(self.model), macs, sum(r["epoch_seconds"] for r in history), history,
                              environment())
         if dist.is_main:
-            write_json_atomic(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
+            write_json(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
         dist.barrier()
         return result
 
