@@ -15,41 +15,6 @@ import torch
 from . import registry
 from .deploy import FORMATS
 
-_TRAIN_HELP = {
-    "model": "backbone name (attnkit.list_models())",
-    "attn": "attention spec, e.g. se or 'cbam(reduction=8)'; leave out for the plain network",
-    "where": "placement: auto (the paper's), position=residual|output, stages=2,3, or a module-name pattern; "
-             "combine with ';', e.g. 'position=output;stages=3'",
-    "dataset": "digits, cluttered-digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic; options as in "
-               "'synthetic(samples=512, channels=1)'",
-    "data_dir": "where the data set's files are",
-    "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
-    "image_size": "resize the images to this side (default: the data set's own)",
-    "epochs": "training epochs",
-    "batch_size": "global batch, divided among the processes",
-    "workers": "data-loading processes (image folders)",
-    "nesterov": "Nesterov momentum (SGD)",
-    "weight_decay": "weight decay; never applied to norms, biases or parameters a paper exempts (SRM)",
-    "schedule": "learning-rate schedule after the warm-up",
-    "milestones": "epochs at which the step schedule multiplies the rate by --gamma (default: 50%% and 75%%)",
-    "amp": "mixed precision",
-    "channels_last": "channels_last memory format for the model and the inputs",
-    "compile": "torch.compile the model",
-    "clip_grad": "clip the gradient norm to this value",
-    "skip_nonfinite": "skip up to this many training batches whose loss is NaN or inf over the run, instead of stopping "
-                      "at the first (costs one device sync per step; may be raised on --resume)",
-    "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
-    "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
-    "init": "the inserted modules' initialisation: paper (as their official network code re-initialises them) or "
-            "pytorch (PyTorch's defaults)",
-    "freeze": "backbone: train only the inserted modules and the classifier",
-    "sync_bn": "SyncBatchNorm across processes (GPUs)",
-    "threads": "torch CPU threads",
-    "run_dir": "the run's folder (default runs/<model>-<variant>-<dataset>-seed<k>)",
-    "resume": "continue the run in --run-dir from its last checkpoint",
-    "tensorboard": "write TensorBoard logs next to metrics.csv",
-    "progress": "progress bars and per-epoch lines",
-}
 _COMPARE_OWN = {"attn", "where", "seed", "run_dir", "resume", "progress"}
 
 
@@ -62,7 +27,7 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) 
         if f.name in skip:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": _TRAIN_HELP.get(f.name, "")}
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"].replace("%", "%%")}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "milestones":
@@ -72,7 +37,7 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) 
             kwargs["type"] = base
             if f.name in CHOICES:
                 kwargs["choices"] = CHOICES[f.name]
-        if kwargs["help"] and f.default not in (None, (), False, True):
+        if f.default is not None and not isinstance(f.default, bool) and f.default != ():
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..registry import did_you_mean
@@ -24,47 +24,59 @@ CHOICES = {  # the options that take one of a few names
 }
 
 
+def option(default: Any, help: str) -> Any:
+    """A TrainConfig field and its help text, kept in the field's metadata (the command line's --help shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """A training run. Defaults train a CIFAR ResNet-20 on the embedded digits in about half a minute on 2 cores."""
 
-    model: str = "resnet20"
-    attn: str | None = None  # a registry spec; None trains the plain network
-    where: str = "auto"  # placement: see attnkit.surgery.parse_placement
-    dataset: str = "digits"  # a dataset spec, e.g. "synthetic(samples=512)"
-    data_dir: str = "data"
-    download: bool = False
-    image_size: int | None = None  # None: the data set's own size
-    epochs: int = 10
-    batch_size: int = 64  # the global batch, divided among the processes
-    workers: int = 0
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    milestones: tuple[int, ...] = ()  # for the step schedule; empty: at 50% and 75% of the epochs
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    clip_grad: float | None = None
-    skip_nonfinite: int = 0
-    seed: int = 0
-    pretrained: str | None = None
-    identity_init: bool = False
-    init: str = "paper"  # the inserted modules' initialisation: attach()'s `init`
-    freeze: str = "none"
-    sync_bn: bool = False
-    device: str = "auto"
-    threads: int | None = None
-    run_dir: str | None = None
-    resume: bool = False
-    tensorboard: bool = True
-    progress: bool = True
+    model: str = option("resnet20", "backbone name (attnkit.list_models())")
+    attn: str | None = option(None, "attention spec, e.g. se or 'cbam(reduction=8)'; leave out for the plain network")
+    where: str = option("auto", "placement: auto (the paper's), position=residual|output, stages=2,3, or a module-name "
+                                "pattern; combine with ';', e.g. 'position=output;stages=3'")
+    dataset: str = option("digits", "digits, cluttered-digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, "
+                                    "synthetic; options as in 'synthetic(samples=512, channels=1)'")
+    data_dir: str = option("data", "where the data set's files are")
+    download: bool = option(False, "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)")
+    image_size: int | None = option(None, "resize the images to this side (default: the data set's own)")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(64, "global batch, divided among the processes")
+    workers: int = option(0, "data-loading processes (image folders)")
+    optimizer: str = option("sgd", "optimiser")
+    lr: float = option(0.1, "peak learning rate, reached after the warm-up")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "weight decay; never applied to norms, biases or parameters a paper exempts (SRM)")
+    schedule: str = option("cosine", "learning-rate schedule after the warm-up")
+    warmup_epochs: float = option(1.0, "epochs of linear learning-rate warm-up")
+    milestones: tuple[int, ...] = option((), "epochs at which the step schedule multiplies the rate by --gamma "
+                                             "(default: 50% and 75% of the epochs)")
+    gamma: float = option(0.1, "the step schedule's factor at each milestone")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
+    amp: str = option("none", "mixed precision")
+    channels_last: bool = option(False, "channels_last memory format for the model and the inputs")
+    compile: bool = option(False, "torch.compile the model")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value")
+    skip_nonfinite: int = option(0, "skip up to this many training batches whose loss is NaN or inf over the run, "
+                                    "instead of stopping at the first (costs one device sync per step; may be raised "
+                                    "on --resume)")
+    seed: int = option(0, "the run's seed: initialisation, data order and augmentation")
+    pretrained: str | None = option(None, "checkpoint to load through load_pretrained (what matches is kept; the "
+                                          "report is printed)")
+    identity_init: bool = option(False, "start the inserted modules as the identity (fine-tuning pretrained networks)")
+    init: str = option("paper", "the inserted modules' initialisation: paper (as their official network code "
+                                "re-initialises them) or pytorch (PyTorch's defaults)")
+    freeze: str = option("none", "backbone: train only the inserted modules and the classifier")
+    sync_bn: bool = option(False, "SyncBatchNorm across processes (GPUs)")
+    device: str = option("auto", "where to train: auto (a GPU when there is one), cpu or cuda")
+    threads: int | None = option(None, "torch CPU threads")
+    run_dir: str | None = option(None, "the run's folder (default runs/<model>-<variant>-<dataset>-seed<k>)")
+    resume: bool = option(False, "continue the run in --run-dir from its last checkpoint")
+    tensorboard: bool = option(True, "write TensorBoard logs next to metrics.csv")
+    progress: bool = option(True, "progress bars and per-epoch lines")
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
