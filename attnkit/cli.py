@@ -60,7 +60,7 @@ def split_specs(text: str) -> list[str]:
         else:
             current += char
     specs.append(current.strip())
-    return [s for s in specs if s and s != "plain"]
+    return [s for s in specs if s and s != registry.BASELINE]
 
 
 def _seeds(text: str) -> list[int]:

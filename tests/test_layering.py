@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[tuple[str, ...]]]] = [
     ("modules", [("attnkit.modules",)]),
     ("kernels", [("attnkit.kernels",)]),
     # The registry stores names only: the modules, models and data sets register themselves into it.
-    ("registry and files", [("attnkit.registry", "attnkit.files", "attnkit._paths", "attnkit._version")]),
+    ("registry and files", [("attnkit.registry", "attnkit.files", "attnkit.hooks", "attnkit._paths", "attnkit._version")]),
 ]
 
 # Imports against the order that the public API needs, with the reason.
@@ -126,3 +126,19 @@ def test_the_check_names_the_file_and_the_import_that_goes_up():
         "attnkit/train/trainer.py:1: attnkit.train.trainer (attnkit.train) imports attnkit.analysis.stats "
         "(attnkit.analysis), another group of its layer",
     ]
+
+
+def test_library_code_draws_with_the_object_api_and_leaves_benchmarks_alone():
+    """Figures come from attnkit.analysis.plotting (Figure on an Agg canvas): no pyplot, no matplotlib.use() that
+    would change the caller's backend; and nothing in the package imports the benchmark scripts."""
+    problems = []
+    for name, (file, source, _) in _package_sources().items():
+        for node in ast.walk(ast.parse(source)):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            problems += [f"{file}:{node.lineno}: imports {m}" for m in imported
+                         if m == "matplotlib.pyplot" or m.split(".")[0] in ("benchmarks", "timing")]
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "use"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "matplotlib"):
+                problems.append(f"{file}:{node.lineno}: calls matplotlib.use()")
+    assert not problems, "\n".join(problems)

@@ -5,7 +5,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..registry import did_you_mean
+from ..registry import BASELINE, did_you_mean
 
 __all__ = ["CHOICES", "TrainConfig", "RESUMABLE_CHANGES"]
 
@@ -101,9 +101,9 @@ class TrainConfig:
 
     @property
     def variant(self) -> str:
-        """'plain', or the attention spec with its placement when that is not the paper's."""
+        """BASELINE ('plain'), or the attention spec with its placement when that is not the paper's."""
         if not self.attn:
-            return "plain"
+            return BASELINE
         return self.attn if self.where == "auto" else f"{self.attn}@{self.where}"
 
     def default_run_dir(self) -> str:
