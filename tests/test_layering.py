@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import attnkit
@@ -92,6 +93,7 @@ def violations(sources: dict[str, tuple[str, str, bool]]) -> list[str]:
     return problems
 
 
+@functools.cache
 def _package_sources() -> dict[str, tuple[str, str, bool]]:
     return {module_name(path): (str(path.relative_to(ROOT.parent)), path.read_text(), path.name == "__init__.py")
             for path in sorted(ROOT.rglob("*.py"))}
