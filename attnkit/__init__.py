@@ -18,13 +18,13 @@ from .modules import (
     PolarizedSelfAttention,
 )
 from .modules import EMA, GAM, NAM, NonLocal, ShuffleAttention, SimAM  # simam, ema, gam, shuffle, nam, nonlocal
+from ._version import __version__
 from .capture import capture
 from .deploy import ExportReport, export, fuse
 from .models import create_model, list_models
 from .registry import create, get_module_class, list_modules, parse_spec, register
 from .surgery import AttachReport, BlockLayout, IdentityStart, LoadReport, attach, block_layouts, load_pretrained, register_block_layout
 
-__version__ = "0.1.0"
 
 _SUBPACKAGES = ("analysis", "data", "train")
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .hooks import forward_hooks
 from .modules.base import gate_probes, is_attention_module
 
 __all__ = ["Gates", "capture"]
@@ -61,8 +62,8 @@ def capture(model: nn.Module) -> Iterator[Gates]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture: `model` must be an nn.Module, got {type(model).__name__}.")
     gates: Gates = {}
-    handles = []
-    try:
+
+    def probes() -> Iterator[tuple[nn.Module, Callable[..., None]]]:
         for name, module in model.named_modules():
             if not is_attention_module(module):
                 continue
@@ -74,9 +75,7 @@ def capture(model: nn.Module) -> Iterator[Gates]:
                     with torch.no_grad():
                         records.append(value(inputs, out.detach()).detach())
 
-                handles.append(submodule.register_forward_hook(hook))
-        with kernels.use("reference"):  # the fused paths skip the submodules the probes observe
-            yield gates
-    finally:
-        for handle in handles:
-            handle.remove()
+                yield submodule, hook
+
+    with forward_hooks(probes()), kernels.use("reference"):  # the fused paths skip the submodules the probes observe
+        yield gates

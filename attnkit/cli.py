@@ -15,54 +15,19 @@ import torch
 from . import registry
 from .deploy import FORMATS
 
-_TRAIN_HELP = {
-    "model": "backbone name (attnkit.list_models())",
-    "attn": "attention spec, e.g. se or 'cbam(reduction=8)'; leave out for the plain network",
-    "where": "placement: auto (the paper's), position=residual|output, stages=2,3, or a module-name pattern; "
-             "combine with ';', e.g. 'position=output;stages=3'",
-    "dataset": "digits, cluttered-digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic; options as in "
-               "'synthetic(samples=512, channels=1)'",
-    "data_dir": "where the data set's files are",
-    "download": "let torchvision download mnist/fashion-mnist/cifar into --data-dir (needs a network)",
-    "image_size": "resize the images to this side (default: the data set's own)",
-    "epochs": "training epochs",
-    "batch_size": "global batch, divided among the processes",
-    "workers": "data-loading processes (image folders)",
-    "nesterov": "Nesterov momentum (SGD)",
-    "weight_decay": "weight decay; never applied to norms, biases or parameters a paper exempts (SRM)",
-    "schedule": "learning-rate schedule after the warm-up",
-    "milestones": "epochs at which the step schedule multiplies the rate by --gamma (default: 50%% and 75%%)",
-    "amp": "mixed precision",
-    "channels_last": "channels_last memory format for the model and the inputs",
-    "compile": "torch.compile the model",
-    "clip_grad": "clip the gradient norm to this value",
-    "skip_nonfinite": "skip up to this many training batches whose loss is NaN or inf over the run, instead of stopping "
-                      "at the first (costs one device sync per step; may be raised on --resume)",
-    "pretrained": "checkpoint to load through load_pretrained (what matches is kept; the report is printed)",
-    "identity_init": "start the inserted modules as the identity (fine-tuning pretrained networks)",
-    "init": "the inserted modules' initialisation: paper (as their official network code re-initialises them) or "
-            "pytorch (PyTorch's defaults)",
-    "freeze": "backbone: train only the inserted modules and the classifier",
-    "sync_bn": "SyncBatchNorm across processes (GPUs)",
-    "threads": "torch CPU threads",
-    "run_dir": "the run's folder (default runs/<model>-<variant>-<dataset>-seed<k>)",
-    "resume": "continue the run in --run-dir from its last checkpoint",
-    "tensorboard": "write TensorBoard logs next to metrics.csv",
-    "progress": "progress bars and per-epoch lines",
-}
 _COMPARE_OWN = {"attn", "where", "seed", "run_dir", "resume", "progress"}
 
 
 def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) -> None:
     from .train import TrainConfig
-    from .train.config import CHOICES
+    from .runs import CHOICES
 
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": _TRAIN_HELP.get(f.name, "")}
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"].replace("%", "%%")}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "milestones":
@@ -72,7 +37,7 @@ def _add_train_options(parser: argparse.ArgumentParser, skip: set[str] = set()) 
             kwargs["type"] = base
             if f.name in CHOICES:
                 kwargs["choices"] = CHOICES[f.name]
-        if kwargs["help"] and f.default not in (None, (), False, True):
+        if f.default is not None and not isinstance(f.default, bool) and f.default != ():
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
 
@@ -95,7 +60,7 @@ def split_specs(text: str) -> list[str]:
         else:
             current += char
     specs.append(current.strip())
-    return [s for s in specs if s and s != "plain"]
+    return [s for s in specs if s and s != registry.BASELINE]
 
 
 def _seeds(text: str) -> list[int]:
@@ -232,7 +197,7 @@ def _checkpoint_command(sub: Any, name: str, help: str, dataset: str | None = No
 
 def _parser(compare_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command's parser; `compare_defaults` (a study file's options) replace compare's defaults."""
-    from .train.compare import DEFAULT_STUDY
+    from .compare import DEFAULT_STUDY
 
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,7 +314,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                   f"(best {result.best_acc:.2%} at epoch {result.best_epoch}); run folder {result.run_dir}")
         return 0
     if args.command == "compare":
-        from .train import compare
+        from .compare import compare
         from .train.slurm import Interrupted, RunsFailed
 
         command = "attnkit " + shlex.join(sys.argv[1:] if argv is None else list(argv))
@@ -387,7 +352,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "stats":
         from .analysis.gate_stats import gate_stats, write_gate_stats
-        from .analysis.runs import load_run
+        from .runs import load_run
 
         run = load_run(args.checkpoint, args.dataset, args.data_dir)
         stats = gate_stats(run.model, run.data, max_samples=args.max_samples)
@@ -395,7 +360,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         print(f"{stats.table()}\n\nCSV and plots in {paths[0].parent}: {', '.join(p.name for p in paths)}")
         return 0
     if args.command == "prune":
-        from .analysis.runs import load_run
+        from .runs import load_run
         from .analysis.prune import parse_fractions, prune, write_prune
 
         fractions = parse_fractions(args.fractions)

@@ -13,10 +13,13 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from torch import nn
 
-__all__ = ["MODULES", "Registry", "build", "check_kwargs", "create", "did_you_mean", "get_module_class", "list_modules",
+__all__ = ["BASELINE", "MODULES", "Registry", "build", "check_kwargs", "create", "did_you_mean", "get_module_class", "list_modules",
            "parse_spec", "register", "registered_classes"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The name of the network without attention: the variant every attention module is compared with.
+BASELINE = "plain"
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:

@@ -18,6 +18,7 @@ import onnxruntime
 import torch
 
 import attnkit
+from attnkit.registry import BASELINE
 from timing import CLOCKS, cpu_name, load, median_ms  # benchmarks/timing.py, beside this script
 
 
@@ -49,12 +50,12 @@ def main() -> None:
         for attn in [None, *[a for a in args.attn.split(",") if a]]:
             model = attnkit.create_model(args.model, attn=attn).eval()
             fused = attnkit.fuse(model)
-            path = f"{tmp}/{attn or 'plain'}.onnx"
+            path = f"{tmp}/{attn or BASELINE}.onnx"
             report = attnkit.export(model, path, "onnx", input_shape=(3, args.size, args.size), batch_size=args.batch)
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             feed = {"image": x.numpy()}
             params, fused_params = (sum(p.numel() for p in m.parameters()) for m in (model, fused))
-            rows.append((attn or "plain", params, fused_params, report.max_rel_error))
+            rows.append((attn or BASELINE, params, fused_params, report.max_rel_error))
             fns += [lambda model=model: model(x), lambda fused=fused: fused(x),
                     lambda session=session, feed=feed: session.run(None, feed)]
         with torch.inference_mode():

@@ -1,12 +1,14 @@
-"""What the benchmarks share: timing functions that take turns, so a slow phase of the machine affects them alike, and
-the name of the machine they ran on."""
+"""What the benchmarks share: timing functions that take turns, so a slow phase of the machine affects them alike
+(attnkit's median_ms, which `attnkit profile` times with too), and the name of the machine they ran on."""
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
-from typing import Callable
+
+from attnkit.analysis.timing import median_ms
+
+__all__ = ["CLOCKS", "cpu_name", "load", "median_ms"]
 
 
 def cpu_name() -> str:
@@ -29,19 +31,3 @@ def load() -> str:
         return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "load average unknown"
-
-
-def median_ms(fns: list[Callable[[], object]], warmup: int, repeats: int,
-              clock: Callable[[], float] = time.perf_counter) -> list[float]:
-    """Median milliseconds of each function over `repeats` runs after `warmup` untimed ones, by `clock` (the wall
-    clock, or e.g. time.process_time); the functions take turns, run by run."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, runs in zip(fns, times):
-            start = clock()
-            fn()
-            runs.append(1e3 * (clock() - start))
-    return [statistics.median(runs) for runs in times]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, build_model, seed_everything, train
-from attnkit.train.trainer import model_arch
+from attnkit.runs import model_arch
 from attnkit.train.optim import build_optimizer, build_schedule
 from timing import cpu_name  # benchmarks/timing.py, beside this script
 

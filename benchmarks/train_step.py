@@ -27,6 +27,7 @@ from torch import nn
 
 import attnkit
 from attnkit.modules.base import is_attention_module
+from attnkit.registry import BASELINE
 from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
 from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
@@ -140,7 +141,7 @@ def main() -> None:
     names = args.attn.split(",")
     impls = ("auto", "reference", "timm") if args.timm else ("auto", "reference")
     steps: dict[Variant, Callable[[], None]] = {}
-    for variant in [Variant("plain", None, "auto"), *[Variant(f"{n} {i}", n, i) for n in names for i in impls]]:
+    for variant in [Variant(BASELINE, None, "auto"), *[Variant(f"{n} {i}", n, i) for n in names for i in impls]]:
         model = build(variant, net)
         if model is not None:
             step = sgd_step(model.to(args.device, memory_format=layout).train(), x, y, args.bf16)
@@ -153,7 +154,7 @@ def main() -> None:
                     header(args.device, f"{net.model}, input {shape}, {numbers}",
                            f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"))
     times = dict(zip(steps, median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
-    add_table(report, names, {v: t for v, t in times.items() if v.attn}, times[Variant("plain", None, "auto")])
+    add_table(report, names, {v: t for v, t in times.items() if v.attn}, times[Variant(BASELINE, None, "auto")])
     if args.markdown:
         report.append_to(args.markdown)
 

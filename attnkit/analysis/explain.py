@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure  # the object API: no pyplot state, no display, the caller's backend untouched
 from PIL import Image, ImageOps
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -24,12 +23,11 @@ from ..capture import capture
 from ..modules.base import spatial_map
 from ..data import Dataset
 from ..data.formats import read_image
-from ..files import make_folder, write_csv, write_file
-from ..registry import did_you_mean
-from ..train.checkpoint import load_checkpoint
-from ..train.config import TrainConfig
-from ..train.trainer import model_from_checkpoint
-from .runs import run_data
+from ..files import make_folder, write_csv
+from ..hooks import evaluating, forward_hooks
+from ..registry import BASELINE, did_you_mean
+from ..runs import TrainConfig, load_checkpoint, model_from_checkpoint, run_data
+from .plotting import figure, save_png
 
 __all__ = ["AttentionMap", "ExplainReport", "Explained", "METHODS", "explain", "feature_layers", "find_baseline", "grad_cam"]
 
@@ -103,13 +101,9 @@ def feature_layers(model: nn.Module, example: Tensor) -> list[str]:
         if isinstance(out, Tensor) and out.dim() == 4 and not global_pool and not isinstance(module, _POOLING):
             order.append(name)
 
-    handles = [m.register_forward_hook(lambda m, i, o, n=name: hook(n, m, i, o)) for name, m in model.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    named = ((m, lambda m, i, o, n=name: hook(n, m, i, o)) for name, m in model.named_modules() if name)
+    with forward_hooks(named), torch.no_grad():
+        model(example)
     return [name for name in order if calls[name] == 1]
 
 
@@ -140,15 +134,13 @@ def grad_cam(model: nn.Module, x: Tensor, target_layer: str, classes: Sequence[i
         raise ValueError(f"explain: target_layer: no module is called {target_layer!r}.{did_you_mean(target_layer, modules)}")
     if len(classes) != len(x):
         raise ValueError(f"explain: grad_cam needs one class per image: {len(x)} images, {len(classes)} classes.")
-    training = model.training
     # clone: keep the activation the grad-cam package records safe from in-place operations after the layer
     cam = METHODS[method](model=model, target_layers=[modules[target_layer]], reshape_transform=torch.clone)
     try:
-        with torch.enable_grad():
+        with evaluating(model), torch.enable_grad():
             maps = cam(input_tensor=x.detach().requires_grad_(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
     finally:
         cam.activations_and_grads.release()
-        model.train(training)
     return torch.from_numpy(maps)
 
 
@@ -198,7 +190,7 @@ def find_baseline(checkpoint: str | os.PathLike) -> Path | None:
     The path is relative where `checkpoint` is."""
     checkpoint = Path(checkpoint)
     run = checkpoint.resolve().parent
-    plain = run.parent.parent / "plain" / run.name
+    plain = run.parent.parent / BASELINE / run.name
     if not re.fullmatch(r"seed\d+", run.name) or plain == run:
         return None
     found = next((plain / name for name in (checkpoint.name, "last.pt") if (plain / name).is_file()), None)
@@ -249,7 +241,7 @@ def _draw(path: Path, rows: range, report: ExplainReport, shown: Tensor) -> None
     """One grid: rows `rows` of the images `shown` (N×C×H×W in [0, 1]), figure size from the panel count only."""
     sides = [s for s in (report.baseline, report.model) if s is not None]
     cols = 1 + len(sides) + len(report.attention)
-    fig = Figure(figsize=(cols * PANEL_INCHES, len(rows) * PANEL_INCHES + HEADER_INCHES), dpi=DPI, layout="constrained")
+    fig = figure(cols * PANEL_INCHES, len(rows) * PANEL_INCHES + HEADER_INCHES, dpi=DPI)
     axes = fig.subplots(len(rows), cols, squeeze=False)
     model = report.model
     title = " · ".join([f"{_METHOD_NAMES[report.method]} at {model.target_layer}", str(model.checkpoint), *report.notes])
@@ -280,7 +272,7 @@ def _draw(path: Path, rows: range, report: ExplainReport, shown: Tensor) -> None
             ax.set_xticks([])
             ax.set_yticks([])
             ax.spines[:].set_visible(False)
-    write_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
+    save_png(fig, path)
 
 
 def _write_csv(path: Path, report: ExplainReport) -> None:

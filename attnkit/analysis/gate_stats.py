@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ..capture import capture
 from ..data import Dataset
 from ..data.loader import Loader
-from ..files import make_folder, write_csv, write_file
+from ..files import make_folder, write_csv
+from ..hooks import evaluating, forward_hooks
 from ..modules.base import channel_weights as module_channel_weights, channel_weights_unavailable
 from .report import text_table
 
@@ -89,13 +90,10 @@ def channel_weights(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) 
             sizes.setdefault(name, tuple(out.shape[2:]))
         return hook
 
-    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in sites]
     weights: dict[str, list[np.ndarray]] = {name: [] for name in sites}
     labels = []
     device = next(model.parameters()).device
-    training = model.training
-    model.eval()
-    try:
+    with forward_hooks((model.get_submodule(name), record(name)) for name in sites), evaluating(model):
         for x, y in batches:
             with capture(model) as gates:
                 model(x.to(device))
@@ -107,10 +105,6 @@ def channel_weights(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) 
                 first = {gate: values[0] for gate, values in gates[name].items()}
                 weights[name].append(module_channel_weights(model.get_submodule(name), first).cpu().numpy())
             labels.append(y.numpy())
-    finally:
-        model.train(training)
-        for hook in hooks:
-            hook.remove()
     if not labels:
         raise ValueError("channel_weights: `batches` yielded no batch.")
     stages, stage, previous = {}, 0, None
@@ -191,31 +185,18 @@ def gate_stats(model: nn.Module, data: Dataset, *, split: str = "test", max_samp
 
 
 def _figure(panels: int) -> tuple[Any, np.ndarray]:
-    import matplotlib
+    from .plotting import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, panels, figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), squeeze=False,
-                        layout="constrained")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        write_file(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
-    finally:
-        plt.close(fig)
-    return path
+    fig = figure(PANEL_INCHES[0] * panels, PANEL_INCHES[1], dpi=DPI)
+    return fig, fig.subplots(1, panels, squeeze=False)
 
 
 def _plot_excitation(stats: GateStats, path: Path, title: str) -> Path:
-    import matplotlib.pyplot as plt
+    from .plotting import colormap, save_png
 
     sites = stats.samples.stage_sites()
     fig, axes = _figure(len(sites))
-    colors = plt.get_cmap("tab10")
+    colors = colormap("tab10")
     for ax, site in zip(axes[0], sites):
         channels = np.arange(len(stats.means[site]))
         for k, name in enumerate(stats.classes[:PLOTTED_CLASSES]):
@@ -228,16 +209,17 @@ def _plot_excitation(stats: GateStats, path: Path, title: str) -> Path:
     axes[0, 0].set_ylabel("mean channel weight", fontsize=8)
     axes[0, 0].legend(fontsize=6, ncol=4, loc="lower left", framealpha=0.7)
     fig.suptitle(f"{title}: mean channel weight per class, last attention site of each stage", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_correlation(stats: GateStats, path: Path, title: str) -> Path:
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from .plotting import colormap, save_png
 
     sites = stats.samples.stage_sites()
     fig, axes = _figure(len(sites))
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
+    cmap = colormap("RdBu_r").with_extremes(bad="0.8")
     for ax, site in zip(axes[0], sites):
         image = ax.imshow(stats.correlations[site], cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -247,7 +229,7 @@ def _plot_correlation(stats: GateStats, path: Path, title: str) -> Path:
         ax.tick_params(labelsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="correlation r")
     fig.suptitle(f"{title}: correlation of the channel weights across samples", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_gate_stats(stats: GateStats, out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:

@@ -3,24 +3,23 @@ plain network and of each attention variant (`attnkit profile`)."""
 from __future__ import annotations
 
 import copy
-import statistics
 import textwrap
-import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..cost import count_macs, count_params
 from ..models import create_model, list_models
 from ..modules._common import positive_int
+from ..registry import BASELINE
 from ..surgery import attach
-from .cost import count_macs, count_params
 from .report import text_table
+from .timing import median_ms
 
 __all__ = ["DEFAULT_INPUT_SIZES", "ProfileRow", "activation_bytes", "format_profile", "profile"]
 
-BASELINE = "plain"
 # The input side each backbone is built for: ImageNet 224, CIFAR 32, MNIST 28.
 DEFAULT_INPUT_SIZES: dict[str, int] = {
     "lenet": 28,
@@ -103,26 +102,20 @@ def _cuda_step_peak(model: nn.Module, x: Tensor) -> int:
 
 
 def _latencies_ms(models: Sequence[nn.Module], x: Tensor, warmup: int, repeats: int) -> list[float]:
-    """Median ms per forward pass of each model in eval mode without autograd, after `warmup` passes. The
-    models take turns, run by run, so that a slow phase of the machine affects them all alike."""
-    cuda = x.device.type == "cuda"
-    times: list[list[float]] = [[] for _ in models]
+    """Median ms per forward pass of each model in eval mode without autograd, after `warmup` passes; the models
+    take turns (median_ms), and on a GPU each pass ends when its kernels have."""
+    wait = torch.cuda.synchronize if x.device.type == "cuda" else lambda: None
+
+    def forward(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            model(x)
+            wait()
+        return run
+
     for m in models:
         m.eval()
     with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models:
-                m(x)
-        for _ in range(repeats):
-            for m, runs in zip(models, times):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                m(x)
-                if cuda:
-                    torch.cuda.synchronize()
-                runs.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(runs) for runs in times]
+        return median_ms([forward(m) for m in models], warmup, repeats)
 
 
 def _input_channels(model: nn.Module) -> int:

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..data import Dataset
 from ..data.loader import Loader
-from ..files import make_folder, write_csv, write_file
+from ..files import make_folder, write_csv
+from ..hooks import evaluating, forward_hooks
 from ..modules import SelectiveKernel
 from ..registry import did_you_mean
 from ..surgery import IdentityStart, gates_before, gates_of
@@ -92,17 +93,11 @@ class PruneResult:
 def mask_channels(model: nn.Module, masks: Mapping[str, Sequence[int]]) -> Iterator[None]:
     """Zero the listed output channels of the named modules of `model` inside the block. The hooks run before any
     other forward hook on those modules, so those see the masked output; they are removed on leaving."""
-    handles = []
-    try:
-        for name, channels in masks.items():
-            index = torch.as_tensor(np.asarray(channels, dtype=np.int64))
-            if len(index):
-                handles.append(model.get_submodule(name).register_forward_hook(
-                    lambda m, i, out, index=index: out.index_fill(1, index.to(out.device), 0), prepend=True))
+    indices = {name: torch.as_tensor(np.asarray(channels, dtype=np.int64)) for name, channels in masks.items()}
+    zeroing = ((model.get_submodule(name), lambda m, i, out, index=index: out.index_fill(1, index.to(out.device), 0))
+               for name, index in indices.items() if len(index))
+    with forward_hooks(zeroing, prepend=True):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -162,17 +157,12 @@ def _sites(model: nn.Module, gates: Sequence[str], x: Tensor) -> list[PruneSite]
             channels.setdefault(name, out.shape[1])
         return hook
 
-    handles = [m.register_forward_hook(conv_ran(name))
-               for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not name.startswith(inside)]
-    for out in outputs.values():
-        module = model.get_submodule(out)
-        handles += [module.register_forward_pre_hook(site_starts(out)), module.register_forward_hook(site_ran(out))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    conv_hooks = [(m, conv_ran(name)) for name, m in model.named_modules()
+                  if isinstance(m, nn.Conv2d) and not name.startswith(inside)]
+    site_hooks = [(model.get_submodule(out), site_ran(out)) for out in outputs.values()]
+    starts = [(model.get_submodule(out), site_starts(out)) for out in outputs.values()]
+    with forward_hooks(conv_hooks + site_hooks, pre=starts), torch.no_grad():
+        model(x)
     sites = []
     for gate, out in outputs.items():
         module, c = model.get_submodule(gate), channels[out]
@@ -229,9 +219,7 @@ def prune(model: nn.Module, data: Dataset, fractions: Sequence[float] = DEFAULT_
     Fraction 0 is the unpruned network, evaluated once, with no hook installed."""
     fractions = _check(fractions, rankings, random_draws)
     gates = channel_sites(model)
-    training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         test = sample_batches(data, "test", None, batch_size)
         sites = _sites(model, gates, next(iter(test))[0][:2].to(next(model.parameters()).device))
         orders: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -258,25 +246,21 @@ def prune(model: nn.Module, data: Dataset, fractions: Sequence[float] = DEFAULT_
                     with mask_channels(model, masks):
                         acc[d, i] = _accuracy(model, test)
             result.accuracy[ranking] = acc
-    finally:
-        model.train(training)
     return result
 
 
 def write_prune(result: PruneResult, out_dir: str | os.PathLike, title: str | None = None) -> list[Path]:
     """Write prune.csv (PruneResult.rows()) and prune.png (accuracy against the fraction pruned, one curve per ranking;
     the band around 'random' spans its draws) into `out_dir`. Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import figure, save_png  # matplotlib only where the plot is drawn
 
     out = make_folder(out_dir)
     rows = result.rows()
     cells = ([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()] for r in rows)
     write_csv(out / "prune.csv", [list(rows[0]), *cells])
 
-    fig, ax = plt.subplots(figsize=PLOT_INCHES, layout="constrained")
+    fig = figure(*PLOT_INCHES, dpi=DPI)
+    ax = fig.subplots()
     order = np.argsort(result.fractions, kind="stable")
     x = 100 * np.asarray(result.fractions)[order]
     styles = {"gate": ("tab:red", "o"), "l1": ("tab:blue", "s"), "random": ("0.4", "^")}
@@ -292,8 +276,4 @@ def write_prune(result: PruneResult, out_dir: str | os.PathLike, title: str | No
     ax.set_ylabel(f"test accuracy on {result.dataset} (%)")
     ax.set_title(f"{title or 'pruning'}: {len(result.sites)} attention sites", fontsize=10)
     ax.legend(fontsize=8)
-    try:
-        write_file(out / "prune.png", lambda f: fig.savefig(f, dpi=DPI, format="png"))
-    finally:
-        plt.close(fig)
-    return [out / "prune.csv", out / "prune.png"]
+    return [out / "prune.csv", save_png(fig, out / "prune.png")]

@@ -10,13 +10,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..files import write_file
+from ..registry import BASELINE
 from .stats import final_rise, holm, min_detectable_effect, paired_comparison, seeds_needed, verdict
 
 __all__ = ["csv_text", "environment_text", "format_guardrails", "format_table", "guardrail_notes", "markdown_report",
            "plot_all", "summarize", "text_table"]
 
-BASELINE = "plain"
 ALPHA = 0.05
 #: a variant whose mean test accuracy rose by this much or more over the last fifth of the epochs had not converged
 RISE_LIMIT_PP = 1.0
@@ -257,16 +256,14 @@ def markdown_report(rows: Sequence[dict[str, Any]], setup: dict[str, Any], comma
 def plot_all(out_dir: Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[Path]:
     """accuracy.png (mean ± std with each seed as a dot), curves.png (test accuracy per epoch, mean over seeds),
     acc_vs_params.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import colormap, figure, save_png  # matplotlib only where a report draws
 
     variants = [r["variant"] for r in rows]
-    colors = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    colors = {v: colormap("tab10")(i % 10) for i, v in enumerate(variants)}
     paths = []
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
+    fig = figure(1.2 * len(rows) + 2, 4, dpi=110, layout="tight")
+    ax = fig.subplots()
     for i, row in enumerate(rows):
         ax.bar(i, 100 * row["acc_mean"], yerr=0 if math.isnan(row["acc_std"]) else 100 * row["acc_std"],
                color=colors[row["variant"]], alpha=0.6, capsize=4)
@@ -277,9 +274,10 @@ def plot_all(out_dir: Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[
     ax.set_xticks(range(len(rows)), variants, rotation=30, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy over seeds (bar: mean ± std; dots: seeds)")
-    paths.append(_save(fig, out_dir / "accuracy.png"))
+    paths.append(save_png(fig, out_dir / "accuracy.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure(6, 4, dpi=110, layout="tight")
+    ax = fig.subplots()
     for variant in variants:
         curves = [[h["test_acc"] for h in r["history"]] for r in runs if r["variant"] == variant]
         length = min(len(c) for c in curves)
@@ -288,25 +286,15 @@ def plot_all(out_dir: Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.legend()
-    paths.append(_save(fig, out_dir / "curves.png"))
+    paths.append(save_png(fig, out_dir / "curves.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure(6, 4, dpi=110, layout="tight")
+    ax = fig.subplots()
     for row in rows:
         ax.errorbar(row["params"], 100 * row["acc_mean"], yerr=0 if math.isnan(row["acc_std"]) else 100 * row["acc_std"],
                     fmt="o", color=colors[row["variant"]], capsize=3, label=row["variant"])
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy (%)")
     ax.legend()
-    paths.append(_save(fig, out_dir / "acc_vs_params.png"))
+    paths.append(save_png(fig, out_dir / "acc_vs_params.png"))
     return paths
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-    return path

@@ -75,8 +75,7 @@ def _count_batchnorms(model: nn.Module) -> int:
 
 
 def _from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int, int]]:
-    from ..train.checkpoint import load_checkpoint
-    from ..train.trainer import model_from_checkpoint
+    from ..runs import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(path)
     arch = state.get("arch")
@@ -88,7 +87,7 @@ def _from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int
 def _check_finite(model: nn.Module) -> None:
     """A model with NaN or infinite weights or statistics is refused: the check against PyTorch cannot see it (a
     BatchNorm with infinite running variances outputs zeros, which the export reproduces)."""
-    from ..train.checkpoint import nonfinite_tensors
+    from ..runs import nonfinite_tensors
 
     bad = nonfinite_tensors(model.state_dict())
     if bad:

@@ -32,10 +32,11 @@ from ultralytics.utils.checks import check_yaml
 
 from .. import registry
 from .._paths import cache_dir
+from ..hooks import evaluating
 from ..surgery import AttachReport, gates_of
 from ..surgery import attach as attach_into
 from ..surgery.gating import gate_after
-from ..surgery.probe import evaluating, measure
+from ..surgery.probe import measure
 
 __all__ = ["AttentionLayer", "attach", "model_yaml", "register"]
 

@@ -27,6 +27,7 @@ from ._common import BatchNormViews, positive_int
 __all__ = [
     "AttentionModule",
     "Probe",
+    "RowColumnAttention",
     "PLACEMENTS",
     "TIMM_KEYWORDS",
     "channel_weights",
@@ -178,6 +179,22 @@ class AttentionModule(nn.Module):
         """Re-initialise the module as its paper's official network code does once the network is built (attach() and
         create_model() call it unless init="pytorch"). By default nothing: where the official code leaves the
         module as its layers' constructors made it, PyTorch's initialisation is already the paper's."""
+
+
+class RowColumnAttention(AttentionModule):
+    """Base of the modules that scale x by a gate per row, aʰ (N×C×H×1), and one per column, aʷ (N×C×1×W), which
+    capture() records as "a_h" and "a_w" (Coordinate Attention, ELA)."""
+
+    def channel_weights_unavailable(self) -> str | None:
+        return None
+
+    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
+        """The mean over positions of the product aʰ(i)·aʷ(j) by which x is scaled, which factors into the two means."""
+        return gates["a_h"].float().mean((2, 3)) * gates["a_w"].float().mean((2, 3))
+
+    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
+        """aʰ(i)·aʷ(j), averaged over the channels."""
+        return "a_h·a_w", (gates["a_h"].float() * gates["a_w"].float()).mean(1)
 
 
 def _gate_name(module: nn.Module) -> str:

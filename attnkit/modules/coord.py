@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ from ._common import (
     reduced_width,
     stat_dtype,
 )
-from .base import AttentionModule, Probe
+from .base import Probe, RowColumnAttention
 
 # The gate network as F.linear over N×(H+W) rows (`_gates_from_rows`) pays from this batch size; below, its more
 # numerous small operations cost more than the 1×1 convolutions over the pooled N×C×(H+W)×1 maps save (CPU, forward
@@ -29,7 +28,7 @@ ROWS_FROM_BATCH = 16
 
 
 @register("coord")
-class CoordAttention(AttentionModule):
+class CoordAttention(RowColumnAttention):
     """Coordinate Attention (Hou et al., "Coordinate Attention for Efficient Mobile Network Design", CVPR 2021).
 
     Official code: https://github.com/houqb/CoordAttention
@@ -116,17 +115,6 @@ class CoordAttention(AttentionModule):
     def gate_probes(self) -> list[Probe]:
         """aʰ as "a_h" (N×C×H×1) and aʷ as "a_w" (N×C×1×W)."""
         return [(self.conv_h, "a_h", lambda inputs, out: self.gate(out)), (self.conv_w, "a_w", lambda inputs, out: self.gate(out))]
-
-    def channel_weights_unavailable(self) -> str | None:
-        return None
-
-    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
-        """The mean over positions of the product aʰ(i)·aʷ(j) by which x is scaled, which factors into the two means."""
-        return gates["a_h"].float().mean((2, 3)) * gates["a_w"].float().mean((2, 3))
-
-    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
-        """aʰ(i)·aʷ(j), averaged over the channels."""
-        return "a_h·a_w", (gates["a_h"].float() * gates["a_w"].float()).mean(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

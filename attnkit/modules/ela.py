@@ -1,14 +1,12 @@
 """Efficient Local Attention."""
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch
 from torch import Tensor, nn
 
 from ..registry import register
 from ._common import dividing, gate_math, make_activation, make_gate, odd_kernel, one_of, stat_dtype
-from .base import AttentionModule, Probe
+from .base import Probe, RowColumnAttention
 
 # The paper's four versions: (kernel size, d for a convolution in C/d groups, GroupNorm groups)
 VARIANTS = {"T": (5, 1, 32), "B": (7, 1, 16), "S": (5, 8, 16), "L": (7, 8, 16)}
@@ -21,7 +19,7 @@ def group_norm(norm: nn.GroupNorm, z: Tensor) -> Tensor:
 
 
 @register("ela")
-class EfficientLocalAttention(AttentionModule):
+class EfficientLocalAttention(RowColumnAttention):
     """Efficient Local Attention (Xu and Wan, "ELA: Efficient Local Attention for Deep Convolutional Neural Networks",
     arXiv:2403.01123, 2024).
 
@@ -111,17 +109,6 @@ class EfficientLocalAttention(AttentionModule):
         """aʰ as "a_h" (N×C×H×1) and aʷ as "a_w" (N×C×1×W)."""
         return [(self.gate_h, "a_h", lambda inputs, out: out.unsqueeze(3)),
                 (self.gate_w, "a_w", lambda inputs, out: out.unsqueeze(2))]
-
-    def channel_weights_unavailable(self) -> str | None:
-        return None
-
-    def channel_weights(self, gates: Mapping[str, Tensor]) -> Tensor:
-        """The mean over positions of the product aʰ(i)·aʷ(j) by which x is scaled, which factors into the two means."""
-        return gates["a_h"].float().mean((2, 3)) * gates["a_w"].float().mean((2, 3))
-
-    def spatial_map(self, gates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
-        """aʰ(i)·aʷ(j), averaged over the channels."""
-        return "a_h·a_w", (gates["a_h"].float() * gates["a_w"].float()).mean(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

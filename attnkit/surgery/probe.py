@@ -2,14 +2,14 @@
 small input, recording each module's output and input shapes and how often it runs."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Measured", "evaluating", "measure"]
+from ..hooks import evaluating, forward_hooks
+
+__all__ = ["Measured", "measure"]
 
 SIDES = (64, 224, 32, 28, 299)  # tried in turn until the model runs; 299 for Inception v3's minimum, 28/32 for LeNets
 
@@ -55,18 +55,6 @@ def _inputs(model: nn.Module, example_input: Tensor | None) -> list[Tensor]:
     return [torch.randn(2, in_channels, s, s, generator=g).to(device, dtype) for s in SIDES]
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode inside the block; every module's own mode is restored after it."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def measure(model: nn.Module, example_input: Tensor | None = None) -> Measured:
     """Run `model` once (eval mode, no gradients; each module's mode is restored afterwards) on `example_input`, or on
     2×C×S×S random inputs with C from the first convolution and S from SIDES until one runs."""
@@ -86,19 +74,14 @@ def measure(model: nn.Module, example_input: Tensor | None = None) -> Measured:
             if next(module.children(), None) is None:
                 record.leaves.append(path)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with evaluating(model), torch.no_grad():
-            for x in _inputs(model, example_input):
-                record = Measured(x)
-                try:
-                    model(x)
-                    return record
-                except Exception as error:  # a model may refuse a size, a dtype on this device, a shape...
-                    errors.append(f"{'×'.join(map(str, x.shape))}: {type(error).__name__}: {_first_line(error)}")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks((m, hook) for m in model.modules()), evaluating(model), torch.no_grad():
+        for x in _inputs(model, example_input):
+            record = Measured(x)
+            try:
+                model(x)
+                return record
+            except Exception as error:  # a model may refuse a size, a dtype on this device, a shape...
+                errors.append(f"{'×'.join(map(str, x.shape))}: {type(error).__name__}: {_first_line(error)}")
     raise ValueError(
         f"attach: {type(model).__name__} did not run on any probe input ({'; '.join(errors)}), so the channel counts of "
         f"its layers cannot be measured. Pass example_input= (a tensor it takes), or channels= for named sites."

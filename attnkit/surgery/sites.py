@@ -21,9 +21,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..hooks import evaluating
 from ..modules.base import is_attention_module
 from .layouts import BlockLayout, layout_of
-from .probe import Measured, evaluating
+from .probe import Measured
 
 __all__ = ["Site", "auto_sites", "named_sites"]
 

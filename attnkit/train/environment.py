@@ -30,7 +30,7 @@ def cpu_model() -> str:
 def environment() -> dict[str, Any]:
     """This process's: cpu, cpu_kernels (PyTorch's CPU capability, e.g. AVX512 or AVX2), onednn_max_isa where set,
     threads, and the versions of torch and numpy."""
-    from .. import __version__
+    from .._version import __version__
 
     found: dict[str, Any] = {"cpu": cpu_model(), "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):

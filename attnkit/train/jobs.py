@@ -9,7 +9,7 @@ import os
 import zlib
 from typing import Any
 
-from .config import TrainConfig
+from ..runs.config import TrainConfig
 from .trainer import train
 
 __all__ = ["TrainJob"]

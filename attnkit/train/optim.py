@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..runs.config import TrainConfig
 
 __all__ = ["build_optimizer", "build_schedule", "no_decay_names"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checkpoint import write_json_atomic
-from .config import TrainConfig
+from ..files import write_json
+from ..runs.config import TrainConfig
 from .jobs import TrainJob
 
 __all__ = ["CLUSTERS", "Interrupted", "RunsFailed", "SlurmOptions", "SubmititLauncher", "parse_time"]
@@ -295,4 +295,4 @@ class _JobIndex:
 
     def record(self, run: _Run) -> None:
         self.runs[run.config.run_dir] = {"job_id": run.job.job_id, "tasks": run.job.num_tasks}
-        write_json_atomic(self.path, {"cluster": self.cluster, "runs": self.runs})
+        write_json(self.path, {"cluster": self.cluster, "runs": self.runs})

@@ -28,7 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CHOICES, TrainConfig
+from ..runs.config import CHOICES, TrainConfig
 from .slurm import CLUSTERS, parse_time
 
 if sys.version_info >= (3, 11):

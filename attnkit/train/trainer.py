@@ -19,20 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..analysis.cost import count_macs, count_params
+from ..cost import count_macs, count_params
 from ..data import Dataset, load_dataset
-from ..models import create_model
-from ..surgery import AttachReport, attach, load_pretrained, parse_placement
-from ..files import write_bytes
-from .checkpoint import check_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint, write_json_atomic
-from .config import TrainConfig
+from ..data.loader import Loader
+from ..files import write_bytes, write_json
+from ..runs import TrainConfig, build_model, load_checkpoint, load_weights, model_arch, nonfinite_tensors, save_checkpoint
+from ..surgery import AttachReport, load_pretrained
 from .distributed import Distributed, setup_distributed
 from .environment import environment, warn_if_different
 from .logger import MetricsLogger
 from .optim import build_optimizer, build_schedule
 from .runlock import RunFolderLock
 
-__all__ = ["TrainResult", "build_model", "model_arch", "model_from_checkpoint", "read_result", "seed_everything", "train"]
+__all__ = ["TrainResult", "read_result", "seed_everything", "train"]
 
 
 @dataclass
@@ -79,48 +78,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_arch(config: TrainConfig, data: Dataset) -> dict[str, Any]:
-    """What build_model() needs to rebuild a run's network; checkpoints store it as "arch"."""
-    return {"model": config.model, "attn": config.attn, "where": config.where, "identity_init": config.identity_init,
-            "init": config.init, "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.image_size}
-
-
-def build_model(arch: dict[str, Any]) -> tuple[nn.Module, AttachReport | None]:
-    """The backbone, then the attention at its placement. `arch` holds model, attn, where, identity_init, init (PyTorch's
-    where it lacks it: the checkpoints written before it existed), num_classes, in_chans and input_size, as checkpoints
-    store it."""
-    model = create_model(arch["model"], num_classes=arch["num_classes"], in_chans=arch["in_chans"],
-                         input_size=arch["input_size"])
-    report = None
-    if arch["attn"]:
-        report = attach(model, arch["attn"], identity_init=arch["identity_init"], init=arch.get("init", "pytorch"),
-                        **parse_placement(arch["where"]))
-    return model, report
-
-
-def load_weights(model: nn.Module, weights: dict[str, Any], source: object) -> None:
-    """model.load_state_dict(weights), strictly; weights of another network are a ValueError naming `source`."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        reason = next(iter(str(error).strip().splitlines()[1:2]), str(error)).strip()  # torch's list of keys
-        reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        raise ValueError(f"{source}: its weights do not fit the architecture it records ({reason}).") from error
-
-
-def model_from_checkpoint(checkpoint: str | Path | dict[str, Any], source: object = None) -> nn.Module:
-    """The trained network of a checkpoint written by train() (its path, or what load_checkpoint read from
-    it, then `source` names it in errors), with its weights, in eval mode."""
-    if isinstance(checkpoint, dict):
-        source = source or "the checkpoint"
-        state = check_checkpoint(checkpoint, source)
-    else:
-        source, state = checkpoint, load_checkpoint(checkpoint)
-    model, _ = build_model(state["arch"])
-    load_weights(model, state["model"], source)
-    return model.eval()
-
-
 def _classifier_name(model: nn.Module) -> str:
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
@@ -146,8 +103,47 @@ def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
     return tqdm(iterable, disable=not enabled, leave=False, dynamic_ncols=True, **kwargs)
 
 
+@dataclass
+class Training:
+    """What a run trains with, made once by _Run.setup() and passed to every epoch and evaluation: the network, its
+    data, its optimiser and schedule, and how far the run has got (a resumed run's progress is read back into it)."""
+
+    arch: dict[str, Any]  # what checkpoints store to rebuild the network
+    model: nn.Module  # the network whose weights are saved
+    runner: nn.Module  # what runs the batches: the model, wrapped by DistributedDataParallel and torch.compile
+    trainable: list[nn.Parameter]
+    frozen_bn: list[nn.Module]  # BatchNorms of a frozen backbone, kept in eval mode
+    train_loader: Loader
+    test_loader: Loader
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    macs: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # a row per epoch; the skip budget counts them all
+    best: tuple[float, int] = (-1.0, 0)  # test accuracy, epoch
+    saved_epoch: int = 0  # the epoch last.pt holds
+
+    def checkpoint(self, config: TrainConfig, epoch: int) -> dict[str, Any]:
+        """What last.pt (and best.pt) hold after `epoch` epochs: enough to rebuild the network and to resume."""
+        return {
+            "config": config.to_dict(),
+            "arch": self.arch,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+            "best_acc": self.best[0],
+            "best_epoch": self.best[1],
+            "environment": environment(),
+        }
+
+
 class _Run:
-    """One training run's state; train() drives it."""
+    """One training run: its options, its processes and its folder; setup() makes the Training that train_epoch()
+    and evaluate() take, and run() drives them."""
 
     def __init__(self, config: TrainConfig, dist: Distributed) -> None:
         self.config, self.dist = config, dist
@@ -156,7 +152,6 @@ class _Run:
         self.device = dist.device
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.amp]
-        self.saved_epoch = 0  # the epoch last.pt holds
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -208,44 +203,98 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in loader:
             yield (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
                    y.to(self.device, non_blocking=True))
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg = self.config
-        self.runner.train()
-        for bn in self.frozen_bn:
+    def setup(self, saved: dict[str, Any] | None) -> Training:
+        """The data, the network (pretrained weights loaded, backbone frozen, on its device), the optimiser and the
+        schedule; then, with `saved`, the state of the run being resumed."""
+        cfg, dist = self.config, self.dist
+        seed_everything(cfg.seed)
+        if cfg.download:  # one process downloads; the others wait, then read the files
+            if dist.is_main:
+                load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, download=True)
+            dist.barrier()
+        data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+        arch = model_arch(cfg, data)
+        model, report = build_model(arch)
+        if report is not None:
+            self.log(str(report))
+        macs = count_macs(model, (1, data.in_chans, data.image_size, data.image_size))
+        if cfg.pretrained:
+            loaded = load_pretrained(model, cfg.pretrained)
+            bad = nonfinite_tensors(model.state_dict())
+            if bad:
+                raise ValueError(f"--pretrained {cfg.pretrained} holds NaN or infinite values in {len(bad)} of the "
+                                 f"tensors loaded (the first: {bad[0]}): it was saved by a run that diverged. Use "
+                                 f"another checkpoint.")
+            self.say(f"--pretrained {cfg.pretrained}: {loaded}")
+        frozen_bn = _freeze_backbone(model, report, self.log) if cfg.freeze == "backbone" else []
+        if cfg.sync_bn and dist.enabled:
+            if self.device.type == "cpu":
+                raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU (gloo).")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device, memory_format=self.memory_format)
+
+        train_loader = data.loader(True, cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                   workers=cfg.workers)
+        test_loader = data.loader(False, cfg.batch_size, rank=dist.rank, world_size=dist.world_size, workers=cfg.workers)
+        optimizer = build_optimizer(model, cfg)
+        training = Training(arch=arch, model=model, runner=model, trainable=[p for p in model.parameters() if p.requires_grad],
+                            frozen_bn=frozen_bn, train_loader=train_loader, test_loader=test_loader, optimizer=optimizer,
+                            schedule=build_schedule(optimizer, len(train_loader), cfg),
+                            scaler=torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16"), macs=macs)
+        if saved is not None:
+            load_weights(model, saved["model"], self.run_dir / "last.pt")
+            training.optimizer.load_state_dict(saved["optimizer"])
+            training.schedule.load_state_dict(saved["schedule"])
+            training.scaler.load_state_dict(saved["scaler"])
+            torch.set_rng_state(saved["rng"])
+            training.history, training.best = saved["history"], (saved["best_acc"], saved["best_epoch"])
+            training.saved_epoch = saved["epoch"]
+            self.log(f"resumed {self.run_dir} after epoch {training.saved_epoch}")
+
+        if dist.enabled:
+            training.runner = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            training.runner = torch.compile(training.runner)
+        return training
+
+    def train_epoch(self, training: Training, epoch: int) -> dict[str, float]:
+        cfg, loader = self.config, training.train_loader
+        training.runner.train()
+        for bn in training.frozen_bn:
             bn.eval()
-        self.train_loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)  # no per-step sync to find it
         seen = 0
         start = time.perf_counter()
-        bar = _progress(self.batches(self.train_loader), self.verbose, total=len(self.train_loader),
-                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(self.batches(loader), self.verbose, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}")
         skipped = 0
         for step, (x, y) in enumerate(bar):
             with self.autocast():
-                logits = self.runner(x)
+                logits = training.runner(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
+            training.optimizer.zero_grad(set_to_none=True)
             if cfg.skip_nonfinite and not self._all_finite(loss):
                 skipped += 1
-                self._check_skip_budget(skipped, epoch, step)
+                self._check_skip_budget(training, skipped, epoch, step)
                 with warnings.catch_warnings():  # torch warns when the very first step is the skipped one
                     warnings.simplefilter("ignore", UserWarning)
-                    self.schedule.step()  # the schedule follows the step count, skipped steps included
+                    training.schedule.step()  # the schedule follows the step count, skipped steps included
                 continue
-            self.scaler.scale(loss).backward()
+            training.scaler.scale(loss).backward()
             if cfg.clip_grad is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.schedule.step()
+                training.scaler.unscale_(training.optimizer)
+                nn.utils.clip_grad_norm_(training.trainable, cfg.clip_grad)
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
+            training.schedule.step()
             loss_sum += loss.detach() * len(y)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             correct += (logits.detach().argmax(1) == y).sum()
@@ -254,158 +303,91 @@ class _Run:
         totals = self.dist.all_reduce_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=self.device)]))
         loss, acc = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
         if not math.isfinite(loss):
-            step = int(self.dist.all_reduce_min(torch.where(first_bad < 0, len(self.train_loader), first_bad)).item())
-            raise self._stopped(f"the training loss became {loss} at step {step + 1} of epoch {epoch + 1} (step "
-                                f"{epoch * len(self.train_loader) + step + 1} of the run)")
+            step = int(self.dist.all_reduce_min(torch.where(first_bad < 0, len(loader), first_bad)).item())
+            raise self._stopped(training, f"the training loss became {loss} at step {step + 1} of epoch {epoch + 1} "
+                                          f"(step {epoch * len(loader) + step + 1} of the run)")
         return {"train_loss": loss, "train_acc": acc, "epoch_seconds": seconds, **({"skipped": skipped} if cfg.skip_nonfinite else {})}
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite (one sync per step: --skip-nonfinite's cost); all skip together."""
         return bool(self.dist.all_reduce_min(torch.isfinite(loss.detach()).float().reshape(1)).item())
 
-    def _check_skip_budget(self, skipped: int, epoch: int, step: int) -> None:
-        total = skipped + sum(row.get("skipped", 0) for row in self.history)
-        self.log(f"skipped step {step + 1} of epoch {epoch + 1}: non-finite loss ({total} of --skip-nonfinite {self.config.skip_nonfinite})")
-        if total > self.config.skip_nonfinite:
-            raise self._stopped(f"the training loss was not finite at step {step + 1} of epoch {epoch + 1}: {total} "
-                                f"non-finite losses in the run, more than --skip-nonfinite {self.config.skip_nonfinite}")
+    def _check_skip_budget(self, training: Training, skipped: int, epoch: int, step: int) -> None:
+        budget = self.config.skip_nonfinite
+        total = skipped + sum(row.get("skipped", 0) for row in training.history)
+        self.log(f"skipped step {step + 1} of epoch {epoch + 1}: non-finite loss ({total} of --skip-nonfinite {budget})")
+        if total > budget:
+            raise self._stopped(training, f"the training loss was not finite at step {step + 1} of epoch {epoch + 1}: "
+                                          f"{total} non-finite losses in the run, more than --skip-nonfinite {budget}")
 
-    def _stopped(self, what: str) -> FloatingPointError:
+    def _stopped(self, training: Training, what: str) -> FloatingPointError:
         """The error a divergence stops the run with: what happened, what was kept, what to try."""
-        kept = (f"{self.run_dir / 'last.pt'} keeps epoch {self.saved_epoch}, the last good one" if self.saved_epoch
+        kept = (f"{self.run_dir / 'last.pt'} keeps epoch {training.saved_epoch}, the last good one" if training.saved_epoch
                 else "no epoch has ended with a finite network, so there is no checkpoint")
         return FloatingPointError(f"{what}; nothing of this epoch was saved and {kept}. "
                                   f"Lower --lr, add --clip-grad, or use --amp bf16 instead of fp16.")
 
-    def _check_diverged(self, epoch: int, row: dict[str, Any]) -> None:
+    def _check_diverged(self, training: Training, epoch: int, row: dict[str, Any]) -> None:
         """The divergence guard, before an epoch is saved as good: the network's whole state (weights, BatchNorm
         statistics) and the test loss must be finite. A finite training loss does not show it: BatchNorm normalises
         with the batch's statistics while training, so a network whose running variances are infinite can train
         on, and predict one class in eval mode."""
-        bad = nonfinite_tensors(self.model.state_dict())
+        bad = nonfinite_tensors(training.model.state_dict())
         processes = int(self.dist.all_reduce_sum(torch.tensor([float(bool(bad))], device=self.device)).item())
         if processes:
             which = f"{len(bad)} of its tensors (the first: {bad[0]})" if bad else "tensors of another process"
-            raise self._stopped(f"after epoch {epoch + 1} the network holds NaN or infinite values in {which}, "
-                                f"though the training loss was {row['train_loss']:.4g}")
+            raise self._stopped(training, f"after epoch {epoch + 1} the network holds NaN or infinite values in {which}, "
+                                          f"though the training loss was {row['train_loss']:.4g}")
         if not math.isfinite(row["test_loss"]):
-            raise self._stopped(f"after epoch {epoch + 1} the test loss is {row['test_loss']}")
+            raise self._stopped(training, f"after epoch {epoch + 1} the test loss is {row['test_loss']}")
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.runner.eval()
+    def evaluate(self, training: Training) -> dict[str, float]:
+        training.runner.eval()
         totals = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for x, y in self.batches(self.test_loader):
+        for x, y in self.batches(training.test_loader):
             with self.autocast():
-                logits = self.runner(x)
+                logits = training.runner(x)
             totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(y)
         totals = self.dist.all_reduce_sum(totals)
         return {"test_loss": (totals[0] / totals[2]).item(), "test_acc": (totals[1] / totals[2]).item()}
 
-    def state(self, epoch: int, history: list[dict[str, Any]], best: tuple[float, int]) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "arch": self.arch,
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "history": history,
-            "best_acc": best[0],
-            "best_epoch": best[1],
-            "environment": environment(),
-        }
-
     def run(self) -> TrainResult:
         cfg, dist = self.config, self.dist
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        saved = self.resume_state()
-        seed_everything(cfg.seed)
-        if cfg.download:  # one process downloads; the others wait, then read the files
-            if dist.is_main:
-                load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, download=True)
-            dist.barrier()
-        data: Dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
-        self.arch = model_arch(cfg, data)
-        self.model, report = build_model(self.arch)
-        if report is not None:
-            self.log(str(report))
-        macs = count_macs(self.model, (1, data.in_chans, data.image_size, data.image_size))
-        if cfg.pretrained:
-            loaded = load_pretrained(self.model, cfg.pretrained)
-            bad = nonfinite_tensors(self.model.state_dict())
-            if bad:
-                raise ValueError(f"--pretrained {cfg.pretrained} holds NaN or infinite values in {len(bad)} of the "
-                                 f"tensors loaded (the first: {bad[0]}): it was saved by a run that diverged. Use "
-                                 f"another checkpoint.")
-            self.say(f"--pretrained {cfg.pretrained}: {loaded}")
-        self.frozen_bn = _freeze_backbone(self.model, report, self.log) if cfg.freeze == "backbone" else []
-        if cfg.sync_bn and dist.enabled:
-            if self.device.type == "cpu":
-                raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU (gloo).")
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(self.device, memory_format=self.memory_format)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-
-        self.train_loader = data.loader(True, cfg.batch_size, seed=cfg.seed, rank=dist.rank,
-                                        world_size=dist.world_size, workers=cfg.workers)
-        self.test_loader = data.loader(False, cfg.batch_size, rank=dist.rank, world_size=dist.world_size,
-                                       workers=cfg.workers)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.schedule = build_schedule(self.optimizer, len(self.train_loader), cfg)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        history: list[dict[str, Any]] = []
-        best, start_epoch = (-1.0, 0), 0
-        if saved is not None:
-            load_weights(self.model, saved["model"], self.run_dir / "last.pt")
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.schedule.load_state_dict(saved["schedule"])
-            self.scaler.load_state_dict(saved["scaler"])
-            torch.set_rng_state(saved["rng"])
-            history, best, start_epoch = saved["history"], (saved["best_acc"], saved["best_epoch"]), saved["epoch"]
-            self.saved_epoch = start_epoch
-            self.log(f"resumed {self.run_dir} after epoch {start_epoch}")
-
-        self.runner: nn.Module = self.model
-        if dist.enabled:
-            self.runner = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.runner = torch.compile(self.runner)
-
-        self.history = history  # the skip budget counts the epochs before a resume too
+        training = self.setup(self.resume_state())
+        history = training.history
         logger = MetricsLogger(self.run_dir, cfg.tensorboard, history) if dist.is_main else None
         try:
-            for epoch in range(start_epoch, cfg.epochs):
-                lr = self.optimizer.param_groups[0]["lr"]  # at the epoch's first step
-                row = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.evaluate(), "lr": lr}
-                self._check_diverged(epoch, row)
+            for epoch in range(training.saved_epoch, cfg.epochs):
+                lr = training.optimizer.param_groups[0]["lr"]  # at the epoch's first step
+                row = {"epoch": epoch + 1, **self.train_epoch(training, epoch), **self.evaluate(training), "lr": lr}
+                self._check_diverged(training, epoch, row)
                 history.append(row)
-                improved = row["test_acc"] > best[0]
+                improved = row["test_acc"] > training.best[0]
                 if improved:
-                    best = (row["test_acc"], epoch + 1)
+                    training.best = (row["test_acc"], epoch + 1)
                 if dist.is_main:  # best.pt first, then last.pt, then what is derived from them
-                    state = self.state(epoch + 1, history, best)
+                    state = training.checkpoint(cfg, epoch + 1)
                     if improved:
                         save_checkpoint(self.run_dir / "best.pt", state)
                     save_checkpoint(self.run_dir / "last.pt", state)
                     logger.log(history)
-                self.saved_epoch = epoch + 1
+                training.saved_epoch = epoch + 1
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2%}  "
                          f"test {row['test_acc']:.2%}  ({row['epoch_seconds']:.1f} s)")
         finally:
             if logger is not None:
                 logger.close()
-        result = TrainResult(str(self.run_dir), cfg.variant, cfg.seed, history[-1]["test_acc"], best[0], best[1],
-                             count_params(self.model), macs, sum(r["epoch_seconds"] for r in history), history,
-                             environment())
+        best_acc, best_epoch = training.best
+        result = TrainResult(str(self.run_dir), cfg.variant, cfg.seed, history[-1]["test_acc"], best_acc, best_epoch,
+                             count_params(training.model), training.macs, sum(r["epoch_seconds"] for r in history),
+                             history, environment())
         if dist.is_main:
-            write_json_atomic(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
+            write_json(self.run_dir / "result.json", {"config": cfg.to_dict(), **result.to_dict()})
         dist.barrier()
         return result
 

@@ -17,12 +17,12 @@ from torch import nn
 import attnkit
 from attnkit import cli
 from attnkit.analysis.gate_stats import DPI, PANEL_INCHES, _correlation, channel_weights, gate_stats
-from attnkit.analysis.runs import load_run
+from attnkit.runs import load_run
 from attnkit.data import load_dataset
 from attnkit.modules.base import channel_weights as module_channel_weights, channel_weights_unavailable
 from attnkit.train import TrainConfig, build_model, model_from_checkpoint, train
 from attnkit.train.checkpoint import save_checkpoint
-from attnkit.train.trainer import model_arch
+from attnkit.runs import model_arch
 
 from ..modules.cases import DEFAULT_CASES, build, case_id
 

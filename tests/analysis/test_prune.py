@@ -12,13 +12,13 @@ from PIL import Image
 
 import attnkit
 from attnkit import cli
-from attnkit.analysis.runs import load_run
+from attnkit.runs import load_run
 from attnkit.analysis.prune import DPI, PLOT_INCHES, mask_channels, prune
 from attnkit.data import load_dataset
 from attnkit.data.loader import TensorLoader
 from attnkit.train import TrainConfig, build_model
 from attnkit.train.checkpoint import save_checkpoint
-from attnkit.train.trainer import model_arch
+from attnkit.runs import model_arch
 
 from .test_gate_stats import trained_checkpoint
 

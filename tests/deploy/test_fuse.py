@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import attnkit
-from attnkit.analysis.cost import count_params
+from attnkit.cost import count_params
 from tests.deploy.common import BACKBONES, SPECS, batchnorms, randomise, rel_error
 from tests.modules.cases import CASES, build, case_id
 

@@ -19,7 +19,7 @@ import attnkit
 from attnkit.cli import main
 from attnkit.data import load_dataset
 from attnkit.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
-from attnkit.train.compare import run_configs
+from attnkit.compare import run_configs
 
 from .conftest import one_line_error
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from attnkit.train import TrainConfig, compare
-from attnkit.train.compare import run_configs
+from attnkit.compare import run_configs
 from attnkit.train.runlock import RunFolderLock
 
 from .conftest import one_line_error

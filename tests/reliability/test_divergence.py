@@ -46,11 +46,11 @@ def test_lr_1e6_does_not_name_a_checkpoint_that_does_not_exist(tiny, tmp_path):
 def test_a_network_that_turns_non_finite_after_a_good_epoch_keeps_that_epoch(tiny, tmp_path, monkeypatch):
     evaluate, calls = trainer_module._Run.evaluate, {"n": 0}
 
-    def poisoned(self):
+    def poisoned(self, training):
         calls["n"] += 1
         if calls["n"] == 2:  # end of epoch 2: a running variance overflows, the training loss never notices
-            self.model.layer2[0].bn2.running_var[3] = math.inf
-        return evaluate(self)
+            training.model.layer2[0].bn2.running_var[3] = math.inf
+        return evaluate(self, training)
 
     monkeypatch.setattr(trainer_module._Run, "evaluate", poisoned)
     run = tmp_path / "run"
@@ -65,7 +65,7 @@ def test_a_network_that_turns_non_finite_after_a_good_epoch_keeps_that_epoch(tin
 
 def test_a_test_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatch):
     evaluate = trainer_module._Run.evaluate
-    monkeypatch.setattr(trainer_module._Run, "evaluate", lambda self: {**evaluate(self), "test_loss": math.inf})
+    monkeypatch.setattr(trainer_module._Run, "evaluate", lambda self, training: {**evaluate(self, training), "test_loss": math.inf})
     with pytest.raises(FloatingPointError, match=f"after epoch 1 the test loss is inf; {NO_CHECKPOINT}"):
         train(tiny(epochs=1))
 
@@ -73,11 +73,11 @@ def test_a_test_loss_that_is_not_finite_stops_the_run(tiny, tmp_path, monkeypatc
 def test_a_stopped_run_resumes_from_its_last_good_epoch(tiny, tmp_path, monkeypatch):
     evaluate, calls = trainer_module._Run.evaluate, {"n": 0}
 
-    def poisoned(self):
+    def poisoned(self, training):
         calls["n"] += 1
         if calls["n"] == 2:
-            next(self.model.parameters()).data[0] = math.nan
-        return evaluate(self)
+            next(training.model.parameters()).data[0] = math.nan
+        return evaluate(self, training)
 
     monkeypatch.setattr(trainer_module._Run, "evaluate", poisoned)
     with pytest.raises(FloatingPointError, match="keeps epoch 1"):

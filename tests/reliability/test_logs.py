@@ -39,10 +39,10 @@ def test_a_resumed_run_logs_every_epoch_once(tiny, tmp_path, monkeypatch, killed
     if killed.startswith("at"):
         train_epoch = trainer_module._Run.train_epoch
 
-        def dies(self, epoch):
+        def dies(self, training, epoch):
             if epoch == 2:
                 raise _Killed
-            return train_epoch(self, epoch)
+            return train_epoch(self, training, epoch)
 
         monkeypatch.setattr(trainer_module._Run, "train_epoch", dies)
     else:

@@ -9,7 +9,7 @@ from torch import nn
 import attnkit
 from attnkit import registry
 from attnkit.train import TrainConfig
-from attnkit.train.trainer import build_model
+from attnkit.runs import build_model
 
 
 def spatial_bn_weights(model: nn.Module) -> torch.Tensor:

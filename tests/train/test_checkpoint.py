@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnkit.train import TrainConfig, load_checkpoint, save_checkpoint
-from attnkit.train import checkpoint as checkpoint_module
+from attnkit.runs import checkpoint as checkpoint_module
 
 
 def _state(epoch, weight):

@@ -12,7 +12,7 @@ from PIL import Image
 from attnkit import cli
 from attnkit.analysis.stats import paired_comparison
 from attnkit.train import compare
-from attnkit.train.compare import DEFAULT_STUDY
+from attnkit.compare import DEFAULT_STUDY
 
 
 def assert_real_png(path, min_size=(300, 200)):

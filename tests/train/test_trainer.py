@@ -54,11 +54,11 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny, tmp_pat
     evaluate = trainer_module._Run.evaluate
     calls = {"n": 0}
 
-    def crash_in_third_epoch(self):
+    def crash_in_third_epoch(self, training):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return evaluate(self)
+        return evaluate(self, training)
 
     monkeypatch.setattr(trainer_module._Run, "evaluate", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -87,11 +87,11 @@ def test_fresh_data_resumes_to_the_weights_of_an_uninterrupted_run(tiny, tmp_pat
     evaluate = trainer_module._Run.evaluate
     calls = {"n": 0}
 
-    def crash_in_second_epoch(self):
+    def crash_in_second_epoch(self, training):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return evaluate(self)
+        return evaluate(self, training)
 
     monkeypatch.setattr(trainer_module._Run, "evaluate", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):

@@ -13,13 +13,13 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from ..analysis.report import csv_text, format_guardrails, format_table, markdown_report, plot_all, summarize
-from .checkpoint import atomic_write_bytes, write_json_atomic
-from .runlock import RunFolderLock
-from .config import TrainConfig
-from .study import study_toml
-from .trainer import read_result, train
-from .workers import exit_with_parent
+from .analysis.report import csv_text, format_guardrails, format_table, markdown_report, plot_all, summarize
+from .files import write_bytes, write_json
+from .runs import TrainConfig
+from .train.runlock import RunFolderLock
+from .train.study import study_toml
+from .train.trainer import read_result, train
+from .train.workers import exit_with_parent
 
 __all__ = ["CompareResult", "DEFAULT_MODULES", "DEFAULT_STUDY", "compare", "run_configs"]
 
@@ -144,17 +144,17 @@ def _compare_in(out: Path, base: TrainConfig, modules: Sequence[str], seeds: Seq
     setup = {"model": base.model, "dataset": base.dataset, "epochs": base.epochs, "batch size": base.batch_size,
              "optimizer": base.optimizer, "lr": base.lr, "schedule": base.schedule, "init": base.init,
              "threads per run": base.threads or "the launcher's", "seeds": ", ".join(map(str, seeds))}
-    atomic_write_bytes(out / "results.csv", csv_text(rows).encode())
-    atomic_write_bytes(out / "runs.csv", csv_text(runs).encode())
+    write_bytes(out / "results.csv", csv_text(rows).encode())
+    write_bytes(out / "runs.csv", csv_text(runs).encode())
     environments = [dict(e) for e in sorted({tuple(sorted(r["environment"].items())) for r in runs if r.get("environment")})]
-    write_json_atomic(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
+    write_json(out / "results.json", {"command": command, "setup": setup, "base_config": base.to_dict(),
                                              **({"study": study} if study is not None else {}),
                                              "environments": environments, "summary": rows, "runs": runs})
     report = markdown_report(rows, setup, command, environments)
     if study is not None:
-        atomic_write_bytes(out / "study.toml", study_toml(study).encode())
+        write_bytes(out / "study.toml", study_toml(study).encode())
         report += (f"\nThe comparison's options, resolved (`attnkit compare --config {out / 'study.toml'}` runs it "
                    f"again):\n\n```toml\n{study_toml(study)}```\n")
-    atomic_write_bytes(out / "report.md", report.encode())
+    write_bytes(out / "report.md", report.encode())
     plot_all(out, rows, runs)
     return CompareResult(out, rows, runs, len(todo))

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .hooks import evaluating
+
 __all__ = ["count_macs", "count_params"]
 
 
@@ -20,11 +22,6 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     convolutions and matrix products; element-wise operations (activations, gating) are not counted."""
     parameter = next(model.parameters(), None)
     x = torch.zeros(*input_shape, device=parameter.device if parameter is not None else "cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
+    with evaluating(model), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
     return counter.get_total_flops() // 2
