@@ -266,7 +266,7 @@ def speedups(results: dict[str, dict[str, dict[str, float]]], name: str, key: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
-    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet")
+    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)

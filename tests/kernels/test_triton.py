@@ -262,7 +262,7 @@ def test_imports_without_triton(monkeypatch):
 
 MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)",
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
-           "triplet(no_spatial=True)"]
+           "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
