@@ -1,8 +1,8 @@
 """Fused forward and backward passes of the gate modules, near the memory-traffic floor.
 
 SE, ECA, SRM, Gather-Excite θ⁻, θ and θ⁺ (global extent), CBAM, Coordinate Attention, Triplet Attention, GCT (its
-sums of squares from the mean and M2 of SRM's pass) and FcaNet (its DCT filters as Gather-Excite θ's depthwise kernel)
-run, by default, a fused path: one pass over x to pool, one to scale; in the backward one pass over dy and x to reduce and
+sums of squares from the mean and M2 of SRM's pass), FcaNet (its DCT filters as Gather-Excite θ's depthwise kernel)
+and SimAM (SRM's pass, then an elementwise gate of its own) run, by default, a fused path: one pass over x to pool, one to scale; in the backward one pass over dy and x to reduce and
 one to write dx, saving only x and the small pooled tensors (functions.py). Each pass is a backend primitive:
   cpu.py      compiled C loops (OpenMP), float32 and bfloat16, NCHW and channels_last;
   triton.py   Triton kernels for CUDA, float32, bfloat16 and float16, NCHW and channels_last, deterministic;

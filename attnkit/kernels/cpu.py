@@ -336,3 +336,26 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     _call("grad_mean3", dy, dy, _stat(a_cw, cl), _stat(a_hc, cl),
           None if a_hw is None else _stat(a_hw), k, *flat, dx, n, c, h, w)
     return dx
+
+
+# --- SimAM ---
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_energy", x, x, _stat(m), _stat(q), y, n, c, h * w)
+    return y
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ta, tb = _f32((n, c)), _f32((n, c))
+    _call("dot_energy", x, dy, x, _stat(m), _stat(q), ta, tb, n, c, h * w)
+    return ta, tb
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_energy", dy, dy, x, _stat(m), _stat(q), _stat(a), _stat(b), dx, n, c, h * w)
+    return dx

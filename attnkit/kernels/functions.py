@@ -305,3 +305,38 @@ def triplet_gate(backend: Backend, x: Tensor, gates: Callable[..., Sequence[Tens
     outs = list(gates(*_ZPool3.apply(backend, handoff, spatial, x)))
     _check_gates(x, outs)
     return _ScaleMean3.apply(backend, handoff, x, *outs)
+
+
+# --- SimAM: x · σ((x − μ)² / (4(σ̂² + λ)) + ½), μ and the unbiased variance σ̂² of each channel ---
+
+class _EnergyGate(torch.autograd.Function):
+    """With q = 4(M2 / (HW − 1) + λ) and d = x − μ, the gate's gradient t = dy·x·s·(1 − s) reaches x directly
+    (2t·d / q), through μ (−2 Σ t·d / q, spread as 1/HW) and through M2 (−4 Σ t·d² / (q²·(HW − 1)), times 2d):
+    one pass over dy and x sums Σ t·d and Σ t·d², one writes dx."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, e_lambda: float, x: Tensor) -> Tensor:
+        mean, m2 = backend.pool_hw(x, True)
+        ctx.backend, ctx.hw = backend, x.shape[2] * x.shape[3]
+        ctx.bessel = max(ctx.hw - 1, 1)  # HW − 1, taken as 1 for a 1×1 map (where d = 0)
+        q = 4 * (m2 / ctx.bessel + e_lambda)
+        ctx.save_for_backward(x, mean, q)
+        return backend.scale_energy(x, mean, q)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, mean, q = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_layout(x))
+        td, td2 = ctx.backend.dot_energy(dy, x, mean, q)
+        dmean = -2 * td / q
+        dm2 = -4 * td2 / (q * q * ctx.bessel)
+        return None, None, ctx.backend.grad_energy(dy, x, mean, q, dmean / ctx.hw, 2 * dm2)
+
+
+def energy_gate(backend: Backend, x: Tensor, e_lambda: float) -> Tensor:
+    """SimAM's y = x · σ(1/e*), 1/e* = (x − μ)² / (4(σ̂² + λ)) + ½ per channel over H×W."""
+    if not torch.is_grad_enabled():
+        mean, m2 = backend.pool_hw(x, True)
+        return backend.scale_energy(x, mean, 4 * (m2 / max(x.shape[2] * x.shape[3] - 1, 1) + e_lambda))
+    return _EnergyGate.apply(backend, e_lambda, x)

@@ -178,3 +178,31 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     for dim, (v, index, u) in zip((2, 3, 1), pools):
         dx = dx + u.unsqueeze(dim) + v.unsqueeze(dim) * _one_hot(index, dy.shape[dim], dim)
     return dx.to(dy.dtype)
+
+
+# --- SimAM: an elementwise gate σ(e), e = (x − m[n, c])² / q[n, c] + ½, from each channel's mean and spread ---
+
+def _energy(x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(s = σ(e), d = x − m), in float."""
+    d = _f(x) - m[:, :, None, None]
+    return torch.sigmoid(d * d / q[:, :, None, None] + 0.5), d
+
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    """y = x · σ((x − m[n, c])² / q[n, c] + ½)."""
+    return x * _energy(x, m, q)[0].to(x.dtype)
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t·(x − m)²), each [N, C], with t = dy·x·s·(1 − s) the gradient of e."""
+    s, d = _energy(x, m, q)
+    td = _f(dy) * _f(x) * s * (1 - s) * d
+    return td.sum((2, 3)), (td * d).sum((2, 3))
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·s + (x − m)·(2t / q[n, c] + b[n, c]) + a[n, c], t = dy·x·s·(1 − s), rounded to dy's dtype once."""
+    s, d = _energy(x, m, q)
+    t = _f(dy) * _f(x) * s * (1 - s)
+    dx = _f(dy) * _round(s, dy) + d * (2 * t / q[:, :, None, None] + b[:, :, None, None]) + a[:, :, None, None]
+    return dx.to(dy.dtype)

@@ -526,6 +526,64 @@ def _grad_mean3_kernel(dy, a_cw, a_hc, a_hw, v_h, at_h, u_h, v_w, at_w, u_w, v_c
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
 
+# --- SimAM: an elementwise gate s = σ((x − m)² / q + ½) from per-channel m and q ---
+
+@_jit
+def _energy(v, m, q):
+    """(s, d = v − m) for a [channels, positions] tile v and per-channel m, q."""
+    d = v - m[:, None]
+    return tl.sigmoid(d * d / q[:, None] + 0.5), d
+
+
+@_jit
+def _scale_energy_kernel(x, m, q, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · s."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    v = tl.load(x + at, mask=mask).to(tl.float32)
+    s, _ = _energy(v, tl.load(m + n * C + c, mask=c < C), tl.load(q + n * C + c, mask=c < C, other=1.0))
+    tl.store(y + at, _to(v * _round(s, x), y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_energy_kernel(dy, x, m, q, ta, tb, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Σ_p t·d and Σ_p t·d² of BLOCK_C channels, t = dy·x·s·(1 − s)."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = tl.load(m + n * C + c, mask=c < C, other=0.0)
+    qc = tl.load(q + n * C + c, mask=c < C, other=1.0)
+    total_a = tl.zeros([BLOCK_C], tl.float32)
+    total_b = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        g = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        s, d = _energy(v, mc, qc)
+        td = tl.where(mask, g * v * s * (1.0 - s) * d, 0.0)
+        total_a += tl.sum(td, 1)
+        total_b += tl.sum(td * d, 1)
+    tl.store(ta + n * C + c, total_a, mask=c < C)
+    tl.store(tb + n * C + c, total_b, mask=c < C)
+
+
+@_jit
+def _grad_energy_kernel(dy, x, m, q, a, b, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """dx = dy·s + d·(2t / q + b) + a, t = dy·x·s·(1 − s), per-channel m, q, a, b."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    nc = n * C + c
+    g = tl.load(dy + at, mask=mask).to(tl.float32)
+    v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+    qc = tl.load(q + nc, mask=c < C, other=1.0)
+    s, d = _energy(v, tl.load(m + nc, mask=c < C), qc)
+    t = g * v * s * (1.0 - s)
+    out = g * _round(s, dy) + d * (2.0 * t / qc[:, None] + tl.load(b + nc, mask=c < C)[:, None])
+    tl.store(dx + at, _to(out + tl.load(a + nc, mask=c < C)[:, None], dx.dtype.element_ty), mask=mask)
+
+
 # --- host side: layouts, blocks, launches ---
 
 def _full(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -868,4 +926,36 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     dx = torch.empty_like(dy)
     _elementwise(_grad_mean3_kernel, dy, s, dy, a_cw, _small(a_hc), _small(a_hw) if spatial else a_cw, *pooled, dx,
                  SPATIAL=spatial)
+    return dx
+
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    """y = x · σ((x − m[n, c])² / q[n, c] + ½)."""
+    _require()
+    x, s = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_energy_kernel, x, s, x, _small(m), _small(q), y)
+    return y
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t·(x − m)²), t = dy·x·s·(1 − s)."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    ta, tb = _stats(n, c, like=x), _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_energy_kernel, (triton.cdiv(c, bc), n), dy, x, _small(m), _small(q), ta, tb, c, h * w, *ds, *s,
+            BLOCK_C=bc, BLOCK_P=bp)
+    return ta, tb
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·s + (x − m)·(2t / q[n, c] + b[n, c]) + a[n, c], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_energy_kernel, dy, ds, dy, x, _small(m), _small(q), _small(a), _small(b), dx, *s)
     return dx

@@ -28,7 +28,7 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
     def index(size: int, *shape: int) -> Tensor:
         return torch.randint(0, size, shape, generator=g)
 
-    gc, a, b, m = f(n, c), f(n, c), f(n, c), f(n, c)
+    gc, a, b, m, q = f(n, c), f(n, c), f(n, c), f(n, c), f(n, c)
     k = f(c, h, w) - 1.0
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
@@ -60,6 +60,9 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "scale_mean3": lambda ops: ops.scale_mean3(x, a_cw, a_hc, a_hw),
         "dot3": lambda ops: ops.dot3(dy, x, spatial),
         "grad_mean3": lambda ops: ops.grad_mean3(dy, a_cw, a_hc, a_hw, pools),
+        "scale_energy": lambda ops: ops.scale_energy(x, m, q),
+        "dot_energy": lambda ops: ops.dot_energy(dy, x, m, q),
+        "grad_energy": lambda ops: ops.grad_energy(dy, x, m, q, a, b),
     }
 
 

@@ -1,4 +1,4 @@
-"""The gate modules whose fused paths reuse the per-channel primitives (GCT, FcaNet) route as the others: the fused
+"""GCT, FcaNet (on the per-channel primitives) and SimAM (on its own) route as the other fused modules: the fused
 path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode 'reference' and while
 traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a fused pass (GCT's
 Σ|x|) takes the reference formulas in every mode."""
@@ -17,8 +17,9 @@ from .primitives import assert_close, feature_map
 
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
-SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')"]
-PRIMITIVES = ["pool_hw", "pool_k", "scale_c"]
+SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam"]
+PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy"]
+SCALES = {"scale_c", "scale_energy"}
 SHAPE = (2, 16, 6, 5)
 
 
@@ -40,13 +41,13 @@ def test_the_modes_choose_the_path(spec, backend_calls):
     assert backend_calls == []
     with kernels.use("cpu"):
         got = module(x)
-    assert "scale_c" in backend_calls
+    assert SCALES & set(backend_calls)
     assert_close(got, want, 1e-5, spec)
     backend_calls.clear()
     large = feature_map((2, 16, 64, 64), torch.float32, False, ties=False, seed=2)  # 512 KiB: fused in 'auto'
     with torch.no_grad():
         module(large)
-    assert "scale_c" in backend_calls
+    assert SCALES & set(backend_calls)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -93,6 +94,18 @@ def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, backend_calls):
     got = run_in_mode(hooked, x, dy, "cpu")
     assert "scale_c" in backend_calls and seen == [(SHAPE[0], SHAPE[1], 1, 1)]
     assert max(errors(got, want)) <= 1e-5
+
+
+def test_simam_with_a_hook_on_its_gate_or_another_gate_function_runs_the_reference(backend_calls):
+    """SimAM's fused pass computes σ itself: where a hook observes the gate, or the gate is not σ, the reference runs
+    (its gate a full-size map, which a hook then sees)."""
+    x = feature_map(SHAPE, torch.float32, False, ties=False, seed=1)
+    hooked, seen = create("simam", SHAPE), []
+    hooked.gate.register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape)))
+    with kernels.use("cpu"):
+        hooked(x)
+        create("simam(gate='hard_sigmoid')", SHAPE)(x)
+    assert backend_calls == [] and seen == [SHAPE]
 
 
 def test_gct_l1_of_absolute_values_has_no_fused_pass(backend_calls):

@@ -39,6 +39,9 @@ static inline float bf16_round(float f) {
  * position its max gradient reaches is not specified) */
 static inline int beats(float a, float b) { return a > b; }
 
+/* SimAM's gate σ(d²/q + ½) of a deviation d from the channel's mean */
+static inline float energy_gate(float d, float q) { return 1.0f / (1.0f + expf(-(d * d / q + 0.5f))); }
+
 #define T float
 #define SFX f32
 #define LD(p, i) ((p)[i])

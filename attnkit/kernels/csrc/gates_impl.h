@@ -796,3 +796,80 @@ void FN(grad_mean3)(const T *dy, const float *a, const float *b, const float *s,
         }
     }
 }
+
+/* ---------- SimAM: an elementwise gate s = σ((x − m)²/q + ½) from per-channel m[n, c], q[n, c] ---------- */
+
+/* y = x · s */
+void FN(scale_energy)(const T *x, const float *m, const float *q, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float mr = m[r], qr = q[r];
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(x + off, p);
+                ST(y + off, p, v * RND(energy_gate(v - mr, qr)));
+            }
+        } else {
+            const float *mk = m + (r / HW) * C, *qk = q + (r / HW) * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(x + off, c);
+                ST(y + off, c, v * RND(energy_gate(v - mk[c], qk[c])));
+            }
+        }
+    }
+}
+
+/* ta[n, c] = Σ_hw t·d, tb[n, c] = Σ_hw t·d², with d = x − m and t = dy·x·s·(1 − s) */
+void FN(dot_energy)(const T *dy, const T *x, const float *m, const float *q, float *ta, float *tb, i64 N, i64 C,
+                    i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *a = dy + r * HW, *b = x + r * HW;
+            const float mr = m[r], qr = q[r];
+            double sa = 0, sb = 0;
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(b, p), d = v - mr, s = energy_gate(d, qr);
+                const float td = LD(a, p) * v * s * (1.0f - s) * d;
+                sa += td;
+                sb += td * d;
+            }
+            ta[r] = (float)sa;
+            tb[r] = (float)sb;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 off = n * HW * C + c0;
+        const float *mk = m + n * C + c0, *qk = q + n * C + c0;
+        double sa[CB] = {0}, sb[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(x + off + p * C, j), d = v - mk[j], s = energy_gate(d, qk[j]);
+                const float td = LD(dy + off + p * C, j) * v * s * (1.0f - s) * d;
+                sa[j] += td;
+                sb[j] += td * d;
+            }
+        for (i64 j = 0; j < cn; j++) { ta[n * C + c0 + j] = (float)sa[j]; tb[n * C + c0 + j] = (float)sb[j]; }
+    }
+}
+
+/* dx = dy·s + d·(2t/q + b[n, c]) + a[n, c], d = x − m, t = dy·x·s·(1 − s) */
+void FN(grad_energy)(const T *dy, const T *x, const float *m, const float *q, const float *a, const float *b, T *dx,
+                     i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW), k = cl ? (r / HW) * C : r;
+        const i64 len = cl ? C : HW, step = cl ? 1 : 0; /* NHWC: the statistics follow c; NCHW: one per row */
+        for (i64 i = 0; i < len; i++) {
+            const i64 j = k + i * step;
+            const float g = LD(dy + off, i), v = LD(x + off, i), d = v - m[j], s = energy_gate(d, q[j]);
+            const float t = g * v * s * (1.0f - s);
+            ST(dx + off, i, g * RND(s) + d * (2.0f * t / q[j] + b[j]) + a[j]);
+        }
+    }
+}
