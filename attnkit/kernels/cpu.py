@@ -359,3 +359,37 @@ def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tenso
     dx = _output_like(dy)
     _call("grad_energy", dy, dy, x, _stat(m), _stat(q), _stat(a), _stat(b), dx, n, c, h * w)
     return dx
+
+
+# --- scSE ---
+
+COMBINES = {"max": 0, "add": 1, "mul": 2}
+
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    n, c, h, wd = x.shape
+    z = _f32((n, h, wd))
+    _call("pool_c_weighted", x, x, w.float().contiguous(), z, n, c, h * wd)
+    return z
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_pair", x, x, _factor(s, x), _factor(q, x), y, COMBINES[combine], n, c, h * w)
+    return y
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ds, dq = _f32((n, c)), _f32((n, h, w))
+    _call("dot_pair", x, dy, x, _factor(s, x), _factor(q, x), ds, dq, COMBINES[combine], n, c, h * w)
+    return ds, dq
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    n, c, h, wd = dy.shape
+    dx = _output_like(dy)
+    _call("grad_pair", dy, dy, x, _factor(s, dy), _factor(q, dy), _stat(a), w.float().contiguous(), _stat(dz), dx,
+          COMBINES[combine], n, c, h * wd)
+    return dx

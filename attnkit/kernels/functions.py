@@ -340,3 +340,56 @@ def energy_gate(backend: Backend, x: Tensor, e_lambda: float) -> Tensor:
         mean, m2 = backend.pool_hw(x, True)
         return backend.scale_energy(x, mean, 4 * (m2 / max(x.shape[2] * x.shape[3] - 1, 1) + e_lambda))
     return _EnergyGate.apply(backend, e_lambda, x)
+
+
+# --- scSE: a channel gate from the means and a spatial gate from a 1×1 convolution C -> 1, combined ---
+
+class _ScalePair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.combine = backend, handoff, combine
+        ctx.save_for_backward(x, s, q)
+        return backend.scale_pair(x, s, q, combine)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (s, q) = _hand_over(ctx, dy)
+        ds, dq = ctx.backend.dot_pair(dy, x, s, q, ctx.combine)
+        return None, None, None, ds.to(s.dtype), dq.to(q.dtype), None
+
+
+class _PoolPair(torch.autograd.Function):
+    """The means over H×W and Σ_c w·x; its backward writes dx and sums w's gradient Σ_n,hw dz·x."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, w: Tensor, combine: str):
+        ctx.backend, ctx.handoff, ctx.combine, ctx.hw = backend, handoff, combine, x.shape[2] * x.shape[3]
+        ctx.save_for_backward(w)
+        return backend.pool_hw(x, False)[0], backend.pool_c_weighted(x, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean: Tensor, dz: Tensor):
+        (w,), h = ctx.saved_tensors, _taken(ctx.handoff)
+        dx = dw = None
+        if ctx.needs_input_grad[2]:
+            dx = ctx.backend.grad_pair(h.dy, h.x, *h.gates, ctx.combine, dmean / ctx.hw, w, dz)
+        if ctx.needs_input_grad[3]:  # Σ_hw x·(dz + 0·[c = 0]): CBAM's pass with no maximum's share
+            dw = ctx.backend.dot_x_s(h.x, dz, torch.zeros_like(dz), torch.zeros(dz.shape, dtype=torch.int64,
+                                                                                  device=dz.device)).sum(0)
+        return None, None, dx, None if dw is None else dw.to(w.dtype), None
+
+
+def pair_gate(backend: Backend, x: Tensor, w: Tensor, channel: Callable[[Tensor], Tensor],
+              spatial: Callable[[Tensor], Tensor], combine: str) -> Tensor:
+    """y = max(x·s, x·q), x·s + x·q or x·s·q ('max', 'add', 'mul'), with s [N, C] = channel(mean_hw x) and
+    q [N, H, W] = spatial(Σ_c w[c]·x) for a weight w [C]."""
+    if not torch.is_grad_enabled():
+        mean, _ = backend.pool_hw(x, False)
+        return backend.scale_pair(x, channel(mean), spatial(backend.pool_c_weighted(x, w)), combine)
+    handoff = _Handoff()
+    mean, z = _PoolPair.apply(backend, handoff, x, w, combine)
+    s, q = channel(mean), spatial(z)
+    _check_gates(x, [s, q])
+    return _ScalePair.apply(backend, handoff, x, s, q, combine)

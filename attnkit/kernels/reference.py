@@ -206,3 +206,51 @@ def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tenso
     t = _f(dy) * _f(x) * s * (1 - s)
     dx = _f(dy) * _round(s, dy) + d * (2 * t / q[:, :, None, None] + b[:, :, None, None]) + a[:, :, None, None]
     return dx.to(dy.dtype)
+
+
+# --- scSE: a channel gate s [N, C] and a spatial gate q [N, H, W] from a 1×1 convolution C -> 1, combined ---
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    """Σ_c w[c]·x, [N, H, W]: the 1×1 convolution from C channels to one, without its bias."""
+    return (_f(x) * _f(w)[:, None, None]).sum(1)
+
+
+def _pair(x: Tensor, s: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    return scale_c(x, s), x * q.to(x.dtype)[:, None]
+
+
+def _pair_weights(x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor | float, Tensor | float]:
+    """∂y/∂(x·s) and ∂y/∂(x·q) for 'max' (torch.maximum's gradient: split evenly on ties) and 'add'."""
+    if combine == "add":
+        return 1.0, 1.0
+    a, b = _pair(x, s, q)
+    wa = (a > b).float() + 0.5 * (a == b).float()
+    return wa, 1 - wa
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    """y = max(x·s[n, c], x·q[n, h, w]), x·s + x·q or (x·s)·q, for combine 'max', 'add' or 'mul'."""
+    if combine == "mul":
+        return scale_cs(x, s, q)
+    a, b = _pair(x, s, q)
+    return torch.maximum(a, b) if combine == "max" else a + b
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dy·∂y/∂s [N, C], Σ_c dy·∂y/∂q [N, H, W]), factors as rounded in the forward ('mul': dot_cs)."""
+    if combine == "mul":
+        return dot_cs(dy, x, s, q)
+    wa, wb = _pair_weights(x, s, q, combine)
+    p = _f(dy) * _f(x)
+    return (p * wa).sum((2, 3)), (p * wb).sum(1)
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, h, w], rounded to dy's dtype once."""
+    s_r, q_r = _round(s, dy)[:, :, None, None], _round(q, dy)[:, None]
+    if combine == "mul":
+        local = _f(dy) * s_r * q_r
+    else:
+        wa, wb = _pair_weights(x, s, q, combine)
+        local = _f(dy) * (wa * s_r + wb * q_r)
+    return (local + a[:, :, None, None] + _f(w)[:, None, None] * dz[:, None]).to(dy.dtype)

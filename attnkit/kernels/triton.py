@@ -584,6 +584,104 @@ def _grad_energy_kernel(dy, x, m, q, a, b, dx, xsn, xsc, xsp, C, P, W, sn, sc, s
     tl.store(dx + at, _to(out + tl.load(a + nc, mask=c < C)[:, None], dx.dtype.element_ty), mask=mask)
 
 
+# --- scSE: a channel gate s [N, C] and a spatial gate q [N, P], combined by max, add or mul ---
+
+_PAIR_MAX, _PAIR_ADD, _PAIR_MUL = 0, 1, 2
+COMBINES = {"max": _PAIR_MAX, "add": _PAIR_ADD, "mul": _PAIR_MUL}
+
+
+@_jit
+def _pool_c_weighted_kernel(x, w, z, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ_c w[c]·x over all channels, for a block of positions."""
+    n = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(v * tl.load(w + c, mask=c < C, other=0.0)[:, None], 0)
+    tl.store(z + n * P + p, acc, mask=p < P)
+
+
+@_jit
+def _pair_shares(v, s, q, x, COMBINE: tl.constexpr):
+    """(x·s rounded, ∂y/∂(x·s), ∂y/∂(x·q)) for 'max' (torch.maximum's: ½ each on a tie) and 'add'."""
+    a = _round(v * s, x)
+    if COMBINE == 0:
+        b = _round(v * q, x)
+        wa = tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+        return a, wa, 1.0 - wa
+    return a, tl.full(a.shape, 1.0, tl.float32), tl.full(a.shape, 1.0, tl.float32)
+
+
+@_jit
+def _scale_pair_kernel(x, s, q, y, C, P, W, sn, sc, sp, COMBINE: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """y = max(x·s, x·q), x·s + x·q or (x·s)·q."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    v = tl.load(x + at, mask=mask).to(tl.float32)
+    sv = _round(tl.load(s + n * C + c, mask=c < C), x)[:, None]
+    qv = _round(tl.load(q + n * P + p, mask=p < P), x)[None, :]
+    a = _round(v * sv, x)
+    if COMBINE == 2:
+        out = a * qv
+    elif COMBINE == 0:
+        b = _round(v * qv, x)
+        out = tl.where((a > b) | (a != a), a, b)
+    else:
+        out = a + _round(v * qv, x)
+    tl.store(y + at, _to(out, y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_pair_kernel(dy, x, s, q, by_c, by_p, C, P, c_chunk, dsn, dsc, dsp, sn, sc, sp, COMBINE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Partials of dot_pair over a block of positions and a chunk of channels, as _dot_cs_kernel's."""
+    n = tl.program_id(2)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qv = _round(tl.load(q + n * P + p, mask=p < P, other=0.0), x)[None, :]
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    c_first = tl.program_id(1) * c_chunk
+    for c0 in range(c_first, c_first + c_chunk, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        sv = _round(tl.load(s + n * C + c, mask=c < C, other=0.0), x)[:, None]
+        if COMBINE == 2:
+            to_c = d * v * qv
+            to_p = d * _round(v * sv, x)
+        else:
+            _, wa, wb = _pair_shares(v, sv, qv, x, COMBINE)
+            to_c = d * v * wa
+            to_p = d * v * wb
+        tl.store(by_c + (n * C + c) * tl.num_programs(0) + tl.program_id(0), tl.sum(to_c, 1), mask=c < C)
+        acc += tl.sum(to_p, 0)
+    tl.store(by_p + (n * tl.num_programs(1) + tl.program_id(1)) * P + p, acc, mask=p < P)
+
+
+@_jit
+def _grad_pair_kernel(dy, x, s, q, a, w, dz, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, COMBINE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, p]."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    d = tl.load(dy + at, mask=mask).to(tl.float32)
+    sv = _round(tl.load(s + n * C + c, mask=c < C), dy)[:, None]
+    qv = _round(tl.load(q + n * P + p, mask=p < P), dy)[None, :]
+    if COMBINE == 2:
+        local = d * sv * qv
+    else:
+        v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+        _, wa, wb = _pair_shares(v, sv, qv, dy, COMBINE)
+        local = d * (wa * sv + wb * qv)
+    out = local + tl.load(a + n * C + c, mask=c < C)[:, None]
+    out = out + tl.load(w + c, mask=c < C)[:, None] * tl.load(dz + n * P + p, mask=p < P)[None, :]
+    tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
+
+
 # --- host side: layouts, blocks, launches ---
 
 def _full(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -958,4 +1056,49 @@ def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tenso
     x, s = _full(x)
     dx = torch.empty_like(dy)
     _elementwise(_grad_energy_kernel, dy, ds, dy, x, _small(m), _small(q), _small(a), _small(b), dx, *s)
+    return dx
+
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    """Σ_c w[c]·x, [N, H, W]."""
+    _require()
+    x, s = _full(x)
+    n, c, h, wd = x.shape
+    z = _stats(n, h, wd, like=x)
+    bc, bp = _blocks(c, h * wd, s)
+    _launch(_pool_c_weighted_kernel, (triton.cdiv(h * wd, bp), n), x, _small(w), z, c, h * wd, *s, BLOCK_C=bc,
+            BLOCK_P=bp)
+    return z
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    """y = max(x·s[n, c], x·q[n, h, w]), x·s + x·q or (x·s)·q."""
+    _require()
+    x, st = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_pair_kernel, x, st, x, _small(s), _small(q), y, COMBINE=COMBINES[combine])
+    return y
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dy·∂y/∂s [N, C], Σ_c dy·∂y/∂q [N, H, W])."""
+    _require()
+    dy, ds = _full(dy)
+    x, st = _full(x)
+    n, c, h, w = x.shape
+    bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, st)
+    by_c, by_p = _stats(n, c, p_blocks, like=x), _stats(n, parts, h, w, like=x)
+    _launch(_dot_pair_kernel, (p_blocks, parts, n), dy, x, _small(s), _small(q), by_c, by_p, c, h * w, chunk, *ds,
+            *st, COMBINE=COMBINES[combine], BLOCK_C=bc, BLOCK_P=bp)
+    return by_c.sum(2), by_p.sum(1)
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, h, w], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, st = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_pair_kernel, dy, ds, dy, x, _small(s), _small(q), _small(a), _small(w), _small(dz), dx, *st,
+                 COMBINE=COMBINES[combine])
     return dx

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+COMBINES = ("max", "add", "mul")  # scSE's
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (2, 70, 4, 9), (1, 1, 5, 2)]
 
 
@@ -30,6 +31,7 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
 
     gc, a, b, m, q = f(n, c), f(n, c), f(n, c), f(n, c), f(n, c)
     k = f(c, h, w) - 1.0
+    wc = f(c) - 1.0
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
     a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
@@ -63,6 +65,12 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "scale_energy": lambda ops: ops.scale_energy(x, m, q),
         "dot_energy": lambda ops: ops.dot_energy(dy, x, m, q),
         "grad_energy": lambda ops: ops.grad_energy(dy, x, m, q, a, b),
+        "pool_c_weighted": lambda ops: ops.pool_c_weighted(x, wc),
+        **{f"scale_pair {combine}": lambda ops, combine=combine: ops.scale_pair(x, gc, ms, combine) for combine in COMBINES},
+        **{f"dot_pair {combine}": lambda ops, combine=combine: ops.dot_pair(dy, x, gc, ms, combine)
+           for combine in COMBINES},
+        **{f"grad_pair {combine}": lambda ops, combine=combine: ops.grad_pair(dy, x, gc, ms, combine, a, wc, u)
+           for combine in COMBINES},
     }
 
 

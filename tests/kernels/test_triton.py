@@ -22,6 +22,7 @@ from attnkit.kernels import reference
 from attnkit.kernels import triton as backend
 
 from .modules import create, errors, randomised, run_in_mode
+from .primitives import COMBINES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -113,9 +114,18 @@ CASES = [
     ("dot_energy", "dot_energy", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c").abs() + 0.5)),
     ("grad_energy", "grad_energy", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c").abs() + 0.5, i.f("n", "c"),
                                               i.f("n", "c"))),
+    ("pool_c_weighted", "pool_c_weighted", lambda i: (i.x, i.f("c"))),
+    *[(f"scale_pair-{combine}", "scale_pair", lambda i, combine=combine: (i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                           combine)) for combine in COMBINES],
+    *[(f"dot_pair-{combine}", "dot_pair", lambda i, combine=combine: (i.dy, i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                       combine)) for combine in COMBINES],
+    *[(f"grad_pair-{combine}", "grad_pair", lambda i, combine=combine: (i.dy, i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                         combine, i.f("n", "c"), i.f("c"),
+                                                                         i.f("n", "h", "w"))) for combine in COMBINES],
 ]
 NAMES = [name for name, _, _ in CASES]
 ARGMAX = ["pool_hw_avgmax", "pool_c_gated", "zpool3", "zpool3-hw"]
+TIES = ARGMAX + ["scale_pair-max", "dot_pair-max", "grad_pair-max"]  # scSE's maximum: ties split its gradient
 TRANSCENDENTAL = ["scale_energy", "grad_energy"]
 
 
@@ -186,7 +196,7 @@ def test_half(case, dtype, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("case", ARGMAX)
+@pytest.mark.parametrize("case", TIES)
 def test_ties_take_the_first_maximum(case, dtype, layout):
     run_case(case, (3, 17, 6, 5), dtype, layout, ties=True)
 
@@ -194,7 +204,7 @@ def test_ties_take_the_first_maximum(case, dtype, layout):
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("case", NAMES)
 def test_small_blocks(case, layout, small_blocks):
-    run_case(case, (1, 5, 3, 7), torch.float32, layout, ties=case in ARGMAX)
+    run_case(case, (1, 5, 3, 7), torch.float32, layout, ties=case in TIES)
 
 
 @pytest.mark.parametrize("blocks", ["default", "small"])
@@ -275,7 +285,7 @@ def test_imports_without_triton(monkeypatch):
 MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)",
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
            "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')",
-           "simam"]
+           "simam", "scse", "scse(combine='add')", "scse(combine='mul')"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

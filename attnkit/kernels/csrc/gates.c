@@ -42,6 +42,15 @@ static inline int beats(float a, float b) { return a > b; }
 /* SimAM's gate σ(d²/q + ½) of a deviation d from the channel's mean */
 static inline float energy_gate(float d, float q) { return 1.0f / (1.0f + expf(-(d * d / q + 0.5f))); }
 
+/* scSE's combinations of x·s and x·q */
+enum { PAIR_MAX = 0, PAIR_ADD = 1, PAIR_MUL = 2 };
+
+/* max(a, b), a NaN in either winning, as torch.maximum */
+static inline float pair_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+/* torch.maximum's gradient share of a: 1 where a > b, ½ on a tie */
+static inline float max_share(float a, float b) { return a > b ? 1.0f : (a == b ? 0.5f : 0.0f); }
+
 #define T float
 #define SFX f32
 #define LD(p, i) ((p)[i])

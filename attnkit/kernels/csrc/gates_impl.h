@@ -873,3 +873,120 @@ void FN(grad_energy)(const T *dy, const T *x, const float *m, const float *q, co
         }
     }
 }
+
+/* ---------- scSE: a channel gate s[n, c] and a spatial gate q[n, hw], combined by max, add or mul ---------- */
+
+/* z[n, hw] = Σ_c w[c]·x */
+void FN(pool_c_weighted)(const T *x, const float *w, float *z, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *xn = x + n * C * HW;
+        float *zn = z + n * HW;
+        if (!cl) {
+            double *acc = calloc(HW, sizeof(double));
+            for (i64 c = 0; c < C; c++)
+                for (i64 p = 0; p < HW; p++) acc[p] += LD(xn, c * HW + p) * w[c];
+            for (i64 p = 0; p < HW; p++) zn[p] = (float)acc[p];
+            free(acc);
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                double t = 0;
+                for (i64 c = 0; c < C; c++) t += LD(xn, p * C + c) * w[c];
+                zn[p] = (float)t;
+            }
+        }
+    }
+}
+
+/* y = max(x·s, x·q), x·s + x·q or (x·s)·q, each product rounded to T */
+void FN(scale_pair)(const T *x, const float *s, const float *q, T *y, i64 combine, i64 N, i64 C, i64 HW, int cl,
+                    int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW), n = cl ? r / HW : r / C;
+        const i64 len = cl ? C : HW;
+        for (i64 i = 0; i < len; i++) {
+            const float sv = cl ? s[n * C + i] : s[r], qv = cl ? q[r] : q[n * HW + i];
+            const float v = LD(x + off, i), a = RND(v * sv);
+            ST(y + off, i, combine == PAIR_MUL ? a * qv : combine == PAIR_MAX ? pair_max(a, RND(v * qv))
+                                                                              : a + RND(v * qv));
+        }
+    }
+}
+
+/* the terms of dot_pair for one element: *tc (towards ds) and *tp (towards dq) */
+static inline void FN(pair_terms)(float d, float v, float sv, float qv, i64 combine, float *tc, float *tp) {
+    const float a = RND(v * sv);
+    if (combine == PAIR_MUL) {
+        *tc = d * v * qv;
+        *tp = d * a;
+        return;
+    }
+    const float wa = combine == PAIR_MAX ? max_share(a, RND(v * qv)) : 1.0f;
+    const float wb = combine == PAIR_MAX ? 1.0f - wa : 1.0f;
+    *tc = d * v * wa;
+    *tp = d * v * wb;
+}
+
+/* ds[n, c] = Σ_hw dy·∂y/∂s, dq[n, hw] = Σ_c dy·∂y/∂q */
+void FN(dot_pair)(const T *dy, const T *x, const float *s, const float *q, float *ds, float *dq, i64 combine,
+                  i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *dn = dy + n * C * HW, *xn = x + n * C * HW;
+        const float *sn = s + n * C, *qn = q + n * HW;
+        double *acc = calloc(cl ? C : HW, sizeof(double)); /* the sums along the outer loop's axis */
+        float tc, tp;
+        if (!cl) {
+            for (i64 c = 0; c < C; c++) {
+                double t = 0;
+                for (i64 p = 0; p < HW; p++) {
+                    FN(pair_terms)(LD(dn, c * HW + p), LD(xn, c * HW + p), sn[c], qn[p], combine, &tc, &tp);
+                    t += tc;
+                    acc[p] += tp;
+                }
+                ds[n * C + c] = (float)t;
+            }
+            for (i64 p = 0; p < HW; p++) dq[n * HW + p] = (float)acc[p];
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                double t = 0;
+                for (i64 c = 0; c < C; c++) {
+                    FN(pair_terms)(LD(dn, p * C + c), LD(xn, p * C + c), sn[c], qn[p], combine, &tc, &tp);
+                    acc[c] += tc;
+                    t += tp;
+                }
+                dq[n * HW + p] = (float)t;
+            }
+            for (i64 c = 0; c < C; c++) ds[n * C + c] = (float)acc[c];
+        }
+        free(acc);
+    }
+}
+
+/* dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, hw] */
+void FN(grad_pair)(const T *dy, const T *x, const float *s, const float *q, const float *a, const float *w,
+                   const float *dz, T *dx, i64 combine, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW), n = cl ? r / HW : r / C;
+        const i64 len = cl ? C : HW;
+        for (i64 i = 0; i < len; i++) {
+            const i64 c = cl ? i : r % C, p = cl ? r % HW : i;
+            const float sv = s[n * C + c], qv = q[n * HW + p], d = LD(dy + off, i);
+            float local;
+            if (combine == PAIR_MUL) {
+                local = d * sv * qv;
+            } else {
+                float wa = 1.0f, wb = 1.0f;
+                if (combine == PAIR_MAX) {
+                    const float v = LD(x + off, i);
+                    wa = max_share(RND(v * sv), RND(v * qv));
+                    wb = 1.0f - wa;
+                }
+                local = d * (wa * sv + wb * qv);
+            }
+            ST(dx + off, i, local + a[n * C + c] + w[c] * dz[n * HW + p]);
+        }
+    }
+}
