@@ -393,3 +393,40 @@ def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tens
     _call("grad_pair", dy, dy, x, _factor(s, dy), _factor(q, dy), _stat(a), w.float().contiguous(), _stat(dz), dx,
           COMBINES[combine], n, c, h * wd)
     return dx
+
+
+# --- SGE ---
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, groups, h, w))
+    _call("pool_groups", x, x, _stat(m), out, groups, n, c, h * w)
+    return out
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_groups", x, x, _factor(a, x), y, a.shape[1], n, c, h * w)
+    return y
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, groups, h, w))
+    _call("dot_groups", x, dy, x, out, groups, n, c, h * w)
+    return out
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, c))
+    _call("dot_x_groups", x, x, _stat(u), out, u.shape[1], n, c, h * w)
+    return out
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_groups", dy, dy, _factor(a, dy), _stat(m), _stat(u), _stat(b), dx, a.shape[1], n, c, h * w)
+    return dx

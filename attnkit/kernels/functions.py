@@ -393,3 +393,50 @@ def pair_gate(backend: Backend, x: Tensor, w: Tensor, channel: Callable[[Tensor]
     s, q = channel(mean), spatial(z)
     _check_gates(x, [s, q])
     return _ScalePair.apply(backend, handoff, x, s, q, combine)
+
+
+# --- SGE: a gate per group and position, from the similarity of each position to its group's mean feature ---
+
+class _ScaleGroups(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, a: Tensor) -> Tensor:
+        ctx.backend, ctx.handoff = backend, handoff
+        ctx.save_for_backward(x, a)
+        return backend.scale_groups(x, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (a,) = _hand_over(ctx, dy)
+        return None, None, None, ctx.backend.dot_groups(dy, x, a.shape[1]).to(a.dtype)
+
+
+class _PoolGroups(torch.autograd.Function):
+    """sim[n, g, hw] = Σ_{c in g} m[n, c]·x with m the channel means; the backward writes
+    dx = dy·a + dsim·m[n, c] + Σ_hw dsim·x / HW."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, groups: int, x: Tensor) -> Tensor:
+        mean, _ = backend.pool_hw(x, False)
+        ctx.backend, ctx.handoff, ctx.hw = backend, handoff, x.shape[2] * x.shape[3]
+        ctx.save_for_backward(mean)
+        return backend.pool_groups(x, mean, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dsim: Tensor):
+        (mean,), h = ctx.saved_tensors, _taken(ctx.handoff)
+        b = ctx.backend.dot_x_groups(h.x, dsim) / ctx.hw
+        return None, None, None, ctx.backend.grad_groups(h.dy, h.gates[0], mean, dsim, b)
+
+
+def group_gate(backend: Backend, x: Tensor, groups: int, gate: Callable[[Tensor], Tensor]) -> Tensor:
+    """y = x · a[n, g, h, w] (g the group of the channel) with a = gate(sim), sim [N, G, H, W] the sum over each group's
+    channels of x times the channel's mean over H×W."""
+    if not torch.is_grad_enabled():
+        mean, _ = backend.pool_hw(x, False)
+        return backend.scale_groups(x, gate(backend.pool_groups(x, mean, groups)))
+    handoff = _Handoff()
+    a = gate(_PoolGroups.apply(backend, handoff, groups, x))
+    _check_gates(x, [a])
+    return _ScaleGroups.apply(backend, handoff, x, a)

@@ -254,3 +254,37 @@ def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tens
         wa, wb = _pair_weights(x, s, q, combine)
         local = _f(dy) * (wa * s_r + wb * q_r)
     return (local + a[:, :, None, None] + _f(w)[:, None, None] * dz[:, None]).to(dy.dtype)
+
+
+# --- SGE: a gate per group of channels and position, from the similarity of each position to the group's means ---
+
+def _per_channel(t: Tensor, channels: int) -> Tensor:
+    """A per-group map [N, G, H, W] repeated for each of its group's channels, [N, C, H, W]."""
+    return t.repeat_interleave(channels // t.shape[1], 1)
+
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    """Σ over the channels c of group g of m[n, c]·x, [N, G, H, W]."""
+    return (_f(x) * m[:, :, None, None]).unflatten(1, (groups, -1)).sum(2)
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    """y = x · a[n, g, h, w], g the group of x's channel (G = a.shape[1] equal groups)."""
+    return x * _per_channel(a.to(x.dtype), x.shape[1])
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    """Σ over the channels of each group of dy·x, [N, G, H, W]."""
+    return (_f(dy) * _f(x)).unflatten(1, (groups, -1)).sum(2)
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    """Σ_hw x·u[n, g, h, w], g the group of x's channel, [N, C]."""
+    return (_f(x) * _per_channel(u, x.shape[1])).sum((2, 3))
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·a[n, g, h, w] + u[n, g, h, w]·m[n, c] + b[n, c], rounded to dy's dtype once."""
+    c = dy.shape[1]
+    dx = _f(dy) * _per_channel(_round(a, dy), c) + _per_channel(u, c) * m[:, :, None, None] + b[:, :, None, None]
+    return dx.to(dy.dtype)

@@ -682,6 +682,64 @@ def _grad_pair_kernel(dy, x, s, q, a, w, dz, dx, xsn, xsc, xsp, C, P, W, sn, sc,
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
 
+# --- SGE: G equal groups of K = C/G channels; per-group maps [N, G, P] ---
+
+@_jit
+def _sum_groups_kernel(x, m, dy, out, G, K, C, P, sn, sc, sp, dsn, dsc, dsp, WITH_DY: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ over the channels of group g of f·x for a block of positions, f = dy (WITH_DY) or m[n, c]."""
+    n = tl.program_id(2)
+    g = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for k0 in range(0, K, BLOCK_C):
+        c = g * K + k0 + tl.arange(0, BLOCK_C)
+        in_group = (k0 + tl.arange(0, BLOCK_C)) < K
+        mask = in_group[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        if WITH_DY:
+            f = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        else:
+            f = tl.load(m + n * C + c, mask=in_group, other=0.0)[:, None]
+        acc += tl.sum(v * f, 0)
+    tl.store(out + (n * G + g) * P + p, acc, mask=p < P)
+
+
+@_jit
+def _scale_groups_kernel(x, a, y, K, G, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · a[n, c // K, p]."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    av = _round(tl.load(a + (n * G + c // K)[:, None] * P + p[None, :], mask=mask), x)
+    tl.store(y + at, _to(tl.load(x + at, mask=mask).to(tl.float32) * av, y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_x_groups_kernel(x, u, out, K, G, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ_p x·u[n, c // K, p] of BLOCK_C channels."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        total += tl.sum(v * tl.load(u + (n * G + c // K)[:, None] * P + p[None, :], mask=mask, other=0.0), 1)
+    tl.store(out + n * C + c, total, mask=c < C)
+
+
+@_jit
+def _grad_groups_kernel(dy, a, m, u, b, dx, K, G, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·a[n, g, p] + u[n, g, p]·m[n, c] + b[n, c], g = c // K."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    group_at = (n * G + c // K)[:, None] * P + p[None, :]
+    out = tl.load(dy + at, mask=mask).to(tl.float32) * _round(tl.load(a + group_at, mask=mask), dy)
+    out = out + tl.load(u + group_at, mask=mask) * tl.load(m + n * C + c, mask=c < C)[:, None]
+    out = out + tl.load(b + n * C + c, mask=c < C)[:, None]
+    tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
+
+
 # --- host side: layouts, blocks, launches ---
 
 def _full(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -1101,4 +1159,61 @@ def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tens
     dx = torch.empty_like(dy)
     _elementwise(_grad_pair_kernel, dy, ds, dy, x, _small(s), _small(q), _small(a), _small(w), _small(dz), dx, *st,
                  COMBINE=COMBINES[combine])
+    return dx
+
+
+def _sum_groups(x: Tensor, m: Tensor | None, dy: Tensor | None, groups: int) -> Tensor:
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    dy, ds = _full(dy) if dy is not None else (x, s)  # an unread stand-in without dy
+    out = _stats(n, groups, h, w, like=x)
+    bc, bp = _blocks(c // groups, h * w, s)
+    _launch(_sum_groups_kernel, (triton.cdiv(h * w, bp), groups, n), x, out if m is None else _small(m), dy, out,
+            groups, c // groups, c, h * w, *s, *ds, WITH_DY=m is None, BLOCK_C=bc, BLOCK_P=bp)
+    return out
+
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    """Σ over the channels c of group g of m[n, c]·x, [N, G, H, W]."""
+    _require()
+    return _sum_groups(x, m, None, groups)
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    """y = x · a[n, g, h, w], g the group of x's channel."""
+    _require()
+    x, s = _full(x)
+    groups = a.shape[1]
+    y = torch.empty_like(x)
+    _elementwise(_scale_groups_kernel, x, s, x, _small(a), y, x.shape[1] // groups, groups)
+    return y
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    """Σ over the channels of each group of dy·x, [N, G, H, W]."""
+    _require()
+    return _sum_groups(x, None, dy, groups)
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    """Σ_hw x·u[n, g, h, w], [N, C]."""
+    _require()
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    groups = u.shape[1]
+    out = _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_x_groups_kernel, (triton.cdiv(c, bc), n), x, _small(u), out, c // groups, groups, c, h * w, *s,
+            BLOCK_C=bc, BLOCK_P=bp)
+    return out
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·a[n, g, h, w] + u[n, g, h, w]·m[n, c] + b[n, c], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    groups = a.shape[1]
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_groups_kernel, dy, ds, dy, _small(a), _small(m), _small(u), _small(b), dx,
+                 dy.shape[1] // groups, groups)
     return dx

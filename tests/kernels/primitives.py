@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 COMBINES = ("max", "add", "mul")  # scSE's
+GROUP_MAPS = ("pool_groups", "dot_groups")  # [N, G, H, W] statistics, x's shape where each group has one channel
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (2, 70, 4, 9), (1, 1, 5, 2)]
 
 
@@ -32,6 +33,8 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
     gc, a, b, m, q = f(n, c), f(n, c), f(n, c), f(n, c), f(n, c)
     k = f(c, h, w) - 1.0
     wc = f(c) - 1.0
+    groups = next(k for k in (5, 3, 2, 1) if c % k == 0)  # SGE's: groups of one and of several channels
+    a_g, u_g = f(n, groups, h, w), f(n, groups, h, w) - 1.0
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
     a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
@@ -66,6 +69,11 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "dot_energy": lambda ops: ops.dot_energy(dy, x, m, q),
         "grad_energy": lambda ops: ops.grad_energy(dy, x, m, q, a, b),
         "pool_c_weighted": lambda ops: ops.pool_c_weighted(x, wc),
+        "pool_groups": lambda ops: ops.pool_groups(x, m, groups),
+        "scale_groups": lambda ops: ops.scale_groups(x, a_g),
+        "dot_groups": lambda ops: ops.dot_groups(dy, x, groups),
+        "dot_x_groups": lambda ops: ops.dot_x_groups(x, u_g),
+        "grad_groups": lambda ops: ops.grad_groups(dy, a_g, m, u_g, b),
         **{f"scale_pair {combine}": lambda ops, combine=combine: ops.scale_pair(x, gc, ms, combine) for combine in COMBINES},
         **{f"dot_pair {combine}": lambda ops, combine=combine: ops.dot_pair(dy, x, gc, ms, combine)
            for combine in COMBINES},

@@ -25,6 +25,7 @@ SPECS = [
     "triplet(kernel_size=3)", "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)",
     "fca(reduction=4, frequencies='top{parts}')", "fca(frequencies='low{parts}', dct_size=14, bias=True)", "simam",
     "simam(e_lambda=0.1)", "scse", "scse(combine='add', reduction=4, act='silu')", "scse(combine='mul', bias=False)",
+    "sge(groups={parts})", "sge(groups=1, gate='hard_sigmoid')",
 ]
 # the float32 comparison of the fused and the reference path against float64, where both lose more than 1e-5 to
 # rounding: SRM's BatchNorm over a batch of 3 or 4 amplifies the last-bit differences of the pooled moments (up to

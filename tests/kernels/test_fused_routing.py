@@ -1,4 +1,4 @@
-"""GCT, FcaNet (on the per-channel primitives), SimAM and scSE (on their own) route as the other fused modules: the fused
+"""GCT, FcaNet (on the per-channel primitives), SimAM, scSE and SGE (on their own) route as the other fused modules: the fused
 path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode 'reference' and while
 traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a fused pass (GCT's
 Σ|x|) takes the reference formulas in every mode."""
@@ -17,9 +17,10 @@ from .primitives import assert_close, feature_map
 
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
-SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam", "scse"]
-PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair"]
-SCALES = {"scale_c", "scale_energy", "scale_pair"}
+SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam", "scse",
+         "sge(groups=4)"]
+PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair", "scale_groups"]
+SCALES = {"scale_c", "scale_energy", "scale_pair", "scale_groups"}
 SHAPE = (2, 16, 6, 5)
 
 
@@ -82,9 +83,11 @@ def test_compile_sees_the_reference_formula(spec, backend_calls):
     assert max(errors(got, want)) <= 1e-5
 
 
-@pytest.mark.parametrize("spec", ["gct", "fca(reduction=4, frequencies='top8')"])
-def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, backend_calls):
-    """attnkit.capture records the gate with a forward hook: it runs, on N×C×1×1 maps as in the reference."""
+@pytest.mark.parametrize("spec, shape", [("gct", (SHAPE[0], SHAPE[1], 1, 1)),
+                                         ("fca(reduction=4, frequencies='top8')", (SHAPE[0], SHAPE[1], 1, 1)),
+                                         ("sge(groups=4)", (SHAPE[0], 4, *SHAPE[2:]))])
+def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, shape, backend_calls):
+    """attnkit.capture records the gate with a forward hook: it runs, on maps of the reference's shape."""
     module = randomised(create(spec, SHAPE), seed=0)
     x = feature_map(SHAPE, torch.float32, False, ties=False, seed=1)
     dy = feature_map(SHAPE, torch.float32, False, ties=False, seed=2)
@@ -92,7 +95,7 @@ def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, backend_calls):
     hooked, seen = copy.deepcopy(module), []
     hooked.gate.register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape)))
     got = run_in_mode(hooked, x, dy, "cpu")
-    assert "scale_c" in backend_calls and seen == [(SHAPE[0], SHAPE[1], 1, 1)]
+    assert SCALES & set(backend_calls) and seen == [shape]
     assert max(errors(got, want)) <= 1e-5
 
 

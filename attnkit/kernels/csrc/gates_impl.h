@@ -990,3 +990,106 @@ void FN(grad_pair)(const T *dy, const T *x, const float *s, const float *q, cons
         }
     }
 }
+
+/* ---------- SGE: G equal groups of K = C/G channels; per-group maps [N, G, HW] ---------- */
+
+/* out[n, g, hw] = Σ_{c in g} f·x, f = dy[n, c, hw] when dy is not NULL, else m[n, c] */
+static void FN(sum_groups)(const T *x, const float *m, const T *dy, float *out, i64 G, i64 N, i64 C, i64 HW, int cl,
+                           int nt) {
+    const i64 K = C / G;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * G; r++) {
+            const i64 n = r / G, c0 = (r % G) * K;
+            double *acc = calloc(HW, sizeof(double));
+            for (i64 c = c0; c < c0 + K; c++) {
+                const i64 off = (n * C + c) * HW;
+                for (i64 p = 0; p < HW; p++) acc[p] += LD(x + off, p) * (dy ? LD(dy + off, p) : m[n * C + c]);
+            }
+            for (i64 p = 0; p < HW; p++) out[r * HW + p] = (float)acc[p];
+            free(acc);
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * HW; r++) {
+        const i64 n = r / HW, p = r % HW;
+        const T *xr = x + r * C, *dr = dy ? dy + r * C : NULL;
+        for (i64 g = 0; g < G; g++) {
+            double t = 0;
+            for (i64 c = g * K; c < (g + 1) * K; c++) t += LD(xr, c) * (dr ? LD(dr, c) : m[n * C + c]);
+            out[(n * G + g) * HW + p] = (float)t;
+        }
+    }
+}
+
+void FN(pool_groups)(const T *x, const float *m, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    FN(sum_groups)(x, m, NULL, out, G, N, C, HW, cl, nt);
+}
+
+void FN(dot_groups)(const T *dy, const T *x, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    FN(sum_groups)(x, NULL, dy, out, G, N, C, HW, cl, nt);
+}
+
+/* y = x · a[n, g, hw] */
+void FN(scale_groups)(const T *x, const float *a, T *y, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float *ar = a + ((r / C) * G + (r % C) / K) * HW;
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, LD(x + off, p) * ar[p]);
+        } else {
+            const i64 n = r / HW, p = r % HW;
+            for (i64 c = 0; c < C; c++) ST(y + off, c, LD(x + off, c) * a[(n * G + c / K) * HW + p]);
+        }
+    }
+}
+
+/* out[n, c] = Σ_hw x·u[n, g, hw] */
+void FN(dot_x_groups)(const T *x, const float *u, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            const float *ur = u + ((r / C) * G + (r % C) / K) * HW;
+            double t = 0;
+            for (i64 p = 0; p < HW; p++) t += LD(row, p) * ur[p];
+            out[r] = (float)t;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(base + p * C, j) * u[(n * G + (c0 + j) / K) * HW + p];
+        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* dx = dy·a[n, g, hw] + u[n, g, hw]·m[n, c] + b[n, c] */
+void FN(grad_groups)(const T *dy, const float *a, const float *m, const float *u, const float *b, T *dx, i64 G, i64 N,
+                     i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const i64 at = ((r / C) * G + (r % C) / K) * HW;
+            const float mr = m[r], br = b[r];
+            for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * a[at + p] + u[at + p] * mr + br);
+        } else {
+            const i64 n = r / HW, p = r % HW;
+            for (i64 c = 0; c < C; c++) {
+                const i64 at = (n * G + c / K) * HW + p;
+                ST(dx + off, c, LD(dy + off, c) * a[at] + u[at] * m[n * C + c] + b[n * C + c]);
+            }
+        }
+    }
+}
