@@ -16,7 +16,8 @@ case, which runs them in eval mode.
 The floor: a gate module reads x to pool it, then reads x and writes y: 3|x| bytes forward; backward reads dy
 and x to reduce and reads dy again to write dx: 4|x| more (7|x| in all). CBAM, Coordinate Attention and
 Triplet Attention pool twice or along two axes: 4|x| forward, 8|x| in all; Gather-Excite θ's backward reads x
-once more for its depthwise kernel's gradient, GCT's and SimAM's to write dx (their gates depend on x's spread):
+once more for its depthwise kernel's gradient, GCT's, SimAM's and Shuffle Attention's to write dx (their gates
+depend on x's spread):
 8|x| in all. scSE pools over H×W and over C (4|x| forward), and its backward reads x to reduce, to write dx and
 for its convolution's weight gradient: 10|x| in all. SGE pools the means and the groups' similarities (4|x|
 forward) and reads x twice in its backward: 9|x| in all. The bandwidth is that of a copy of
@@ -55,7 +56,7 @@ SHAPES = {  # name: N×C×H×W
 }
 INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on its running statistics)
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
-X_IN_BACKWARD = {"ge-theta", "gct", "simam"}  # floor 3|x| forward, 8|x| forward+backward
+X_IN_BACKWARD = {"ge-theta", "gct", "simam", "shuffle"}  # floor 3|x| forward, 8|x| forward+backward
 FLOORS = {"scse": (4, 10), "sge": (4, 9)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the environment a figure depends on, written before the command line in the markdown file
@@ -178,8 +179,8 @@ def timm_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module | No
 def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if name == "ge-theta":
         return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
-    if name == "sge":  # the paper's 64 groups, or as many as divide the channels (16 for MobileNetV2's 144)
-        return attnkit.create("sge", channels, groups=math.gcd(channels, 64))
+    if name in ("sge", "shuffle"):  # the papers' 64 groups, or as many as divide the channels (e.g. 144: 16 and 8)
+        return attnkit.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
     return attnkit.create(name, channels)
 
 
@@ -274,7 +275,7 @@ def speedups(results: dict[str, dict[str, dict[str, float]]], name: str, key: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
-    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge")
+    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge,shuffle")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)

@@ -26,7 +26,9 @@ from torch import Tensor
 from .._paths import cache_dir
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC keeps the comparisons
+# of a select (SimAM's and Shuffle Attention's exponential) out of vectorized loops
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -429,4 +431,29 @@ def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tenso
     n, c, h, w = dy.shape
     dx = _output_like(dy)
     _call("grad_groups", dy, dy, _factor(a, dy), _stat(m), _stat(u), _stat(b), dx, a.shape[1], n, c, h * w)
+    return dx
+
+
+# --- Shuffle Attention ---
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_affine", x, x, _stat(alpha), _stat(beta), _stat(m), perm.contiguous(), y, n, c, h * w)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ta, tb = _f32((n, c)), _f32((n, c))
+    _call("dot_affine", x, dy, x, _stat(alpha), _stat(beta), _stat(m), perm.contiguous(), ta, tb, n, c, h * w)
+    return ta, tb
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_affine", dy, dy, x, _stat(alpha), _stat(beta), _stat(m), _stat(a), _stat(b), perm.contiguous(), dx,
+          n, c, h * w)
     return dx

@@ -440,3 +440,47 @@ def group_gate(backend: Backend, x: Tensor, groups: int, gate: Callable[[Tensor]
     a = gate(_PoolGroups.apply(backend, handoff, groups, x))
     _check_gates(x, [a])
     return _ScaleGroups.apply(backend, handoff, x, a)
+
+
+# --- Shuffle Attention: x·σ(α·(x − μ) + β) with α, β from each channel's mean and M2, into shuffled channels ---
+
+class _ScaleAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor,
+                perm: Tensor) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.perm = backend, handoff, perm
+        ctx.save_for_backward(x, alpha, beta, m)
+        return backend.scale_affine(x, alpha, beta, m, perm)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (alpha, beta, m) = _hand_over(ctx, dy)
+        ta, tb = ctx.backend.dot_affine(dy, x, alpha, beta, m, ctx.perm)
+        return None, None, None, ta.to(alpha.dtype), tb.to(beta.dtype), (-alpha * tb).to(m.dtype), None
+
+
+class _PoolMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.backend, ctx.handoff, ctx.perm, ctx.hw = backend, handoff, perm, x.shape[2] * x.shape[3]
+        return backend.pool_hw(x, True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean: Tensor, dm2: Tensor):
+        h = _taken(ctx.handoff)  # M2 = Σ(x − μ)², ∂M2/∂x = 2(x − μ)
+        return None, None, ctx.backend.grad_affine(h.dy, h.x, *h.gates, dmean / ctx.hw, 2 * dm2, ctx.perm), None
+
+
+def affine_gate(backend: Backend, x: Tensor, perm: Tensor,
+                gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+    """y[n, perm[c]] = x · σ(α·(x − μ) + β) with (α, β) [N, C] = gate(mean_hw x, M2_hw x) and μ the mean."""
+    if not torch.is_grad_enabled():
+        mean, m2 = backend.pool_hw(x, True)
+        return backend.scale_affine(x, *gate(mean, m2), mean, perm)
+    handoff = _Handoff()
+    mean, m2 = _PoolMoments.apply(backend, handoff, x, perm)
+    alpha, beta = gate(mean, m2)
+    _check_gates(x, [alpha, beta])
+    return _ScaleAffine.apply(backend, handoff, x, alpha, beta, mean, perm)

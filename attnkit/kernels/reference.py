@@ -288,3 +288,36 @@ def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tenso
     c = dy.shape[1]
     dx = _f(dy) * _per_channel(_round(a, dy), c) + _per_channel(u, c) * m[:, :, None, None] + b[:, :, None, None]
     return dx.to(dy.dtype)
+
+
+# --- Shuffle Attention: a gate σ(α[n, c]·(x − m[n, c]) + β[n, c]) per element, written to permuted channels ---
+
+def _affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor) -> Tensor:
+    return torch.sigmoid(alpha[:, :, None, None] * (_f(x) - m[:, :, None, None]) + beta[:, :, None, None])
+
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    """y[n, perm[c]] = x[n, c] · σ(α[n, c]·(x − m[n, c]) + β[n, c])."""
+    y = torch.empty_like(x)
+    y[:, perm] = x * _affine_gate(x, alpha, beta, m).to(x.dtype)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t), each [N, C], with t = dy[n, perm[c]]·x·s·(1 − s) the gradient of the gate's
+    argument."""
+    s = _affine_gate(x, alpha, beta, m)
+    t = _f(dy[:, perm]) * _f(x) * s * (1 - s)
+    return (t * (_f(x) - m[:, :, None, None])).sum((2, 3)), t.sum((2, 3))
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    """dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]), t as in dot_affine, rounded to dy's dtype once
+    (dx in x's channel order)."""
+    s = _affine_gate(x, alpha, beta, m)
+    d = _f(dy[:, perm])
+    t = d * _f(x) * s * (1 - s)
+    dx = d * _round(s, dy) + t * alpha[:, :, None, None] + a[:, :, None, None]
+    dx = dx + b[:, :, None, None] * (_f(x) - m[:, :, None, None])
+    return torch.empty_like(x, dtype=dy.dtype).copy_(dx)

@@ -740,6 +740,65 @@ def _grad_groups_kernel(dy, a, m, u, b, dx, K, G, C, P, W, sn, sc, sp, BLOCK_C: 
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
 
+# --- Shuffle Attention: s = σ(α[n, c]·(x − m[n, c]) + β[n, c]); y and dy in channels perm[c] ---
+
+@_jit
+def _affine(v, alpha, beta, m, nc, C_MASK):
+    """(s, x − m) on a tile, per-channel α, β, m at offsets nc."""
+    d = v - tl.load(m + nc, mask=C_MASK, other=0.0)[:, None]
+    e = tl.load(alpha + nc, mask=C_MASK, other=0.0)[:, None] * d + tl.load(beta + nc, mask=C_MASK, other=0.0)[:, None]
+    return tl.sigmoid(e), d
+
+
+@_jit
+def _scale_affine_kernel(x, alpha, beta, m, perm, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    """y[n, perm[c]] = x · s."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask).to(tl.float32)
+    s, _ = _affine(v, alpha, beta, m, n * C + c, c < C)
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    tl.store(y + _at(n, out_c, p, sn, sc, sp), _to(v * _round(s, x), y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_affine_kernel(dy, x, alpha, beta, m, perm, ta, tb, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Σ_p t·(x − m) and Σ_p t of BLOCK_C channels, t = dy[n, perm[c]]·x·s·(1 − s)."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    total_a = tl.zeros([BLOCK_C], tl.float32)
+    total_b = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy + _at(n, out_c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        s, d = _affine(v, alpha, beta, m, n * C + c, c < C)
+        t = tl.where(mask, g * v * s * (1.0 - s), 0.0)
+        total_a += tl.sum(t * d, 1)
+        total_b += tl.sum(t, 1)
+    tl.store(ta + n * C + c, total_a, mask=c < C)
+    tl.store(tb + n * C + c, total_b, mask=c < C)
+
+
+@_jit
+def _grad_affine_kernel(dy, x, alpha, beta, m, a, b, perm, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy[n, perm[c]]·s + t·α + a + b·(x − m), per-channel α, β, m, a, b."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    nc = n * C + c
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    g = tl.load(dy + _at(n, out_c, p, sn, sc, sp), mask=mask).to(tl.float32)
+    v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+    s, d = _affine(v, alpha, beta, m, nc, c < C)
+    t = g * v * s * (1.0 - s)
+    out = g * _round(s, dy) + t * tl.load(alpha + nc, mask=c < C)[:, None] + tl.load(a + nc, mask=c < C)[:, None]
+    out = out + tl.load(b + nc, mask=c < C)[:, None] * d
+    tl.store(dx + _at(n, c, p, sn, sc, sp), _to(out, dx.dtype.element_ty), mask=mask)
+
+
 # --- host side: layouts, blocks, launches ---
 
 def _full(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -1216,4 +1275,38 @@ def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tenso
     dx = torch.empty_like(dy)
     _elementwise(_grad_groups_kernel, dy, ds, dy, _small(a), _small(m), _small(u), _small(b), dx,
                  dy.shape[1] // groups, groups)
+    return dx
+
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    """y[n, perm[c]] = x[n, c] · σ(α[n, c]·(x − m[n, c]) + β[n, c])."""
+    _require()
+    x, s = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_affine_kernel, x, s, x, _small(alpha), _small(beta), _small(m), _small(perm), y)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t), t = dy[n, perm[c]]·x·s·(1 − s)."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    ta, tb = _stats(n, c, like=x), _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_affine_kernel, (triton.cdiv(c, bc), n), dy, x, _small(alpha), _small(beta), _small(m), _small(perm),
+            ta, tb, c, h * w, *ds, *s, BLOCK_C=bc, BLOCK_P=bp)
+    return ta, tb
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    """dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]), rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_affine_kernel, dy, ds, dy, x, _small(alpha), _small(beta), _small(m), _small(a), _small(b),
+                 _small(perm), dx, *s)
     return dx

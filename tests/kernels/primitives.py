@@ -35,6 +35,7 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
     wc = f(c) - 1.0
     groups = next(k for k in (5, 3, 2, 1) if c % k == 0)  # SGE's: groups of one and of several channels
     a_g, u_g = f(n, groups, h, w), f(n, groups, h, w) - 1.0
+    alpha, perm = f(n, c) - 1.0, torch.randperm(c, generator=g)  # Shuffle Attention's
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
     a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
@@ -74,6 +75,9 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "dot_groups": lambda ops: ops.dot_groups(dy, x, groups),
         "dot_x_groups": lambda ops: ops.dot_x_groups(x, u_g),
         "grad_groups": lambda ops: ops.grad_groups(dy, a_g, m, u_g, b),
+        "scale_affine": lambda ops: ops.scale_affine(x, alpha, b, m, perm),
+        "dot_affine": lambda ops: ops.dot_affine(dy, x, alpha, b, m, perm),
+        "grad_affine": lambda ops: ops.grad_affine(dy, x, alpha, b, m, a, gc, perm),
         **{f"scale_pair {combine}": lambda ops, combine=combine: ops.scale_pair(x, gc, ms, combine) for combine in COMBINES},
         **{f"dot_pair {combine}": lambda ops, combine=combine: ops.dot_pair(dy, x, gc, ms, combine)
            for combine in COMBINES},

@@ -1,7 +1,7 @@
-"""GCT, FcaNet (on the per-channel primitives), SimAM, scSE and SGE (on their own) route as the other fused modules: the fused
-path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode 'reference' and while
-traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a fused pass (GCT's
-Σ|x|) takes the reference formulas in every mode."""
+"""GCT, FcaNet (on the per-channel primitives), SimAM, scSE, SGE and Shuffle Attention (on their own) route as the
+other fused modules: the fused path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode
+'reference' and while traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a
+fused pass (GCT's Σ|x|) takes the reference formulas in every mode."""
 from __future__ import annotations
 
 import copy
@@ -18,9 +18,9 @@ from .primitives import assert_close, feature_map
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
 SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam", "scse",
-         "sge(groups=4)"]
-PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair", "scale_groups"]
-SCALES = {"scale_c", "scale_energy", "scale_pair", "scale_groups"}
+         "sge(groups=4)", "shuffle(groups=4)"]
+PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"]
+SCALES = {"scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"}
 SHAPE = (2, 16, 6, 5)
 
 
@@ -100,10 +100,11 @@ def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, shape, backend_c
 
 
 @pytest.mark.parametrize("spec, submodule, shape", [("simam", "gate", SHAPE), ("scse", "conv", (2, 1, 6, 5)),
-                                                     ("scse", "channel_gate", (2, 16, 1, 1))])
+                                                     ("scse", "channel_gate", (2, 16, 1, 1)),
+                                                     ("shuffle(groups=4)", "gn", (8, 2, 6, 5))])
 def test_a_hook_on_a_gate_submodule_runs_the_reference(spec, submodule, shape, backend_calls):
-    """SimAM's fused pass computes σ itself and scSE's its 1×1 convolution: where a hook observes one of their gate
-    submodules, the reference runs, and the hook sees the submodule's output."""
+    """SimAM's and Shuffle Attention's fused passes compute σ (and the GroupNorm) themselves, scSE's its 1×1
+    convolution: where a hook observes one of those submodules, the reference runs, and the hook sees its output."""
     x = feature_map(SHAPE, torch.float32, False, ties=False, seed=1)
     hooked, seen = create(spec, SHAPE), []
     getattr(hooked, submodule).register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape)))

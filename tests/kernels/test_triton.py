@@ -4,7 +4,8 @@ Without CUDA the kernels run under Triton's interpreter on the CPU: tests/confte
 anything imports Triton. Shapes are tiny and odd, as the interpreter is slow.
 
 Every comparison runs the reference on the same inputs: full-size outputs (y, dx) must be bit-identical (every
-rounding to x's dtype as the reference writes it; SimAM's, which hold an exponential, within 4 units of the last place) and keep x's memory format, argmax indices identical (the first
+rounding to x's dtype as the reference writes it; SimAM's and Shuffle Attention's, which hold an exponential, within 4
+units of the last place) and keep x's memory format, argmax indices identical (the first
 maximum, on inputs full of ties), float32 statistics within 1e-5 of the reference relative to their norm (both sum
 the same rounded values in float32, in different orders).
 """
@@ -73,6 +74,10 @@ class Inputs:
         values = self._values(n, self.groups, h, w)
         return (values.abs() + 1 if self.ties else values).to(DEVICE)
 
+    def perm(self) -> torch.Tensor:
+        """A permutation of the channels (Shuffle Attention's output order)."""
+        return torch.randperm(self.shape[1], generator=self.generator).to(DEVICE)
+
     def index(self, high: int, *dims: str) -> torch.Tensor:
         sizes = dict(zip("nchw", self.shape))
         return torch.randint(high, [sizes[d] for d in dims], generator=self.generator).to(DEVICE)
@@ -138,11 +143,15 @@ CASES = [
     ("dot_groups", "dot_groups", lambda i: (i.dy, i.x, i.groups)),
     ("dot_x_groups", "dot_x_groups", lambda i: (i.x, i.per_group())),
     ("grad_groups", "grad_groups", lambda i: (i.dy, i.per_group(), i.f("n", "c"), i.per_group(), i.f("n", "c"))),
+    ("scale_affine", "scale_affine", lambda i: (i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.perm())),
+    ("dot_affine", "dot_affine", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.perm())),
+    ("grad_affine", "grad_affine", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.f("n", "c"),
+                                              i.f("n", "c"), i.perm())),
 ]
 NAMES = [name for name, _, _ in CASES]
 ARGMAX = ["pool_hw_avgmax", "pool_c_gated", "zpool3", "zpool3-hw"]
 TIES = ARGMAX + ["scale_pair-max", "dot_pair-max", "grad_pair-max"]  # scSE's maximum: ties split its gradient
-TRANSCENDENTAL = ["scale_energy", "grad_energy"]
+TRANSCENDENTAL = ["scale_energy", "grad_energy", "scale_affine", "grad_affine"]
 
 
 def assert_matches(got: object, want: object, layout: torch.memory_format, where: str = "output",
@@ -314,7 +323,7 @@ MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
            "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')",
            "simam", "scse", "scse(combine='add')", "scse(combine='mul')",
-           "sge(groups=3)"]
+           "sge(groups=3)", "shuffle(groups=3)"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

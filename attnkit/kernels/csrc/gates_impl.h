@@ -806,12 +806,14 @@ void FN(scale_energy)(const T *x, const float *m, const float *q, T *y, i64 N, i
         const i64 off = r * (cl ? C : HW);
         if (!cl) {
             const float mr = m[r], qr = q[r];
+#pragma omp simd
             for (i64 p = 0; p < HW; p++) {
                 const float v = LD(x + off, p);
                 ST(y + off, p, v * RND(energy_gate(v - mr, qr)));
             }
         } else {
             const float *mk = m + (r / HW) * C, *qk = q + (r / HW) * C;
+#pragma omp simd
             for (i64 c = 0; c < C; c++) {
                 const float v = LD(x + off, c);
                 ST(y + off, c, v * RND(energy_gate(v - mk[c], qk[c])));
@@ -829,6 +831,7 @@ void FN(dot_energy)(const T *dy, const T *x, const float *m, const float *q, flo
             const T *a = dy + r * HW, *b = x + r * HW;
             const float mr = m[r], qr = q[r];
             double sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
             for (i64 p = 0; p < HW; p++) {
                 const float v = LD(b, p), d = v - mr, s = energy_gate(d, qr);
                 const float td = LD(a, p) * v * s * (1.0f - s) * d;
@@ -848,6 +851,7 @@ void FN(dot_energy)(const T *dy, const T *x, const float *m, const float *q, flo
         const float *mk = m + n * C + c0, *qk = q + n * C + c0;
         double sa[CB] = {0}, sb[CB] = {0};
         for (i64 p = 0; p < HW; p++)
+#pragma omp simd
             for (i64 j = 0; j < cn; j++) {
                 const float v = LD(x + off + p * C, j), d = v - mk[j], s = energy_gate(d, qk[j]);
                 const float td = LD(dy + off + p * C, j) * v * s * (1.0f - s) * d;
@@ -863,13 +867,23 @@ void FN(grad_energy)(const T *dy, const T *x, const float *m, const float *q, co
                      i64 N, i64 C, i64 HW, int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
-        const i64 off = r * (cl ? C : HW), k = cl ? (r / HW) * C : r;
-        const i64 len = cl ? C : HW, step = cl ? 1 : 0; /* NHWC: the statistics follow c; NCHW: one per row */
-        for (i64 i = 0; i < len; i++) {
-            const i64 j = k + i * step;
-            const float g = LD(dy + off, i), v = LD(x + off, i), d = v - m[j], s = energy_gate(d, q[j]);
-            const float t = g * v * s * (1.0f - s);
-            ST(dx + off, i, g * RND(s) + d * (2.0f * t / q[j] + b[j]) + a[j]);
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float mr = m[r], qr = q[r], ar = a[r], br = b[r];
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float g = LD(dy + off, p), v = LD(x + off, p), d = v - mr, s = energy_gate(d, qr);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + off, p, g * RND(s) + d * (2.0f * t / qr + br) + ar);
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) {
+                const float g = LD(dy + off, c), v = LD(x + off, c), d = v - m[k + c], s = energy_gate(d, q[k + c]);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + off, c, g * RND(s) + d * (2.0f * t / q[k + c] + b[k + c]) + a[k + c]);
+            }
         }
     }
 }
@@ -1089,6 +1103,103 @@ void FN(grad_groups)(const T *dy, const float *a, const float *m, const float *u
             for (i64 c = 0; c < C; c++) {
                 const i64 at = (n * G + c / K) * HW + p;
                 ST(dx + off, c, LD(dy + off, c) * a[at] + u[at] * m[n * C + c] + b[n * C + c]);
+            }
+        }
+    }
+}
+
+/* ---------- Shuffle Attention: s = σ(α[n, c]·(x − m[n, c]) + β[n, c]); y and dy in channels perm[c] ---------- */
+
+/* y[n, perm[c]] = x · s */
+void FN(scale_affine)(const T *x, const float *alpha, const float *beta, const float *m, const i64 *perm, T *y, i64 N,
+                      i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const float al = alpha[r], be = beta[r], mr = m[r];
+            const T *xr = x + r * HW;
+            T *yr = y + (n * C + perm[c]) * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p);
+                ST(yr, p, v * RND(sigmoid(al * (v - mr) + be)));
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+            const T *xr = x + r * C;
+            T *yr = y + r * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(xr, c);
+                ST(yr, perm[c], v * RND(sigmoid(alpha[k + c] * (v - m[k + c]) + beta[k + c])));
+            }
+        }
+    }
+}
+
+/* ta[n, c] = Σ_hw t·(x − m), tb[n, c] = Σ_hw t, t = dy[n, perm[c]]·x·s·(1 − s) */
+void FN(dot_affine)(const T *dy, const T *x, const float *alpha, const float *beta, const float *m, const i64 *perm,
+                    float *ta, float *tb, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 n = r / C, c = r % C;
+            const T *xr = x + r * HW, *dr = dy + (n * C + perm[c]) * HW;
+            const float al = alpha[r], be = beta[r], mr = m[r];
+            double sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p), d = v - mr, s = sigmoid(al * d + be);
+                const float t = LD(dr, p) * v * s * (1.0f - s);
+                sa += t * d;
+                sb += t;
+            }
+            ta[r] = (float)sa;
+            tb[r] = (float)sb;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 k = n * C + c0;
+        double sa[CB] = {0}, sb[CB] = {0};
+        for (i64 p = 0; p < HW; p++) {
+            const T *xr = x + (n * HW + p) * C, *dr = dy + (n * HW + p) * C;
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(xr, c0 + j), d = v - m[k + j], s = sigmoid(alpha[k + j] * d + beta[k + j]);
+                const float g = LD(dr, perm[c0 + j]) * v * s * (1.0f - s);
+                sa[j] += g * d;
+                sb[j] += g;
+            }
+        }
+        for (i64 j = 0; j < cn; j++) { ta[k + j] = (float)sa[j]; tb[k + j] = (float)sb[j]; }
+    }
+}
+
+/* dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]) */
+void FN(grad_affine)(const T *dy, const T *x, const float *alpha, const float *beta, const float *m, const float *a,
+                     const float *b, const i64 *perm, T *dx, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const T *xr = x + r * HW, *dr = dy + (n * C + perm[c]) * HW;
+            const float al = alpha[r], be = beta[r], mr = m[r], ar = a[r], br = b[r];
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p), d = v - mr, s = sigmoid(al * d + be), g = LD(dr, p);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + r * HW, p, g * RND(s) + t * al + ar + br * d);
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+            const T *xr = x + r * C, *dr = dy + r * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(xr, c), d = v - m[k + c], s = sigmoid(alpha[k + c] * d + beta[k + c]);
+                const float g = LD(dr, perm[c]), t = g * v * s * (1.0f - s);
+                ST(dx + r * C, c, g * RND(s) + t * alpha[k + c] + a[k + c] + b[k + c] * d);
             }
         }
     }
