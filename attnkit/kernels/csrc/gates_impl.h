@@ -912,18 +912,28 @@ void FN(pool_c_weighted)(const T *x, const float *w, float *z, i64 N, i64 C, i64
     }
 }
 
+/* one element of scale_pair: x·s and x·q combined */
+static inline float FN(pair_value)(float v, float sv, float qv, i64 combine) {
+    const float a = RND(v * sv);
+    if (combine == PAIR_MUL) return a * qv;
+    const float b = RND(v * qv);
+    return combine == PAIR_MAX ? pair_max(a, b) : a + b;
+}
+
 /* y = max(x·s, x·q), x·s + x·q or (x·s)·q, each product rounded to T */
 void FN(scale_pair)(const T *x, const float *s, const float *q, T *y, i64 combine, i64 N, i64 C, i64 HW, int cl,
                     int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
-        const i64 off = r * (cl ? C : HW), n = cl ? r / HW : r / C;
-        const i64 len = cl ? C : HW;
-        for (i64 i = 0; i < len; i++) {
-            const float sv = cl ? s[n * C + i] : s[r], qv = cl ? q[r] : q[n * HW + i];
-            const float v = LD(x + off, i), a = RND(v * sv);
-            ST(y + off, i, combine == PAIR_MUL ? a * qv : combine == PAIR_MAX ? pair_max(a, RND(v * qv))
-                                                                              : a + RND(v * qv));
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float sv = s[r], *qn = q + (r / C) * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(pair_value)(LD(x + off, p), sv, qn[p], combine));
+        } else {
+            const float *sn = s + (r / HW) * C, qv = q[r];
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(pair_value)(LD(x + off, c), sn[c], qv, combine));
         }
     }
 }
@@ -954,6 +964,7 @@ void FN(dot_pair)(const T *dy, const T *x, const float *s, const float *q, float
         if (!cl) {
             for (i64 c = 0; c < C; c++) {
                 double t = 0;
+#pragma omp simd reduction(+ : t) private(tc, tp)
                 for (i64 p = 0; p < HW; p++) {
                     FN(pair_terms)(LD(dn, c * HW + p), LD(xn, c * HW + p), sn[c], qn[p], combine, &tc, &tp);
                     t += tc;
@@ -965,6 +976,7 @@ void FN(dot_pair)(const T *dy, const T *x, const float *s, const float *q, float
         } else {
             for (i64 p = 0; p < HW; p++) {
                 double t = 0;
+#pragma omp simd reduction(+ : t) private(tc, tp)
                 for (i64 c = 0; c < C; c++) {
                     FN(pair_terms)(LD(dn, p * C + c), LD(xn, p * C + c), sn[c], qn[p], combine, &tc, &tp);
                     acc[c] += tc;
@@ -978,29 +990,36 @@ void FN(dot_pair)(const T *dy, const T *x, const float *s, const float *q, float
     }
 }
 
+/* one element of grad_pair's dy·∂y/∂x */
+static inline float FN(pair_local)(float d, float v, float sv, float qv, i64 combine) {
+    if (combine == PAIR_MUL) return d * sv * qv;
+    const float wa = combine == PAIR_MAX ? max_share(RND(v * sv), RND(v * qv)) : 1.0f;
+    const float wb = combine == PAIR_MAX ? 1.0f - wa : 1.0f;
+    return d * (wa * sv + wb * qv);
+}
+
 /* dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, hw] */
 void FN(grad_pair)(const T *dy, const T *x, const float *s, const float *q, const float *a, const float *w,
                    const float *dz, T *dx, i64 combine, i64 N, i64 C, i64 HW, int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
-        const i64 off = r * (cl ? C : HW), n = cl ? r / HW : r / C;
-        const i64 len = cl ? C : HW;
-        for (i64 i = 0; i < len; i++) {
-            const i64 c = cl ? i : r % C, p = cl ? r % HW : i;
-            const float sv = s[n * C + c], qv = q[n * HW + p], d = LD(dy + off, i);
-            float local;
-            if (combine == PAIR_MUL) {
-                local = d * sv * qv;
-            } else {
-                float wa = 1.0f, wb = 1.0f;
-                if (combine == PAIR_MAX) {
-                    const float v = LD(x + off, i);
-                    wa = max_share(RND(v * sv), RND(v * qv));
-                    wb = 1.0f - wa;
-                }
-                local = d * (wa * sv + wb * qv);
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const float sv = s[r], ar = a[r], wc = w[c], *qn = q + n * HW, *dzn = dz + n * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float local = FN(pair_local)(LD(dy + off, p), LD(x + off, p), sv, qn[p], combine);
+                ST(dx + off, p, local + ar + wc * dzn[p]);
             }
-            ST(dx + off, i, local + a[n * C + c] + w[c] * dz[n * HW + p]);
+        } else {
+            const i64 n = r / HW;
+            const float *sn = s + n * C, *an = a + n * C, qv = q[r], dzv = dz[r];
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) {
+                const float local = FN(pair_local)(LD(dy + off, c), LD(x + off, c), sn[c], qv, combine);
+                ST(dx + off, c, local + an[c] + w[c] * dzv);
+            }
         }
     }
 }
