@@ -65,7 +65,7 @@ class ShuffleAttention(AttentionModule):
         α = W₂·γ / √(σ² + ε), β = W₂·δ + b₂."""
         with autocast_off(mean):
             half = self.channels // (2 * self.groups)
-            mean0, mean1 = mean.unflatten(1, (self.groups, 2, half)).unbind(2)
+            mean0 = mean.unflatten(1, (self.groups, 2, half))[:, :, 0]
             m2_1 = m2.unflatten(1, (self.groups, 2, half))[:, :, 1]
             dtype = torch.promote_types(self.cweight.dtype, mean.dtype)
             cw, cb, sw, sb, gamma, delta = (p.to(dtype).flatten() for p in (self.cweight, self.cbias, self.sweight,
