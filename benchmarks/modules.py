@@ -16,7 +16,11 @@ case, which runs them in eval mode.
 The floor: a gate module reads x to pool it, then reads x and writes y: 3|x| bytes forward; backward reads dy
 and x to reduce and reads dy again to write dx: 4|x| more (7|x| in all). CBAM, Coordinate Attention and
 Triplet Attention pool twice or along two axes: 4|x| forward, 8|x| in all; Gather-Excite θ's backward reads x
-once more for its depthwise kernel's gradient: 8|x| in all. The bandwidth is that of a copy of
+once more for its depthwise kernel's gradient, GCT's, SimAM's and Shuffle Attention's to write dx (their gates
+depend on x's spread):
+8|x| in all. scSE pools over H×W and over C (4|x| forward), and its backward reads x to reduce, to write dx and
+for its convolution's weight gradient: 10|x| in all. SGE pools the means and the groups' similarities (4|x|
+forward) and reads x twice in its backward: 9|x| in all. The bandwidth is that of a copy of
 x measured in the same run; each figure is printed as milliseconds and as a multiple of its floor.
 
 The glibc allocator decides much of the backward's cost on CPU (fresh mmaps for full-size temporaries are zeroed
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -51,6 +56,8 @@ SHAPES = {  # name: N×C×H×W
 }
 INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on its running statistics)
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
+X_IN_BACKWARD = {"ge-theta", "gct", "simam", "shuffle"}  # floor 3|x| forward, 8|x| forward+backward
+FLOORS = {"scse": (4, 10), "sge": (4, 9)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the environment a figure depends on, written before the command line in the markdown file
 ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF")
@@ -172,6 +179,8 @@ def timm_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module | No
 def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if name == "ge-theta":
         return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
+    if name in ("sge", "shuffle"):  # the papers' 64 groups, or as many as divide the channels (e.g. 144: 16 and 8)
+        return attnkit.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
     return attnkit.create(name, channels)
 
 
@@ -241,7 +250,7 @@ def bench_shape(report: Report, shape_name: str, args: argparse.Namespace) -> di
     results: dict[str, dict[str, float]] = {}
     for name in args.modules.split(","):
         found = impls(name, x, backend, args.compile, training=shape_name not in INFERENCE)
-        passes = (4, 8) if name in TWO_POOLS else (3, 8) if name == "ge-theta" else (3, 7)
+        passes = FLOORS.get(name) or ((4, 8) if name in TWO_POOLS else (3, 8) if name in X_IN_BACKWARD else (3, 7))
         floors = [p * x.nbytes / bandwidth * 1e3 for p in passes]
         try:
             fwd = median_ms([timed(i, forward(i.module, x), args.device) for i in found], args.warmup, args.repeats)
@@ -266,7 +275,7 @@ def speedups(results: dict[str, dict[str, dict[str, float]]], name: str, key: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
-    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet")
+    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge,shuffle")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)

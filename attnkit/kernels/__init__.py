@@ -1,7 +1,10 @@
 """Fused forward and backward passes of the gate modules, near the memory-traffic floor.
 
-SE, ECA, SRM, Gather-Excite θ⁻, θ and θ⁺ (global extent), CBAM, Coordinate Attention and Triplet Attention run, by
-default, a fused path: one pass over x to pool, one to scale; in the backward one pass over dy and x to reduce and
+SE, ECA, SRM, Gather-Excite θ⁻, θ and θ⁺ (global extent), CBAM, Coordinate Attention, Triplet Attention, GCT (its
+sums of squares from the mean and M2 of SRM's pass), FcaNet (its DCT filters as Gather-Excite θ's depthwise kernel),
+SimAM (SRM's pass, then an elementwise gate of its own), scSE (the means and its 1×1 convolution's weighted sum over C,
+then one pass that combines x·s and x·q), SGE (the means, then each group's similarity map) and Shuffle Attention
+(SRM's pass, then an elementwise gate written to the shuffled channels) run, by default, a fused path: one pass over x to pool, one to scale; in the backward one pass over dy and x to reduce and
 one to write dx, saving only x and the small pooled tensors (functions.py). Each pass is a backend primitive:
   cpu.py      compiled C loops (OpenMP), float32 and bfloat16, NCHW and channels_last;
   triton.py   Triton kernels for CUDA, float32, bfloat16 and float16, NCHW and channels_last, deterministic;

@@ -26,7 +26,9 @@ from torch import Tensor
 from .._paths import cache_dir
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC keeps the comparisons
+# of a select (SimAM's and Shuffle Attention's exponential) out of vectorized loops
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -335,4 +337,123 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     flat += [None, None, None] * (3 - len(pools))
     _call("grad_mean3", dy, dy, _stat(a_cw, cl), _stat(a_hc, cl),
           None if a_hw is None else _stat(a_hw), k, *flat, dx, n, c, h, w)
+    return dx
+
+
+# --- SimAM ---
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_energy", x, x, _stat(m), _stat(q), y, n, c, h * w)
+    return y
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ta, tb = _f32((n, c)), _f32((n, c))
+    _call("dot_energy", x, dy, x, _stat(m), _stat(q), ta, tb, n, c, h * w)
+    return ta, tb
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_energy", dy, dy, x, _stat(m), _stat(q), _stat(a), _stat(b), dx, n, c, h * w)
+    return dx
+
+
+# --- scSE ---
+
+COMBINES = {"max": 0, "add": 1, "mul": 2}
+
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    n, c, h, wd = x.shape
+    z = _f32((n, h, wd))
+    _call("pool_c_weighted", x, x, w.float().contiguous(), z, n, c, h * wd)
+    return z
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_pair", x, x, _factor(s, x), _factor(q, x), y, COMBINES[combine], n, c, h * w)
+    return y
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ds, dq = _f32((n, c)), _f32((n, h, w))
+    _call("dot_pair", x, dy, x, _factor(s, x), _factor(q, x), ds, dq, COMBINES[combine], n, c, h * w)
+    return ds, dq
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    n, c, h, wd = dy.shape
+    dx = _output_like(dy)
+    _call("grad_pair", dy, dy, x, _factor(s, dy), _factor(q, dy), _stat(a), w.float().contiguous(), _stat(dz), dx,
+          COMBINES[combine], n, c, h * wd)
+    return dx
+
+
+# --- SGE ---
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, groups, h, w))
+    _call("pool_groups", x, x, _stat(m), out, groups, n, c, h * w)
+    return out
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_groups", x, x, _factor(a, x), y, a.shape[1], n, c, h * w)
+    return y
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, groups, h, w))
+    _call("dot_groups", x, dy, x, out, groups, n, c, h * w)
+    return out
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = _f32((n, c))
+    _call("dot_x_groups", x, x, _stat(u), out, u.shape[1], n, c, h * w)
+    return out
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_groups", dy, dy, _factor(a, dy), _stat(m), _stat(u), _stat(b), dx, a.shape[1], n, c, h * w)
+    return dx
+
+
+# --- Shuffle Attention ---
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_affine", x, x, _stat(alpha), _stat(beta), _stat(m), perm.contiguous(), y, n, c, h * w)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    ta, tb = _f32((n, c)), _f32((n, c))
+    _call("dot_affine", x, dy, x, _stat(alpha), _stat(beta), _stat(m), perm.contiguous(), ta, tb, n, c, h * w)
+    return ta, tb
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_affine", dy, dy, x, _stat(alpha), _stat(beta), _stat(m), _stat(a), _stat(b), perm.contiguous(), dx,
+          n, c, h * w)
     return dx

@@ -305,3 +305,182 @@ def triplet_gate(backend: Backend, x: Tensor, gates: Callable[..., Sequence[Tens
     outs = list(gates(*_ZPool3.apply(backend, handoff, spatial, x)))
     _check_gates(x, outs)
     return _ScaleMean3.apply(backend, handoff, x, *outs)
+
+
+# --- SimAM: x · σ((x − μ)² / (4(σ̂² + λ)) + ½), μ and the unbiased variance σ̂² of each channel ---
+
+class _EnergyGate(torch.autograd.Function):
+    """With q = 4(M2 / (HW − 1) + λ) and d = x − μ, the gate's gradient t = dy·x·s·(1 − s) reaches x directly
+    (2t·d / q), through μ (−2 Σ t·d / q, spread as 1/HW) and through M2 (−4 Σ t·d² / (q²·(HW − 1)), times 2d):
+    one pass over dy and x sums Σ t·d and Σ t·d², one writes dx."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, e_lambda: float, x: Tensor) -> Tensor:
+        mean, m2 = backend.pool_hw(x, True)
+        ctx.backend, ctx.hw = backend, x.shape[2] * x.shape[3]
+        ctx.bessel = max(ctx.hw - 1, 1)  # HW − 1, taken as 1 for a 1×1 map (where d = 0)
+        q = 4 * (m2 / ctx.bessel + e_lambda)
+        ctx.save_for_backward(x, mean, q)
+        return backend.scale_energy(x, mean, q)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, mean, q = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_layout(x))
+        td, td2 = ctx.backend.dot_energy(dy, x, mean, q)
+        dmean = -2 * td / q
+        dm2 = -4 * td2 / (q * q * ctx.bessel)
+        return None, None, ctx.backend.grad_energy(dy, x, mean, q, dmean / ctx.hw, 2 * dm2)
+
+
+def energy_gate(backend: Backend, x: Tensor, e_lambda: float) -> Tensor:
+    """SimAM's y = x · σ(1/e*), 1/e* = (x − μ)² / (4(σ̂² + λ)) + ½ per channel over H×W."""
+    if not torch.is_grad_enabled():
+        mean, m2 = backend.pool_hw(x, True)
+        return backend.scale_energy(x, mean, 4 * (m2 / max(x.shape[2] * x.shape[3] - 1, 1) + e_lambda))
+    return _EnergyGate.apply(backend, e_lambda, x)
+
+
+# --- scSE: a channel gate from the means and a spatial gate from a 1×1 convolution C -> 1, combined ---
+
+class _ScalePair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.combine = backend, handoff, combine
+        ctx.save_for_backward(x, s, q)
+        return backend.scale_pair(x, s, q, combine)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (s, q) = _hand_over(ctx, dy)
+        ds, dq = ctx.backend.dot_pair(dy, x, s, q, ctx.combine)
+        return None, None, None, ds.to(s.dtype), dq.to(q.dtype), None
+
+
+class _PoolPair(torch.autograd.Function):
+    """The means over H×W and Σ_c w·x; its backward writes dx and sums w's gradient Σ_n,hw dz·x."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, w: Tensor, combine: str):
+        ctx.backend, ctx.handoff, ctx.combine, ctx.hw = backend, handoff, combine, x.shape[2] * x.shape[3]
+        ctx.save_for_backward(w)
+        return backend.pool_hw(x, False)[0], backend.pool_c_weighted(x, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean: Tensor, dz: Tensor):
+        (w,), h = ctx.saved_tensors, _taken(ctx.handoff)
+        dx = dw = None
+        if ctx.needs_input_grad[2]:
+            dx = ctx.backend.grad_pair(h.dy, h.x, *h.gates, ctx.combine, dmean / ctx.hw, w, dz)
+        if ctx.needs_input_grad[3]:  # Σ_hw x·(dz + 0·[c = 0]): CBAM's pass with no maximum's share
+            dw = ctx.backend.dot_x_s(h.x, dz, torch.zeros_like(dz), torch.zeros(dz.shape, dtype=torch.int64,
+                                                                                  device=dz.device)).sum(0)
+        return None, None, dx, None if dw is None else dw.to(w.dtype), None
+
+
+def pair_gate(backend: Backend, x: Tensor, w: Tensor, channel: Callable[[Tensor], Tensor],
+              spatial: Callable[[Tensor], Tensor], combine: str) -> Tensor:
+    """y = max(x·s, x·q), x·s + x·q or x·s·q ('max', 'add', 'mul'), with s [N, C] = channel(mean_hw x) and
+    q [N, H, W] = spatial(Σ_c w[c]·x) for a weight w [C]."""
+    if not torch.is_grad_enabled():
+        mean, _ = backend.pool_hw(x, False)
+        return backend.scale_pair(x, channel(mean), spatial(backend.pool_c_weighted(x, w)), combine)
+    handoff = _Handoff()
+    mean, z = _PoolPair.apply(backend, handoff, x, w, combine)
+    s, q = channel(mean), spatial(z)
+    _check_gates(x, [s, q])
+    return _ScalePair.apply(backend, handoff, x, s, q, combine)
+
+
+# --- SGE: a gate per group and position, from the similarity of each position to its group's mean feature ---
+
+class _ScaleGroups(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, a: Tensor) -> Tensor:
+        ctx.backend, ctx.handoff = backend, handoff
+        ctx.save_for_backward(x, a)
+        return backend.scale_groups(x, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (a,) = _hand_over(ctx, dy)
+        return None, None, None, ctx.backend.dot_groups(dy, x, a.shape[1]).to(a.dtype)
+
+
+class _PoolGroups(torch.autograd.Function):
+    """sim[n, g, hw] = Σ_{c in g} m[n, c]·x with m the channel means; the backward writes
+    dx = dy·a + dsim·m[n, c] + Σ_hw dsim·x / HW."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, groups: int, x: Tensor) -> Tensor:
+        mean, _ = backend.pool_hw(x, False)
+        ctx.backend, ctx.handoff, ctx.hw = backend, handoff, x.shape[2] * x.shape[3]
+        ctx.save_for_backward(mean)
+        return backend.pool_groups(x, mean, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dsim: Tensor):
+        (mean,), h = ctx.saved_tensors, _taken(ctx.handoff)
+        b = ctx.backend.dot_x_groups(h.x, dsim) / ctx.hw
+        return None, None, None, ctx.backend.grad_groups(h.dy, h.gates[0], mean, dsim, b)
+
+
+def group_gate(backend: Backend, x: Tensor, groups: int, gate: Callable[[Tensor], Tensor]) -> Tensor:
+    """y = x · a[n, g, h, w] (g the group of the channel) with a = gate(sim), sim [N, G, H, W] the sum over each group's
+    channels of x times the channel's mean over H×W."""
+    if not torch.is_grad_enabled():
+        mean, _ = backend.pool_hw(x, False)
+        return backend.scale_groups(x, gate(backend.pool_groups(x, mean, groups)))
+    handoff = _Handoff()
+    a = gate(_PoolGroups.apply(backend, handoff, groups, x))
+    _check_gates(x, [a])
+    return _ScaleGroups.apply(backend, handoff, x, a)
+
+
+# --- Shuffle Attention: x·σ(α·(x − μ) + β) with α, β from each channel's mean and M2, into shuffled channels ---
+
+class _ScaleAffine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor,
+                perm: Tensor) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.perm = backend, handoff, perm
+        ctx.save_for_backward(x, alpha, beta, m)
+        return backend.scale_affine(x, alpha, beta, m, perm)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        dy, x, (alpha, beta, m) = _hand_over(ctx, dy)
+        ta, tb = ctx.backend.dot_affine(dy, x, alpha, beta, m, ctx.perm)
+        return None, None, None, ta.to(alpha.dtype), tb.to(beta.dtype), (-alpha * tb).to(m.dtype), None
+
+
+class _PoolMoments(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.backend, ctx.handoff, ctx.perm, ctx.hw = backend, handoff, perm, x.shape[2] * x.shape[3]
+        return backend.pool_hw(x, True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean: Tensor, dm2: Tensor):
+        h = _taken(ctx.handoff)  # M2 = Σ(x − μ)², ∂M2/∂x = 2(x − μ)
+        return None, None, ctx.backend.grad_affine(h.dy, h.x, *h.gates, dmean / ctx.hw, 2 * dm2, ctx.perm), None
+
+
+def affine_gate(backend: Backend, x: Tensor, perm: Tensor,
+                gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+    """y[n, perm[c]] = x · σ(α·(x − μ) + β) with (α, β) [N, C] = gate(mean_hw x, M2_hw x) and μ the mean."""
+    if not torch.is_grad_enabled():
+        mean, m2 = backend.pool_hw(x, True)
+        return backend.scale_affine(x, *gate(mean, m2), mean, perm)
+    handoff = _Handoff()
+    mean, m2 = _PoolMoments.apply(backend, handoff, x, perm)
+    alpha, beta = gate(mean, m2)
+    _check_gates(x, [alpha, beta])
+    return _ScaleAffine.apply(backend, handoff, x, alpha, beta, mean, perm)

@@ -178,3 +178,146 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     for dim, (v, index, u) in zip((2, 3, 1), pools):
         dx = dx + u.unsqueeze(dim) + v.unsqueeze(dim) * _one_hot(index, dy.shape[dim], dim)
     return dx.to(dy.dtype)
+
+
+# --- SimAM: an elementwise gate σ(e), e = (x − m[n, c])² / q[n, c] + ½, from each channel's mean and spread ---
+
+def _energy(x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(s = σ(e), d = x − m), in float."""
+    d = _f(x) - m[:, :, None, None]
+    return torch.sigmoid(d * d / q[:, :, None, None] + 0.5), d
+
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    """y = x · σ((x − m[n, c])² / q[n, c] + ½)."""
+    return x * _energy(x, m, q)[0].to(x.dtype)
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t·(x − m)²), each [N, C], with t = dy·x·s·(1 − s) the gradient of e."""
+    s, d = _energy(x, m, q)
+    td = _f(dy) * _f(x) * s * (1 - s) * d
+    return td.sum((2, 3)), (td * d).sum((2, 3))
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·s + (x − m)·(2t / q[n, c] + b[n, c]) + a[n, c], t = dy·x·s·(1 − s), rounded to dy's dtype once."""
+    s, d = _energy(x, m, q)
+    t = _f(dy) * _f(x) * s * (1 - s)
+    dx = _f(dy) * _round(s, dy) + d * (2 * t / q[:, :, None, None] + b[:, :, None, None]) + a[:, :, None, None]
+    return dx.to(dy.dtype)
+
+
+# --- scSE: a channel gate s [N, C] and a spatial gate q [N, H, W] from a 1×1 convolution C -> 1, combined ---
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    """Σ_c w[c]·x, [N, H, W]: the 1×1 convolution from C channels to one, without its bias."""
+    return (_f(x) * _f(w)[:, None, None]).sum(1)
+
+
+def _pair(x: Tensor, s: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    return scale_c(x, s), x * q.to(x.dtype)[:, None]
+
+
+def _pair_weights(x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor | float, Tensor | float]:
+    """∂y/∂(x·s) and ∂y/∂(x·q) for 'max' (torch.maximum's gradient: split evenly on ties) and 'add'."""
+    if combine == "add":
+        return 1.0, 1.0
+    a, b = _pair(x, s, q)
+    wa = (a > b).float() + 0.5 * (a == b).float()
+    return wa, 1 - wa
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    """y = max(x·s[n, c], x·q[n, h, w]), x·s + x·q or (x·s)·q, for combine 'max', 'add' or 'mul'."""
+    if combine == "mul":
+        return scale_cs(x, s, q)
+    a, b = _pair(x, s, q)
+    return torch.maximum(a, b) if combine == "max" else a + b
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dy·∂y/∂s [N, C], Σ_c dy·∂y/∂q [N, H, W]), factors as rounded in the forward ('mul': dot_cs)."""
+    if combine == "mul":
+        return dot_cs(dy, x, s, q)
+    wa, wb = _pair_weights(x, s, q, combine)
+    p = _f(dy) * _f(x)
+    return (p * wa).sum((2, 3)), (p * wb).sum(1)
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, h, w], rounded to dy's dtype once."""
+    s_r, q_r = _round(s, dy)[:, :, None, None], _round(q, dy)[:, None]
+    if combine == "mul":
+        local = _f(dy) * s_r * q_r
+    else:
+        wa, wb = _pair_weights(x, s, q, combine)
+        local = _f(dy) * (wa * s_r + wb * q_r)
+    return (local + a[:, :, None, None] + _f(w)[:, None, None] * dz[:, None]).to(dy.dtype)
+
+
+# --- SGE: a gate per group of channels and position, from the similarity of each position to the group's means ---
+
+def _per_channel(t: Tensor, channels: int) -> Tensor:
+    """A per-group map [N, G, H, W] repeated for each of its group's channels, [N, C, H, W]."""
+    return t.repeat_interleave(channels // t.shape[1], 1)
+
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    """Σ over the channels c of group g of m[n, c]·x, [N, G, H, W]."""
+    return (_f(x) * m[:, :, None, None]).unflatten(1, (groups, -1)).sum(2)
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    """y = x · a[n, g, h, w], g the group of x's channel (G = a.shape[1] equal groups)."""
+    return x * _per_channel(a.to(x.dtype), x.shape[1])
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    """Σ over the channels of each group of dy·x, [N, G, H, W]."""
+    return (_f(dy) * _f(x)).unflatten(1, (groups, -1)).sum(2)
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    """Σ_hw x·u[n, g, h, w], g the group of x's channel, [N, C]."""
+    return (_f(x) * _per_channel(u, x.shape[1])).sum((2, 3))
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·a[n, g, h, w] + u[n, g, h, w]·m[n, c] + b[n, c], rounded to dy's dtype once."""
+    c = dy.shape[1]
+    dx = _f(dy) * _per_channel(_round(a, dy), c) + _per_channel(u, c) * m[:, :, None, None] + b[:, :, None, None]
+    return dx.to(dy.dtype)
+
+
+# --- Shuffle Attention: a gate σ(α[n, c]·(x − m[n, c]) + β[n, c]) per element, written to permuted channels ---
+
+def _affine_gate(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor) -> Tensor:
+    return torch.sigmoid(alpha[:, :, None, None] * (_f(x) - m[:, :, None, None]) + beta[:, :, None, None])
+
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    """y[n, perm[c]] = x[n, c] · σ(α[n, c]·(x − m[n, c]) + β[n, c])."""
+    y = torch.empty_like(x)
+    y[:, perm] = x * _affine_gate(x, alpha, beta, m).to(x.dtype)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t), each [N, C], with t = dy[n, perm[c]]·x·s·(1 − s) the gradient of the gate's
+    argument."""
+    s = _affine_gate(x, alpha, beta, m)
+    t = _f(dy[:, perm]) * _f(x) * s * (1 - s)
+    return (t * (_f(x) - m[:, :, None, None])).sum((2, 3)), t.sum((2, 3))
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    """dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]), t as in dot_affine, rounded to dy's dtype once
+    (dx in x's channel order)."""
+    s = _affine_gate(x, alpha, beta, m)
+    d = _f(dy[:, perm])
+    t = d * _f(x) * s * (1 - s)
+    dx = d * _round(s, dy) + t * alpha[:, :, None, None] + a[:, :, None, None]
+    dx = dx + b[:, :, None, None] * (_f(x) - m[:, :, None, None])
+    return torch.empty_like(x, dtype=dy.dtype).copy_(dx)

@@ -526,6 +526,279 @@ def _grad_mean3_kernel(dy, a_cw, a_hc, a_hw, v_h, at_h, u_h, v_w, at_w, u_w, v_c
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
 
+# --- SimAM: an elementwise gate s = σ((x − m)² / q + ½) from per-channel m and q ---
+
+@_jit
+def _energy(v, m, q):
+    """(s, d = v − m) for a [channels, positions] tile v and per-channel m, q."""
+    d = v - m[:, None]
+    return tl.sigmoid(d * d / q[:, None] + 0.5), d
+
+
+@_jit
+def _scale_energy_kernel(x, m, q, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · s."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    v = tl.load(x + at, mask=mask).to(tl.float32)
+    s, _ = _energy(v, tl.load(m + n * C + c, mask=c < C), tl.load(q + n * C + c, mask=c < C, other=1.0))
+    tl.store(y + at, _to(v * _round(s, x), y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_energy_kernel(dy, x, m, q, ta, tb, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Σ_p t·d and Σ_p t·d² of BLOCK_C channels, t = dy·x·s·(1 − s)."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = tl.load(m + n * C + c, mask=c < C, other=0.0)
+    qc = tl.load(q + n * C + c, mask=c < C, other=1.0)
+    total_a = tl.zeros([BLOCK_C], tl.float32)
+    total_b = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        g = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        s, d = _energy(v, mc, qc)
+        td = tl.where(mask, g * v * s * (1.0 - s) * d, 0.0)
+        total_a += tl.sum(td, 1)
+        total_b += tl.sum(td * d, 1)
+    tl.store(ta + n * C + c, total_a, mask=c < C)
+    tl.store(tb + n * C + c, total_b, mask=c < C)
+
+
+@_jit
+def _grad_energy_kernel(dy, x, m, q, a, b, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """dx = dy·s + d·(2t / q + b) + a, t = dy·x·s·(1 − s), per-channel m, q, a, b."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    nc = n * C + c
+    g = tl.load(dy + at, mask=mask).to(tl.float32)
+    v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+    qc = tl.load(q + nc, mask=c < C, other=1.0)
+    s, d = _energy(v, tl.load(m + nc, mask=c < C), qc)
+    t = g * v * s * (1.0 - s)
+    out = g * _round(s, dy) + d * (2.0 * t / qc[:, None] + tl.load(b + nc, mask=c < C)[:, None])
+    tl.store(dx + at, _to(out + tl.load(a + nc, mask=c < C)[:, None], dx.dtype.element_ty), mask=mask)
+
+
+# --- scSE: a channel gate s [N, C] and a spatial gate q [N, P], combined by max, add or mul ---
+
+_PAIR_MAX, _PAIR_ADD, _PAIR_MUL = 0, 1, 2
+COMBINES = {"max": _PAIR_MAX, "add": _PAIR_ADD, "mul": _PAIR_MUL}
+
+
+@_jit
+def _pool_c_weighted_kernel(x, w, z, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ_c w[c]·x over all channels, for a block of positions."""
+    n = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(v * tl.load(w + c, mask=c < C, other=0.0)[:, None], 0)
+    tl.store(z + n * P + p, acc, mask=p < P)
+
+
+@_jit
+def _pair_shares(v, s, q, x, COMBINE: tl.constexpr):
+    """(x·s rounded, ∂y/∂(x·s), ∂y/∂(x·q)) for 'max' (torch.maximum's: ½ each on a tie) and 'add'."""
+    a = _round(v * s, x)
+    if COMBINE == 0:
+        b = _round(v * q, x)
+        wa = tl.where(a > b, 1.0, tl.where(a == b, 0.5, 0.0))
+        return a, wa, 1.0 - wa
+    return a, tl.full(a.shape, 1.0, tl.float32), tl.full(a.shape, 1.0, tl.float32)
+
+
+@_jit
+def _scale_pair_kernel(x, s, q, y, C, P, W, sn, sc, sp, COMBINE: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """y = max(x·s, x·q), x·s + x·q or (x·s)·q."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    v = tl.load(x + at, mask=mask).to(tl.float32)
+    sv = _round(tl.load(s + n * C + c, mask=c < C), x)[:, None]
+    qv = _round(tl.load(q + n * P + p, mask=p < P), x)[None, :]
+    a = _round(v * sv, x)
+    if COMBINE == 2:
+        out = a * qv
+    elif COMBINE == 0:
+        b = _round(v * qv, x)
+        out = tl.where((a > b) | (a != a), a, b)
+    else:
+        out = a + _round(v * qv, x)
+    tl.store(y + at, _to(out, y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_pair_kernel(dy, x, s, q, by_c, by_p, C, P, c_chunk, dsn, dsc, dsp, sn, sc, sp, COMBINE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Partials of dot_pair over a block of positions and a chunk of channels, as _dot_cs_kernel's."""
+    n = tl.program_id(2)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qv = _round(tl.load(q + n * P + p, mask=p < P, other=0.0), x)[None, :]
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    c_first = tl.program_id(1) * c_chunk
+    for c0 in range(c_first, c_first + c_chunk, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        sv = _round(tl.load(s + n * C + c, mask=c < C, other=0.0), x)[:, None]
+        if COMBINE == 2:
+            to_c = d * v * qv
+            to_p = d * _round(v * sv, x)
+        else:
+            _, wa, wb = _pair_shares(v, sv, qv, x, COMBINE)
+            to_c = d * v * wa
+            to_p = d * v * wb
+        tl.store(by_c + (n * C + c) * tl.num_programs(0) + tl.program_id(0), tl.sum(to_c, 1), mask=c < C)
+        acc += tl.sum(to_p, 0)
+    tl.store(by_p + (n * tl.num_programs(1) + tl.program_id(1)) * P + p, acc, mask=p < P)
+
+
+@_jit
+def _grad_pair_kernel(dy, x, s, q, a, w, dz, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, COMBINE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, p]."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    d = tl.load(dy + at, mask=mask).to(tl.float32)
+    sv = _round(tl.load(s + n * C + c, mask=c < C), dy)[:, None]
+    qv = _round(tl.load(q + n * P + p, mask=p < P), dy)[None, :]
+    if COMBINE == 2:
+        local = d * sv * qv
+    else:
+        v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+        _, wa, wb = _pair_shares(v, sv, qv, dy, COMBINE)
+        local = d * (wa * sv + wb * qv)
+    out = local + tl.load(a + n * C + c, mask=c < C)[:, None]
+    out = out + tl.load(w + c, mask=c < C)[:, None] * tl.load(dz + n * P + p, mask=p < P)[None, :]
+    tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
+
+
+# --- SGE: G equal groups of K = C/G channels; per-group maps [N, G, P] ---
+
+@_jit
+def _sum_groups_kernel(x, m, dy, out, G, K, C, P, sn, sc, sp, dsn, dsc, dsp, WITH_DY: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ over the channels of group g of f·x for a block of positions, f = dy (WITH_DY) or m[n, c]."""
+    n = tl.program_id(2)
+    g = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_P], tl.float32)
+    for k0 in range(0, K, BLOCK_C):
+        c = g * K + k0 + tl.arange(0, BLOCK_C)
+        in_group = (k0 + tl.arange(0, BLOCK_C)) < K
+        mask = in_group[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        if WITH_DY:
+            f = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        else:
+            f = tl.load(m + n * C + c, mask=in_group, other=0.0)[:, None]
+        acc += tl.sum(v * f, 0)
+    tl.store(out + (n * G + g) * P + p, acc, mask=p < P)
+
+
+@_jit
+def _scale_groups_kernel(x, a, y, K, G, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · a[n, c // K, p]."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    av = _round(tl.load(a + (n * G + c // K)[:, None] * P + p[None, :], mask=mask), x)
+    tl.store(y + at, _to(tl.load(x + at, mask=mask).to(tl.float32) * av, y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_x_groups_kernel(x, u, out, K, G, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ_p x·u[n, c // K, p] of BLOCK_C channels."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        total += tl.sum(v * tl.load(u + (n * G + c // K)[:, None] * P + p[None, :], mask=mask, other=0.0), 1)
+    tl.store(out + n * C + c, total, mask=c < C)
+
+
+@_jit
+def _grad_groups_kernel(dy, a, m, u, b, dx, K, G, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·a[n, g, p] + u[n, g, p]·m[n, c] + b[n, c], g = c // K."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    group_at = (n * G + c // K)[:, None] * P + p[None, :]
+    out = tl.load(dy + at, mask=mask).to(tl.float32) * _round(tl.load(a + group_at, mask=mask), dy)
+    out = out + tl.load(u + group_at, mask=mask) * tl.load(m + n * C + c, mask=c < C)[:, None]
+    out = out + tl.load(b + n * C + c, mask=c < C)[:, None]
+    tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
+
+
+# --- Shuffle Attention: s = σ(α[n, c]·(x − m[n, c]) + β[n, c]); y and dy in channels perm[c] ---
+
+@_jit
+def _affine(v, alpha, beta, m, nc, C_MASK):
+    """(s, x − m) on a tile, per-channel α, β, m at offsets nc."""
+    d = v - tl.load(m + nc, mask=C_MASK, other=0.0)[:, None]
+    e = tl.load(alpha + nc, mask=C_MASK, other=0.0)[:, None] * d + tl.load(beta + nc, mask=C_MASK, other=0.0)[:, None]
+    return tl.sigmoid(e), d
+
+
+@_jit
+def _scale_affine_kernel(x, alpha, beta, m, perm, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+    """y[n, perm[c]] = x · s."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask).to(tl.float32)
+    s, _ = _affine(v, alpha, beta, m, n * C + c, c < C)
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    tl.store(y + _at(n, out_c, p, sn, sc, sp), _to(v * _round(s, x), y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_affine_kernel(dy, x, alpha, beta, m, perm, ta, tb, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Σ_p t·(x − m) and Σ_p t of BLOCK_C channels, t = dy[n, perm[c]]·x·s·(1 − s)."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    total_a = tl.zeros([BLOCK_C], tl.float32)
+    total_b = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy + _at(n, out_c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
+        s, d = _affine(v, alpha, beta, m, n * C + c, c < C)
+        t = tl.where(mask, g * v * s * (1.0 - s), 0.0)
+        total_a += tl.sum(t * d, 1)
+        total_b += tl.sum(t, 1)
+    tl.store(ta + n * C + c, total_a, mask=c < C)
+    tl.store(tb + n * C + c, total_b, mask=c < C)
+
+
+@_jit
+def _grad_affine_kernel(dy, x, alpha, beta, m, a, b, perm, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy[n, perm[c]]·s + t·α + a + b·(x − m), per-channel α, β, m, a, b."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    nc = n * C + c
+    out_c = tl.load(perm + c, mask=c < C, other=0)
+    g = tl.load(dy + _at(n, out_c, p, sn, sc, sp), mask=mask).to(tl.float32)
+    v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+    s, d = _affine(v, alpha, beta, m, nc, c < C)
+    t = g * v * s * (1.0 - s)
+    out = g * _round(s, dy) + t * tl.load(alpha + nc, mask=c < C)[:, None] + tl.load(a + nc, mask=c < C)[:, None]
+    out = out + tl.load(b + nc, mask=c < C)[:, None] * d
+    tl.store(dx + _at(n, c, p, sn, sc, sp), _to(out, dx.dtype.element_ty), mask=mask)
+
+
 # --- host side: layouts, blocks, launches ---
 
 def _full(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -868,4 +1141,172 @@ def grad_mean3(dy: Tensor, a_cw: Tensor, a_hc: Tensor, a_hw: Tensor | None,
     dx = torch.empty_like(dy)
     _elementwise(_grad_mean3_kernel, dy, s, dy, a_cw, _small(a_hc), _small(a_hw) if spatial else a_cw, *pooled, dx,
                  SPATIAL=spatial)
+    return dx
+
+
+def scale_energy(x: Tensor, m: Tensor, q: Tensor) -> Tensor:
+    """y = x · σ((x − m[n, c])² / q[n, c] + ½)."""
+    _require()
+    x, s = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_energy_kernel, x, s, x, _small(m), _small(q), y)
+    return y
+
+
+def dot_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t·(x − m)²), t = dy·x·s·(1 − s)."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    ta, tb = _stats(n, c, like=x), _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_energy_kernel, (triton.cdiv(c, bc), n), dy, x, _small(m), _small(q), ta, tb, c, h * w, *ds, *s,
+            BLOCK_C=bc, BLOCK_P=bp)
+    return ta, tb
+
+
+def grad_energy(dy: Tensor, x: Tensor, m: Tensor, q: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·s + (x − m)·(2t / q[n, c] + b[n, c]) + a[n, c], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_energy_kernel, dy, ds, dy, x, _small(m), _small(q), _small(a), _small(b), dx, *s)
+    return dx
+
+
+def pool_c_weighted(x: Tensor, w: Tensor) -> Tensor:
+    """Σ_c w[c]·x, [N, H, W]."""
+    _require()
+    x, s = _full(x)
+    n, c, h, wd = x.shape
+    z = _stats(n, h, wd, like=x)
+    bc, bp = _blocks(c, h * wd, s)
+    _launch(_pool_c_weighted_kernel, (triton.cdiv(h * wd, bp), n), x, _small(w), z, c, h * wd, *s, BLOCK_C=bc,
+            BLOCK_P=bp)
+    return z
+
+
+def scale_pair(x: Tensor, s: Tensor, q: Tensor, combine: str) -> Tensor:
+    """y = max(x·s[n, c], x·q[n, h, w]), x·s + x·q or (x·s)·q."""
+    _require()
+    x, st = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_pair_kernel, x, st, x, _small(s), _small(q), y, COMBINE=COMBINES[combine])
+    return y
+
+
+def dot_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dy·∂y/∂s [N, C], Σ_c dy·∂y/∂q [N, H, W])."""
+    _require()
+    dy, ds = _full(dy)
+    x, st = _full(x)
+    n, c, h, w = x.shape
+    bc, bp, p_blocks, chunk, parts = _channel_chunks(n, c, h * w, st)
+    by_c, by_p = _stats(n, c, p_blocks, like=x), _stats(n, parts, h, w, like=x)
+    _launch(_dot_pair_kernel, (p_blocks, parts, n), dy, x, _small(s), _small(q), by_c, by_p, c, h * w, chunk, *ds,
+            *st, COMBINE=COMBINES[combine], BLOCK_C=bc, BLOCK_P=bp)
+    return by_c.sum(2), by_p.sum(1)
+
+
+def grad_pair(dy: Tensor, x: Tensor, s: Tensor, q: Tensor, combine: str, a: Tensor, w: Tensor, dz: Tensor) -> Tensor:
+    """dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, h, w], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, st = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_pair_kernel, dy, ds, dy, x, _small(s), _small(q), _small(a), _small(w), _small(dz), dx, *st,
+                 COMBINE=COMBINES[combine])
+    return dx
+
+
+def _sum_groups(x: Tensor, m: Tensor | None, dy: Tensor | None, groups: int) -> Tensor:
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    dy, ds = _full(dy) if dy is not None else (x, s)  # an unread stand-in without dy
+    out = _stats(n, groups, h, w, like=x)
+    bc, bp = _blocks(c // groups, h * w, s)
+    _launch(_sum_groups_kernel, (triton.cdiv(h * w, bp), groups, n), x, out if m is None else _small(m), dy, out,
+            groups, c // groups, c, h * w, *s, *ds, WITH_DY=m is None, BLOCK_C=bc, BLOCK_P=bp)
+    return out
+
+
+def pool_groups(x: Tensor, m: Tensor, groups: int) -> Tensor:
+    """Σ over the channels c of group g of m[n, c]·x, [N, G, H, W]."""
+    _require()
+    return _sum_groups(x, m, None, groups)
+
+
+def scale_groups(x: Tensor, a: Tensor) -> Tensor:
+    """y = x · a[n, g, h, w], g the group of x's channel."""
+    _require()
+    x, s = _full(x)
+    groups = a.shape[1]
+    y = torch.empty_like(x)
+    _elementwise(_scale_groups_kernel, x, s, x, _small(a), y, x.shape[1] // groups, groups)
+    return y
+
+
+def dot_groups(dy: Tensor, x: Tensor, groups: int) -> Tensor:
+    """Σ over the channels of each group of dy·x, [N, G, H, W]."""
+    _require()
+    return _sum_groups(x, None, dy, groups)
+
+
+def dot_x_groups(x: Tensor, u: Tensor) -> Tensor:
+    """Σ_hw x·u[n, g, h, w], [N, C]."""
+    _require()
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    groups = u.shape[1]
+    out = _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_x_groups_kernel, (triton.cdiv(c, bc), n), x, _small(u), out, c // groups, groups, c, h * w, *s,
+            BLOCK_C=bc, BLOCK_P=bp)
+    return out
+
+
+def grad_groups(dy: Tensor, a: Tensor, m: Tensor, u: Tensor, b: Tensor) -> Tensor:
+    """dx = dy·a[n, g, h, w] + u[n, g, h, w]·m[n, c] + b[n, c], rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    groups = a.shape[1]
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_groups_kernel, dy, ds, dy, _small(a), _small(m), _small(u), _small(b), dx,
+                 dy.shape[1] // groups, groups)
+    return dx
+
+
+def scale_affine(x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> Tensor:
+    """y[n, perm[c]] = x[n, c] · σ(α[n, c]·(x − m[n, c]) + β[n, c])."""
+    _require()
+    x, s = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_affine_kernel, x, s, x, _small(alpha), _small(beta), _small(m), _small(perm), y)
+    return y
+
+
+def dot_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw t·(x − m), Σ_hw t), t = dy[n, perm[c]]·x·s·(1 − s)."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    ta, tb = _stats(n, c, like=x), _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_affine_kernel, (triton.cdiv(c, bc), n), dy, x, _small(alpha), _small(beta), _small(m), _small(perm),
+            ta, tb, c, h * w, *ds, *s, BLOCK_C=bc, BLOCK_P=bp)
+    return ta, tb
+
+
+def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a: Tensor, b: Tensor,
+                perm: Tensor) -> Tensor:
+    """dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]), rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_affine_kernel, dy, ds, dy, x, _small(alpha), _small(beta), _small(m), _small(a), _small(b),
+                 _small(perm), dx, *s)
     return dx

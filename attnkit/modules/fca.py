@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.functions import gathered_channel_gate
 from ..registry import register
-from ._common import gate_math, make_activation, make_gate, one_of, positive_int, reduced_width, stat_dtype
+from ._common import (autocast_off, gate_math, gate_path, make_activation, make_gate, one_of, positive_int,
+                      reduced_width, stat_dtype)
 from .base import AttentionModule
 
 # The paper's frequency selections in the 7×7 DCT space (u along H, v along W), in the order the official code ranks
@@ -47,6 +49,11 @@ def _conv1x1(layer: nn.Conv2d, z: Tensor) -> Tensor:
     """`layer` applied to z in z's dtype (its parameters cast to it)."""
     bias = None if layer.bias is None else layer.bias.to(z.dtype)
     return F.conv2d(z, layer.weight.to(z.dtype), bias)
+
+
+def _linear(layer: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias of a 1×1 convolution as F.linear takes them, in `dtype`."""
+    return layer.weight.flatten(1).to(dtype), None if layer.bias is None else layer.bias.to(dtype)
 
 
 @register("fca")
@@ -145,13 +152,31 @@ class FrequencyChannelAttention(AttentionModule):
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights s, N×C×1×1, computed in at least float32 (also in a float16 module: a DCT coefficient
         of an h×w grid is up to √(hw) times the map's values)."""
-        freq = self.spectrum(x)[:, :, None, None]
-        with gate_math(x):
+        return self.excite(self.spectrum(x)[:, :, None, None])
+
+    def excite(self, freq: Tensor) -> Tensor:
+        """s, N×C×1×1, from the spectrum (N×C×1×1, at least float32)."""
+        with gate_math(freq):
             dtype = torch.promote_types(self.fc1.weight.dtype, freq.dtype)
             return self.gate(_conv1x1(self.fc2, self.act(_conv1x1(self.fc1, freq.to(dtype)))))
 
+    def _excite_rows(self, freq: Tensor) -> Tensor:
+        """s, N×C, from the spectrum, N×C: excite() with the FCs as F.linear."""
+        with autocast_off(freq):
+            dtype = torch.promote_types(self.fc1.weight.dtype, freq.dtype)
+            hidden = self.act(F.linear(freq.to(dtype), *_linear(self.fc1, dtype)))
+            return self.gate(F.linear(hidden, *_linear(self.fc2, dtype)))
+
+    def _excite_submodules(self, freq: Tensor) -> Tensor:
+        return self.excite(freq[:, :, None, None]).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend, fast = gate_path(self, x)
+        if backend is not None:  # the spectrum as a depthwise filter covering the map: each channel its part's
+            filters = self.filters(x)
+            kernel = filters.repeat_interleave(self.channels // filters.shape[0], 0)[:, None]
+            return gathered_channel_gate(backend, x, kernel, self._excite_rows if fast else self._excite_submodules)
         return x * self.excitation(x).to(x.dtype)
 
     def extra_repr(self) -> str:

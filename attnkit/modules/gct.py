@@ -1,11 +1,14 @@
 """Gated Channel Transformation."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import gate_math, one_of, stat_dtype
+from ._common import gate_math, gate_path, one_of, stat_dtype
 from .base import AttentionModule, Probe
 
 MODES = ("l2", "l1")
@@ -74,8 +77,11 @@ class GatedChannelTransformation(AttentionModule):
     def excitation(self, x: Tensor) -> Tensor:
         """The channel weights 1 + tanh(ŝ + β), N×C×1×1, computed in at least float32 (also in a float16 module: a sum
         of squares over the map leaves float16's range for activations of a few dozen)."""
-        pooled = self.embedding(x)
-        with gate_math(x):
+        return self.excite(self.embedding(x))
+
+    def excite(self, pooled: Tensor) -> Tensor:
+        """1 + tanh(ŝ + β), N×C×1×1, from the embedding (N×C×1×1, at least float32)."""
+        with gate_math(pooled):
             dtype = torch.promote_types(self.alpha.dtype, pooled.dtype)
             alpha, gamma, beta = (p.to(dtype) for p in (self.alpha, self.gamma, self.beta))
             if self.mode == "l2":
@@ -94,8 +100,19 @@ class GatedChannelTransformation(AttentionModule):
         """β, which the paper trains without weight decay (unless `beta_weight_decay`)."""
         return set() if self.beta_weight_decay else {"beta"}
 
+    def _excite_pooled(self, hw: int, mean: Tensor, m2: Tensor | None = None) -> Tensor:
+        """The gate, N×C, from the fused pass's mean (and sum of squared deviations M2) over the hw positions:
+        Σ x² = M2 + hw·mean², Σ x = hw·mean."""
+        pooled = hw * mean if m2 is None else m2 + hw * mean.square()
+        return self.excite(pooled[:, :, None, None]).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        if self.mode == "l2" or self.after_relu:  # Σ|x| has no fused pass: mode 'l1' without after_relu is plain
+            backend, _ = gate_path(self, x)
+            if backend is not None:
+                gate = functools.partial(self._excite_pooled, x.shape[2] * x.shape[3])
+                return channel_gate(backend, x, gate, with_m2=self.mode == "l2")
         return x * self.excitation(x).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import pair_gate
 from ..registry import register
-from ._common import gate_math, make_activation, make_gate, one_of, reduced_width, stat_dtype
+from ._common import (autocast_off, gate_math, gate_path, make_activation, make_gate, one_of, pointwise,
+                      reduced_width, stat_dtype)
 from .base import AttentionModule, Probe, output
 
 COMBINES = ("max", "add", "mul")
@@ -75,8 +77,25 @@ class SCSE(AttentionModule):
         """s as "channel" (N×C×1×1) and q as "spatial" (N×1×H×W)."""
         return [(self.channel_gate, "channel", output), (self.spatial_gate, "spatial", output)]
 
+    def _channel_rows(self, mean: Tensor) -> Tensor:
+        """s, N×C, from the means, N×C: channel_excitation() with the FCs as F.linear."""
+        with autocast_off(mean):
+            hidden = self.act(pointwise(self.fc1, mean.to(self.fc1.weight.dtype)))
+            return self.channel_gate(pointwise(self.fc2, hidden))
+
+    def _spatial_rows(self, z: Tensor) -> Tensor:
+        """q, N×H×W, from Σ_c w·x, N×H×W (float32): spatial_excitation() given its convolution's weighted sum, the
+        bias added before rounding to the parameters' dtype, as the convolution rounds its output once."""
+        with autocast_off(z):
+            z = z if self.conv.bias is None else z + self.conv.bias.to(z.dtype)
+            return self.spatial_gate(z.to(self.conv.weight.dtype))
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend, fast = gate_path(self, x)
+        if backend is not None and fast:  # the spatial squeeze as one weighted sum over the channels
+            return pair_gate(backend, x, self.conv.weight.flatten(), self._channel_rows, self._spatial_rows,
+                             self.combine)
         s = self.channel_excitation(x).to(x.dtype)
         q = self.spatial_excitation(x).to(x.dtype)
         if self.combine == "mul":

@@ -6,8 +6,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import group_gate
 from ..registry import register
-from ._common import dividing, gate_math, make_gate, stat_dtype
+from ._common import dividing, gate_math, gate_path, make_gate, stat_dtype
 from .base import AttentionModule, Probe, output
 
 
@@ -69,6 +70,11 @@ class SpatialGroupEnhance(AttentionModule):
         xs = x.to(stat_dtype(x)).unflatten(1, (self.groups, -1))  # N×G×C/G×H×W
         with gate_math(x):
             similarity = (xs * xs.mean((3, 4), keepdim=True)).sum(2)  # N×G×H×W
+        return self.excite(similarity)
+
+    def excite(self, similarity: Tensor) -> Tensor:
+        """σ(γ ĉ + β), N×G×H×W, from the similarities c, N×G×H×W in at least float32."""
+        with gate_math(similarity):
             normalized = standardize(similarity.flatten(2), self.eps).view_as(similarity)
             return self.gate(normalized.to(self.weight.dtype) * self.weight + self.bias)
 
@@ -82,6 +88,9 @@ class SpatialGroupEnhance(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        backend, _ = gate_path(self, x)
+        if backend is not None:
+            return group_gate(backend, x, self.groups, self.excite)
         gate = self.attention(x).to(x.dtype)
         return (x.unflatten(1, (self.groups, -1)) * gate.unsqueeze(2)).flatten(1, 2)
 

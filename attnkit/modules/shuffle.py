@@ -1,14 +1,16 @@
 """Shuffle Attention (SA-Net)."""
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import affine_gate
 from ..registry import register
 from . import _common
-from ._common import check_groups, gate_math, make_gate, stat_dtype
+from ._common import autocast_off, check_groups, gate_math, gate_path, make_gate, stat_dtype
 from .base import AttentionModule, Probe
 
 
@@ -57,8 +59,36 @@ class ShuffleAttention(AttentionModule):
         self.channel_gate = make_gate(owner, gate)
         self.spatial_gate = make_gate(owner, gate)
 
+    def _affine_rows(self, hw: int, mean: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+        """(α, β), N×C in the input's channel order, of each channel's gate σ(α·(x − μ) + β): α = 0 and β = W₁·μ + b₁
+        for the channel halves; for the spatial halves the GroupNorm (biased variance) and the affine W₂·GN + b₂ as
+        α = W₂·γ / √(σ² + ε), β = W₂·δ + b₂."""
+        with autocast_off(mean):
+            half = self.channels // (2 * self.groups)
+            mean0 = mean.unflatten(1, (self.groups, 2, half))[:, :, 0]
+            m2_1 = m2.unflatten(1, (self.groups, 2, half))[:, :, 1]
+            dtype = torch.promote_types(self.cweight.dtype, mean.dtype)
+            cw, cb, sw, sb, gamma, delta = (p.to(dtype).flatten() for p in (self.cweight, self.cbias, self.sweight,
+                                                                            self.sbias, self.gn.weight, self.gn.bias))
+            beta0 = cw * mean0 + cb
+            alpha1 = sw * gamma * torch.rsqrt(m2_1 / hw + self.gn.eps)
+            beta1 = (sw * delta + sb).expand_as(alpha1)
+            alpha = torch.stack([torch.zeros_like(alpha1), alpha1], 2).flatten(1)
+            return alpha, torch.stack([beta0, beta1], 2).flatten(1)
+
+    def _fusable(self) -> bool:
+        """Whether the fused pass computes this module's gates: σ, after an affine GroupNorm."""
+        return (type(self.channel_gate) is nn.Sigmoid and type(self.spatial_gate) is nn.Sigmoid
+                and type(self.gn) is nn.GroupNorm and self.gn.affine)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
+        if self._fusable():
+            backend, fast = gate_path(self, x)
+            if backend is not None and fast:
+                c = torch.arange(self.channels, device=x.device)
+                perm = 2 * (c % (self.channels // 2)) + c // (self.channels // 2)  # the channel shuffle's output
+                return affine_gate(backend, x, perm, functools.partial(self._affine_rows, x.shape[2] * x.shape[3]))
         grouped = x.reshape(-1, self.channels // self.groups, x.shape[2], x.shape[3])  # (N·G)×(C/G)×H×W
         x0, x1 = grouped.chunk(2, dim=1)
         with gate_math(x):

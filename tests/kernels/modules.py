@@ -8,8 +8,10 @@ from attnkit import kernels
 
 
 def create(spec: str, shape: tuple[int, ...]) -> torch.nn.Module:
-    """The module of `spec` for input `shape`, {hw} in the spec standing for the map's (H, W)."""
-    return attnkit.create(spec.format(hw=tuple(shape[2:])), shape[1])
+    """The module of `spec` for input `shape`, {hw} in the spec standing for the map's (H, W) and {parts} for the
+    largest of 8, 4, 2 and 1 that divides the channel count (FcaNet's frequency count)."""
+    parts = next(k for k in (8, 4, 2, 1) if shape[1] % k == 0)
+    return attnkit.create(spec.format(hw=tuple(shape[2:]), parts=parts), shape[1])
 
 
 def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:

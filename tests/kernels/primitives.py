@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+COMBINES = ("max", "add", "mul")  # scSE's
+GROUP_MAPS = ("pool_groups", "dot_groups")  # [N, G, H, W] statistics, x's shape where each group has one channel
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (2, 70, 4, 9), (1, 1, 5, 2)]
 
 
@@ -28,8 +30,12 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
     def index(size: int, *shape: int) -> Tensor:
         return torch.randint(0, size, shape, generator=g)
 
-    gc, a, b, m = f(n, c), f(n, c), f(n, c), f(n, c)
+    gc, a, b, m, q = f(n, c), f(n, c), f(n, c), f(n, c), f(n, c)
     k = f(c, h, w) - 1.0
+    wc = f(c) - 1.0
+    groups = next(k for k in (5, 3, 2, 1) if c % k == 0)  # SGE's: groups of one and of several channels
+    a_g, u_g = f(n, groups, h, w), f(n, groups, h, w) - 1.0
+    alpha, perm = f(n, c) - 1.0, torch.randperm(c, generator=g)  # Shuffle Attention's
     ah, aw, bh, bw = f(n, c, h), f(n, c, w), f(n, c, h), f(n, c, w)
     ms, u, v, argc, arghw = f(n, h, w), f(n, h, w), f(n, h, w), index(c, n, h, w), index(h * w, n, c)
     a_cw, a_hc, a_hw = f(n, c, w), f(n, c, h), f(n, h, w) if spatial else None
@@ -60,6 +66,23 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "scale_mean3": lambda ops: ops.scale_mean3(x, a_cw, a_hc, a_hw),
         "dot3": lambda ops: ops.dot3(dy, x, spatial),
         "grad_mean3": lambda ops: ops.grad_mean3(dy, a_cw, a_hc, a_hw, pools),
+        "scale_energy": lambda ops: ops.scale_energy(x, m, q),
+        "dot_energy": lambda ops: ops.dot_energy(dy, x, m, q),
+        "grad_energy": lambda ops: ops.grad_energy(dy, x, m, q, a, b),
+        "pool_c_weighted": lambda ops: ops.pool_c_weighted(x, wc),
+        "pool_groups": lambda ops: ops.pool_groups(x, m, groups),
+        "scale_groups": lambda ops: ops.scale_groups(x, a_g),
+        "dot_groups": lambda ops: ops.dot_groups(dy, x, groups),
+        "dot_x_groups": lambda ops: ops.dot_x_groups(x, u_g),
+        "grad_groups": lambda ops: ops.grad_groups(dy, a_g, m, u_g, b),
+        "scale_affine": lambda ops: ops.scale_affine(x, alpha, b, m, perm),
+        "dot_affine": lambda ops: ops.dot_affine(dy, x, alpha, b, m, perm),
+        "grad_affine": lambda ops: ops.grad_affine(dy, x, alpha, b, m, a, gc, perm),
+        **{f"scale_pair {combine}": lambda ops, combine=combine: ops.scale_pair(x, gc, ms, combine) for combine in COMBINES},
+        **{f"dot_pair {combine}": lambda ops, combine=combine: ops.dot_pair(dy, x, gc, ms, combine)
+           for combine in COMBINES},
+        **{f"grad_pair {combine}": lambda ops, combine=combine: ops.grad_pair(dy, x, gc, ms, combine, a, wc, u)
+           for combine in COMBINES},
     }
 
 

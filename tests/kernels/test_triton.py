@@ -4,7 +4,8 @@ Without CUDA the kernels run under Triton's interpreter on the CPU: tests/confte
 anything imports Triton. Shapes are tiny and odd, as the interpreter is slow.
 
 Every comparison runs the reference on the same inputs: full-size outputs (y, dx) must be bit-identical (every
-rounding to x's dtype as the reference writes it) and keep x's memory format, argmax indices identical (the first
+rounding to x's dtype as the reference writes it; SimAM's and Shuffle Attention's, which hold an exponential, within 4
+units of the last place) and keep x's memory format, argmax indices identical (the first
 maximum, on inputs full of ties), float32 statistics within 1e-5 of the reference relative to their norm (both sum
 the same rounded values in float32, in different orders).
 """
@@ -22,6 +23,7 @@ from attnkit.kernels import reference
 from attnkit.kernels import triton as backend
 
 from .modules import create, errors, randomised, run_in_mode
+from .primitives import COMBINES, GROUP_MAPS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -60,6 +62,21 @@ class Inputs:
         sizes = dict(zip("nchw", self.shape))
         values = self._values(*[sizes[d] for d in dims])
         return (values.abs() + 1 if self.ties else values).to(DEVICE)  # positive integers keep ties in x·mc
+
+    @property
+    def groups(self) -> int:
+        """SGE's group count: 3 or 5 where they divide C (groups of one channel for C = 3, 5), else one group."""
+        return next(k for k in (3, 5, 1) if self.shape[1] % k == 0)
+
+    def per_group(self) -> torch.Tensor:
+        """A float32 map [N, G, H, W] for `groups` groups."""
+        n, _, h, w = self.shape
+        values = self._values(n, self.groups, h, w)
+        return (values.abs() + 1 if self.ties else values).to(DEVICE)
+
+    def perm(self) -> torch.Tensor:
+        """A permutation of the channels (Shuffle Attention's output order)."""
+        return torch.randperm(self.shape[1], generator=self.generator).to(DEVICE)
 
     def index(self, high: int, *dims: str) -> torch.Tensor:
         sizes = dict(zip("nchw", self.shape))
@@ -109,22 +126,53 @@ CASES = [
     ("grad_mean3", "grad_mean3", lambda i: (i.dy, i.f("n", "c", "w"), i.f("n", "c", "h"), i.f("n", "h", "w"),
                                             i.pools(True))),
     ("grad_mean3-hw", "grad_mean3", lambda i: (i.dy, i.f("n", "c", "w"), i.f("n", "c", "h"), None, i.pools(False))),
+    ("scale_energy", "scale_energy", lambda i: (i.x, i.f("n", "c"), i.f("n", "c").abs() + 0.5)),
+    ("dot_energy", "dot_energy", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c").abs() + 0.5)),
+    ("grad_energy", "grad_energy", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c").abs() + 0.5, i.f("n", "c"),
+                                              i.f("n", "c"))),
+    ("pool_c_weighted", "pool_c_weighted", lambda i: (i.x, i.f("c"))),
+    *[(f"scale_pair-{combine}", "scale_pair", lambda i, combine=combine: (i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                           combine)) for combine in COMBINES],
+    *[(f"dot_pair-{combine}", "dot_pair", lambda i, combine=combine: (i.dy, i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                       combine)) for combine in COMBINES],
+    *[(f"grad_pair-{combine}", "grad_pair", lambda i, combine=combine: (i.dy, i.x, i.f("n", "c"), i.f("n", "h", "w"),
+                                                                         combine, i.f("n", "c"), i.f("c"),
+                                                                         i.f("n", "h", "w"))) for combine in COMBINES],
+    ("pool_groups", "pool_groups", lambda i: (i.x, i.f("n", "c"), i.groups)),
+    ("scale_groups", "scale_groups", lambda i: (i.x, i.per_group())),
+    ("dot_groups", "dot_groups", lambda i: (i.dy, i.x, i.groups)),
+    ("dot_x_groups", "dot_x_groups", lambda i: (i.x, i.per_group())),
+    ("grad_groups", "grad_groups", lambda i: (i.dy, i.per_group(), i.f("n", "c"), i.per_group(), i.f("n", "c"))),
+    ("scale_affine", "scale_affine", lambda i: (i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.perm())),
+    ("dot_affine", "dot_affine", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.perm())),
+    ("grad_affine", "grad_affine", lambda i: (i.dy, i.x, i.f("n", "c"), i.f("n", "c"), i.f("n", "c"), i.f("n", "c"),
+                                              i.f("n", "c"), i.perm())),
 ]
 NAMES = [name for name, _, _ in CASES]
 ARGMAX = ["pool_hw_avgmax", "pool_c_gated", "zpool3", "zpool3-hw"]
+TIES = ARGMAX + ["scale_pair-max", "dot_pair-max", "grad_pair-max"]  # scSE's maximum: ties split its gradient
+TRANSCENDENTAL = ["scale_energy", "grad_energy", "scale_affine", "grad_affine"]
 
 
-def assert_matches(got: object, want: object, layout: torch.memory_format, where: str = "output") -> None:
-    """got equals want as the module docstring says, recursively through tuples."""
+def assert_matches(got: object, want: object, layout: torch.memory_format, where: str = "output",
+                   transcendental: bool = False, statistics: bool = False) -> None:
+    """got equals want as the module docstring says, recursively through tuples. A `transcendental` primitive's
+    full-size outputs (SimAM's gate σ) within 4 units of the last place of their dtype, relative to their largest
+    value: Triton's exponential and torch's differ in the last bit, which rounding the gate to x's dtype can carry.
+    `statistics`: a 4-D result that is a float32 statistic (SGE's per-group maps), compared as the others."""
     if want is None or isinstance(want, tuple):
         assert type(got) is type(want), f"{where}: {type(got).__name__}, expected {type(want).__name__}"
         for k, (g, w) in enumerate(zip(got or (), want or ())):
-            assert_matches(g, w, layout, f"{where}[{k}]")
+            assert_matches(g, w, layout, f"{where}[{k}]", transcendental, statistics)
         assert len(got or ()) == len(want or ()), f"{where}: {len(got)} outputs, expected {len(want)}"
         return
     assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device), where
-    if want.dim() == 4:
+    if want.dim() == 4 and not statistics:
         assert got.is_contiguous(memory_format=layout), f"{where}: strides {got.stride()}, not x's layout"
+        if transcendental:
+            error = (got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)
+            assert error <= 4 * torch.finfo(want.dtype).eps, f"{where}: relative error {error:.2e}"
+            return
         assert torch.equal(got, want), f"{where}: {(got != want).sum()} elements differ from the reference"
     elif want.dtype == torch.int64:
         assert torch.equal(got, want), f"{where}: indices {got.flatten().tolist()} != {want.flatten().tolist()}"
@@ -147,7 +195,8 @@ def both(case: str, inputs: Inputs) -> tuple[object, object]:
 
 def run_case(case: str, shape: tuple[int, int, int, int], dtype: torch.dtype, layout: torch.memory_format,
              ties: bool = False) -> None:
-    assert_matches(*both(case, Inputs(shape, dtype, layout, ties)), layout)
+    assert_matches(*both(case, Inputs(shape, dtype, layout, ties)), layout, transcendental=case in TRANSCENDENTAL,
+                   statistics=case in GROUP_MAPS)
 
 
 @pytest.fixture
@@ -174,7 +223,7 @@ def test_half(case, dtype, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("case", ARGMAX)
+@pytest.mark.parametrize("case", TIES)
 def test_ties_take_the_first_maximum(case, dtype, layout):
     run_case(case, (3, 17, 6, 5), dtype, layout, ties=True)
 
@@ -182,7 +231,17 @@ def test_ties_take_the_first_maximum(case, dtype, layout):
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 @pytest.mark.parametrize("case", NAMES)
 def test_small_blocks(case, layout, small_blocks):
-    run_case(case, (1, 5, 3, 7), torch.float32, layout, ties=case in ARGMAX)
+    run_case(case, (1, 5, 3, 7), torch.float32, layout, ties=case in TIES)
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("case", ["pool_groups", "scale_groups", "dot_groups", "dot_x_groups", "grad_groups"])
+def test_groups_of_several_channels(case, layout, blocks, request):
+    """SGE's primitives with 3 groups of 4 channels (and, with small blocks, groups spanning several blocks)."""
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    run_case(case, (2, 12, 3, 5), torch.float32, layout)
 
 
 @pytest.mark.parametrize("blocks", ["default", "small"])
@@ -262,7 +321,9 @@ def test_imports_without_triton(monkeypatch):
 
 MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)",
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
-           "triplet(no_spatial=True)"]
+           "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')",
+           "simam", "scse", "scse(combine='add')", "scse(combine='mul')",
+           "sge(groups=3)", "shuffle(groups=3)"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

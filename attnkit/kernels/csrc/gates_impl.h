@@ -796,3 +796,430 @@ void FN(grad_mean3)(const T *dy, const float *a, const float *b, const float *s,
         }
     }
 }
+
+/* ---------- SimAM: an elementwise gate s = σ((x − m)²/q + ½) from per-channel m[n, c], q[n, c] ---------- */
+
+/* y = x · s */
+void FN(scale_energy)(const T *x, const float *m, const float *q, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float mr = m[r], qr = q[r];
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(x + off, p);
+                ST(y + off, p, v * RND(energy_gate(v - mr, qr)));
+            }
+        } else {
+            const float *mk = m + (r / HW) * C, *qk = q + (r / HW) * C;
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(x + off, c);
+                ST(y + off, c, v * RND(energy_gate(v - mk[c], qk[c])));
+            }
+        }
+    }
+}
+
+/* ta[n, c] = Σ_hw t·d, tb[n, c] = Σ_hw t·d², with d = x − m and t = dy·x·s·(1 − s) */
+void FN(dot_energy)(const T *dy, const T *x, const float *m, const float *q, float *ta, float *tb, i64 N, i64 C,
+                    i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *a = dy + r * HW, *b = x + r * HW;
+            const float mr = m[r], qr = q[r];
+            double sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(b, p), d = v - mr, s = energy_gate(d, qr);
+                const float td = LD(a, p) * v * s * (1.0f - s) * d;
+                sa += td;
+                sb += td * d;
+            }
+            ta[r] = (float)sa;
+            tb[r] = (float)sb;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 off = n * HW * C + c0;
+        const float *mk = m + n * C + c0, *qk = q + n * C + c0;
+        double sa[CB] = {0}, sb[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+#pragma omp simd
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(x + off + p * C, j), d = v - mk[j], s = energy_gate(d, qk[j]);
+                const float td = LD(dy + off + p * C, j) * v * s * (1.0f - s) * d;
+                sa[j] += td;
+                sb[j] += td * d;
+            }
+        for (i64 j = 0; j < cn; j++) { ta[n * C + c0 + j] = (float)sa[j]; tb[n * C + c0 + j] = (float)sb[j]; }
+    }
+}
+
+/* dx = dy·s + d·(2t/q + b[n, c]) + a[n, c], d = x − m, t = dy·x·s·(1 − s) */
+void FN(grad_energy)(const T *dy, const T *x, const float *m, const float *q, const float *a, const float *b, T *dx,
+                     i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float mr = m[r], qr = q[r], ar = a[r], br = b[r];
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float g = LD(dy + off, p), v = LD(x + off, p), d = v - mr, s = energy_gate(d, qr);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + off, p, g * RND(s) + d * (2.0f * t / qr + br) + ar);
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) {
+                const float g = LD(dy + off, c), v = LD(x + off, c), d = v - m[k + c], s = energy_gate(d, q[k + c]);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + off, c, g * RND(s) + d * (2.0f * t / q[k + c] + b[k + c]) + a[k + c]);
+            }
+        }
+    }
+}
+
+/* ---------- scSE: a channel gate s[n, c] and a spatial gate q[n, hw], combined by max, add or mul ---------- */
+
+/* z[n, hw] = Σ_c w[c]·x */
+void FN(pool_c_weighted)(const T *x, const float *w, float *z, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *xn = x + n * C * HW;
+        float *zn = z + n * HW;
+        if (!cl) {
+            double *acc = calloc(HW, sizeof(double));
+            for (i64 c = 0; c < C; c++)
+                for (i64 p = 0; p < HW; p++) acc[p] += LD(xn, c * HW + p) * w[c];
+            for (i64 p = 0; p < HW; p++) zn[p] = (float)acc[p];
+            free(acc);
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                double t = 0;
+                for (i64 c = 0; c < C; c++) t += LD(xn, p * C + c) * w[c];
+                zn[p] = (float)t;
+            }
+        }
+    }
+}
+
+/* one element of scale_pair: x·s and x·q combined */
+static inline float FN(pair_value)(float v, float sv, float qv, i64 combine) {
+    const float a = RND(v * sv);
+    if (combine == PAIR_MUL) return a * qv;
+    const float b = RND(v * qv);
+    return combine == PAIR_MAX ? pair_max(a, b) : a + b;
+}
+
+/* y = max(x·s, x·q), x·s + x·q or (x·s)·q, each product rounded to T */
+void FN(scale_pair)(const T *x, const float *s, const float *q, T *y, i64 combine, i64 N, i64 C, i64 HW, int cl,
+                    int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float sv = s[r], *qn = q + (r / C) * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(pair_value)(LD(x + off, p), sv, qn[p], combine));
+        } else {
+            const float *sn = s + (r / HW) * C, qv = q[r];
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(pair_value)(LD(x + off, c), sn[c], qv, combine));
+        }
+    }
+}
+
+/* the terms of dot_pair for one element: *tc (towards ds) and *tp (towards dq) */
+static inline void FN(pair_terms)(float d, float v, float sv, float qv, i64 combine, float *tc, float *tp) {
+    const float a = RND(v * sv);
+    if (combine == PAIR_MUL) {
+        *tc = d * v * qv;
+        *tp = d * a;
+        return;
+    }
+    const float wa = combine == PAIR_MAX ? max_share(a, RND(v * qv)) : 1.0f;
+    const float wb = combine == PAIR_MAX ? 1.0f - wa : 1.0f;
+    *tc = d * v * wa;
+    *tp = d * v * wb;
+}
+
+/* ds[n, c] = Σ_hw dy·∂y/∂s, dq[n, hw] = Σ_c dy·∂y/∂q */
+void FN(dot_pair)(const T *dy, const T *x, const float *s, const float *q, float *ds, float *dq, i64 combine,
+                  i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++) {
+        const T *dn = dy + n * C * HW, *xn = x + n * C * HW;
+        const float *sn = s + n * C, *qn = q + n * HW;
+        double *acc = calloc(cl ? C : HW, sizeof(double)); /* the sums along the outer loop's axis */
+        float tc, tp;
+        if (!cl) {
+            for (i64 c = 0; c < C; c++) {
+                double t = 0;
+#pragma omp simd reduction(+ : t) private(tc, tp)
+                for (i64 p = 0; p < HW; p++) {
+                    FN(pair_terms)(LD(dn, c * HW + p), LD(xn, c * HW + p), sn[c], qn[p], combine, &tc, &tp);
+                    t += tc;
+                    acc[p] += tp;
+                }
+                ds[n * C + c] = (float)t;
+            }
+            for (i64 p = 0; p < HW; p++) dq[n * HW + p] = (float)acc[p];
+        } else {
+            for (i64 p = 0; p < HW; p++) {
+                double t = 0;
+#pragma omp simd reduction(+ : t) private(tc, tp)
+                for (i64 c = 0; c < C; c++) {
+                    FN(pair_terms)(LD(dn, p * C + c), LD(xn, p * C + c), sn[c], qn[p], combine, &tc, &tp);
+                    acc[c] += tc;
+                    t += tp;
+                }
+                dq[n * HW + p] = (float)t;
+            }
+            for (i64 c = 0; c < C; c++) ds[n * C + c] = (float)acc[c];
+        }
+        free(acc);
+    }
+}
+
+/* one element of grad_pair's dy·∂y/∂x */
+static inline float FN(pair_local)(float d, float v, float sv, float qv, i64 combine) {
+    if (combine == PAIR_MUL) return d * sv * qv;
+    const float wa = combine == PAIR_MAX ? max_share(RND(v * sv), RND(v * qv)) : 1.0f;
+    const float wb = combine == PAIR_MAX ? 1.0f - wa : 1.0f;
+    return d * (wa * sv + wb * qv);
+}
+
+/* dx = dy·∂y/∂x + a[n, c] + w[c]·dz[n, hw] */
+void FN(grad_pair)(const T *dy, const T *x, const float *s, const float *q, const float *a, const float *w,
+                   const float *dz, T *dx, i64 combine, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const float sv = s[r], ar = a[r], wc = w[c], *qn = q + n * HW, *dzn = dz + n * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float local = FN(pair_local)(LD(dy + off, p), LD(x + off, p), sv, qn[p], combine);
+                ST(dx + off, p, local + ar + wc * dzn[p]);
+            }
+        } else {
+            const i64 n = r / HW;
+            const float *sn = s + n * C, *an = a + n * C, qv = q[r], dzv = dz[r];
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) {
+                const float local = FN(pair_local)(LD(dy + off, c), LD(x + off, c), sn[c], qv, combine);
+                ST(dx + off, c, local + an[c] + w[c] * dzv);
+            }
+        }
+    }
+}
+
+/* ---------- SGE: G equal groups of K = C/G channels; per-group maps [N, G, HW] ---------- */
+
+/* out[n, g, hw] = Σ_{c in g} f·x, f = dy[n, c, hw] when dy is not NULL, else m[n, c] */
+static void FN(sum_groups)(const T *x, const float *m, const T *dy, float *out, i64 G, i64 N, i64 C, i64 HW, int cl,
+                           int nt) {
+    const i64 K = C / G;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * G; r++) {
+            const i64 n = r / G, c0 = (r % G) * K;
+            double *acc = calloc(HW, sizeof(double));
+            for (i64 c = c0; c < c0 + K; c++) {
+                const i64 off = (n * C + c) * HW;
+                for (i64 p = 0; p < HW; p++) acc[p] += LD(x + off, p) * (dy ? LD(dy + off, p) : m[n * C + c]);
+            }
+            for (i64 p = 0; p < HW; p++) out[r * HW + p] = (float)acc[p];
+            free(acc);
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < N * HW; r++) {
+        const i64 n = r / HW, p = r % HW;
+        const T *xr = x + r * C, *dr = dy ? dy + r * C : NULL;
+        for (i64 g = 0; g < G; g++) {
+            double t = 0;
+            for (i64 c = g * K; c < (g + 1) * K; c++) t += LD(xr, c) * (dr ? LD(dr, c) : m[n * C + c]);
+            out[(n * G + g) * HW + p] = (float)t;
+        }
+    }
+}
+
+void FN(pool_groups)(const T *x, const float *m, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    FN(sum_groups)(x, m, NULL, out, G, N, C, HW, cl, nt);
+}
+
+void FN(dot_groups)(const T *dy, const T *x, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    FN(sum_groups)(x, NULL, dy, out, G, N, C, HW, cl, nt);
+}
+
+/* y = x · a[n, g, hw] */
+void FN(scale_groups)(const T *x, const float *a, T *y, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float *ar = a + ((r / C) * G + (r % C) / K) * HW;
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, LD(x + off, p) * ar[p]);
+        } else {
+            const i64 n = r / HW, p = r % HW;
+            for (i64 c = 0; c < C; c++) ST(y + off, c, LD(x + off, c) * a[(n * G + c / K) * HW + p]);
+        }
+    }
+}
+
+/* out[n, c] = Σ_hw x·u[n, g, hw] */
+void FN(dot_x_groups)(const T *x, const float *u, float *out, i64 G, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            const float *ur = u + ((r / C) * G + (r % C) / K) * HW;
+            double t = 0;
+            for (i64 p = 0; p < HW; p++) t += LD(row, p) * ur[p];
+            out[r] = (float)t;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(base + p * C, j) * u[(n * G + (c0 + j) / K) * HW + p];
+        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* dx = dy·a[n, g, hw] + u[n, g, hw]·m[n, c] + b[n, c] */
+void FN(grad_groups)(const T *dy, const float *a, const float *m, const float *u, const float *b, T *dx, i64 G, i64 N,
+                     i64 C, i64 HW, int cl, int nt) {
+    const i64 K = C / G;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const i64 at = ((r / C) * G + (r % C) / K) * HW;
+            const float mr = m[r], br = b[r];
+            for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * a[at + p] + u[at + p] * mr + br);
+        } else {
+            const i64 n = r / HW, p = r % HW;
+            for (i64 c = 0; c < C; c++) {
+                const i64 at = (n * G + c / K) * HW + p;
+                ST(dx + off, c, LD(dy + off, c) * a[at] + u[at] * m[n * C + c] + b[n * C + c]);
+            }
+        }
+    }
+}
+
+/* ---------- Shuffle Attention: s = σ(α[n, c]·(x − m[n, c]) + β[n, c]); y and dy in channels perm[c] ---------- */
+
+/* y[n, perm[c]] = x · s */
+void FN(scale_affine)(const T *x, const float *alpha, const float *beta, const float *m, const i64 *perm, T *y, i64 N,
+                      i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const float al = alpha[r], be = beta[r], mr = m[r];
+            const T *xr = x + r * HW;
+            T *yr = y + (n * C + perm[c]) * HW;
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p);
+                ST(yr, p, v * RND(sigmoid(al * (v - mr) + be)));
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+            const T *xr = x + r * C;
+            T *yr = y + r * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(xr, c);
+                ST(yr, perm[c], v * RND(sigmoid(alpha[k + c] * (v - m[k + c]) + beta[k + c])));
+            }
+        }
+    }
+}
+
+/* ta[n, c] = Σ_hw t·(x − m), tb[n, c] = Σ_hw t, t = dy[n, perm[c]]·x·s·(1 − s) */
+void FN(dot_affine)(const T *dy, const T *x, const float *alpha, const float *beta, const float *m, const i64 *perm,
+                    float *ta, float *tb, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 n = r / C, c = r % C;
+            const T *xr = x + r * HW, *dr = dy + (n * C + perm[c]) * HW;
+            const float al = alpha[r], be = beta[r], mr = m[r];
+            double sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p), d = v - mr, s = sigmoid(al * d + be);
+                const float t = LD(dr, p) * v * s * (1.0f - s);
+                sa += t * d;
+                sb += t;
+            }
+            ta[r] = (float)sa;
+            tb[r] = (float)sb;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 k = n * C + c0;
+        double sa[CB] = {0}, sb[CB] = {0};
+        for (i64 p = 0; p < HW; p++) {
+            const T *xr = x + (n * HW + p) * C, *dr = dy + (n * HW + p) * C;
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(xr, c0 + j), d = v - m[k + j], s = sigmoid(alpha[k + j] * d + beta[k + j]);
+                const float g = LD(dr, perm[c0 + j]) * v * s * (1.0f - s);
+                sa[j] += g * d;
+                sb[j] += g;
+            }
+        }
+        for (i64 j = 0; j < cn; j++) { ta[k + j] = (float)sa[j]; tb[k + j] = (float)sb[j]; }
+    }
+}
+
+/* dx = dy[n, perm[c]]·s + t·α + a[n, c] + b[n, c]·(x − m[n, c]) */
+void FN(grad_affine)(const T *dy, const T *x, const float *alpha, const float *beta, const float *m, const float *a,
+                     const float *b, const i64 *perm, T *dx, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        if (!cl) {
+            const i64 n = r / C, c = r % C;
+            const T *xr = x + r * HW, *dr = dy + (n * C + perm[c]) * HW;
+            const float al = alpha[r], be = beta[r], mr = m[r], ar = a[r], br = b[r];
+#pragma omp simd
+            for (i64 p = 0; p < HW; p++) {
+                const float v = LD(xr, p), d = v - mr, s = sigmoid(al * d + be), g = LD(dr, p);
+                const float t = g * v * s * (1.0f - s);
+                ST(dx + r * HW, p, g * RND(s) + t * al + ar + br * d);
+            }
+        } else {
+            const i64 k = (r / HW) * C;
+            const T *xr = x + r * C, *dr = dy + r * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = LD(xr, c), d = v - m[k + c], s = sigmoid(alpha[k + c] * d + beta[k + c]);
+                const float g = LD(dr, perm[c]), t = g * v * s * (1.0f - s);
+                ST(dx + r * C, c, g * RND(s) + t * alpha[k + c] + a[k + c] + b[k + c] * d);
+            }
+        }
+    }
+}
