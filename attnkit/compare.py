@@ -25,8 +25,8 @@ __all__ = ["CompareResult", "DEFAULT_MODULES", "DEFAULT_STUDY", "compare", "run_
 
 DEFAULT_MODULES = ("se", "cbam", "eca", "srm", "coord")
 #: `attnkit compare` without options: training options over TrainConfig's, chosen so that every variant's test accuracy
-#: has stopped rising by the last epoch and the comparison runs in about 15 minutes on 2 cores (docs/cluttered-digits.md)
-DEFAULT_STUDY = {"dataset": "cluttered-digits", "epochs": 20}
+#: has stopped rising by the last epoch and the comparison runs in about 15-20 minutes on 2 cores (docs/cluttered-digits.md)
+DEFAULT_STUDY = {"dataset": "cluttered-digits", "epochs": 25}
 
 
 @dataclass
