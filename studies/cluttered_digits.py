@@ -39,6 +39,7 @@ def attention_maps(checkpoint: str, images: int, figure: str) -> None:
     import matplotlib.pyplot as plt
     import torch
 
+    from attnkit import kernels
     from attnkit.data import load_dataset
     from attnkit.data.cluttered import make_cluttered
     from attnkit.data.datasets import _digit_split
@@ -64,7 +65,7 @@ def attention_maps(checkpoint: str, images: int, figure: str) -> None:
     maps: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: maps.__setitem__(n, o.detach()))
              for n in last_per_stage]
-    with torch.no_grad():
+    with torch.no_grad(), kernels.use("reference"):  # the fused path computes Ms without calling spatial_gate
         predicted = model(x).argmax(1)
     for h in hooks:
         h.remove()
