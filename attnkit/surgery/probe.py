@@ -26,20 +26,26 @@ class Measured:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def channels(self, path: str) -> int | None:
-        shape = self.shapes.get(path)
-        return shape[1] if shape is not None and len(shape) == 4 else None
+        shape = _feature_map(self.shapes, path)
+        return None if shape is None else shape[1]
 
     def resolution(self, path: str) -> tuple[int, ...] | None:
-        shape = self.shapes.get(path)
-        return shape[2:] if shape is not None and len(shape) == 4 else None
+        shape = _feature_map(self.shapes, path)
+        return None if shape is None else shape[2:]
 
     def input_channels(self, path: str) -> int | None:
-        shape = self.input_shapes.get(path)
-        return shape[1] if shape is not None and len(shape) == 4 else None
+        shape = _feature_map(self.input_shapes, path)
+        return None if shape is None else shape[1]
 
     def input_resolution(self, path: str) -> tuple[int, ...] | None:
-        shape = self.input_shapes.get(path)
-        return shape[2:] if shape is not None and len(shape) == 4 else None
+        shape = _feature_map(self.input_shapes, path)
+        return None if shape is None else shape[2:]
+
+
+def _feature_map(shapes: dict[str, tuple[int, ...]], path: str) -> tuple[int, ...] | None:
+    """The recorded shape at `path` if it is an N×C×H×W feature map, else None."""
+    shape = shapes.get(path)
+    return shape if shape is not None and len(shape) == 4 else None
 
 
 def _inputs(model: nn.Module, example_input: Tensor | None) -> list[Tensor]:
