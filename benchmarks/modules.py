@@ -20,7 +20,8 @@ once more for its depthwise kernel's gradient, GCT's, SimAM's and Shuffle Attent
 depend on x's spread):
 8|x| in all. scSE pools over H×W and over C (4|x| forward), and its backward reads x to reduce, to write dx and
 for its convolution's weight gradient: 10|x| in all. SGE pools the means and the groups' similarities (4|x|
-forward) and reads x twice in its backward: 9|x| in all. The bandwidth is that of a copy of
+forward) and reads x twice in its backward: 9|x| in all. EMA's gate network has full-size layers of its own (a 3×3
+convolution and a GroupNorm per group): its rows have no floor. The bandwidth is that of a copy of
 x measured in the same run; each figure is printed as milliseconds and as a multiple of its floor.
 
 The glibc allocator decides much of the backward's cost on CPU (fresh mmaps for full-size temporaries are zeroed
@@ -58,6 +59,7 @@ INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
 X_IN_BACKWARD = {"ge-theta", "gct", "simam", "shuffle"}  # floor 3|x| forward, 8|x| forward+backward
 FLOORS = {"scse": (4, 10), "sge": (4, 9)}
+NO_FLOOR = {"ema"}  # its gate network has full-size layers (a 3×3 convolution, a GroupNorm): no gate module's floor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the environment a figure depends on, written before the command line in the markdown file
 ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF")
@@ -181,6 +183,8 @@ def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
         return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
     if name in ("sge", "shuffle"):  # the papers' 64 groups, or as many as divide the channels (e.g. 144: 16 and 8)
         return attnkit.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
+    if name == "ema":  # the official 32 groups, or as many as divide the channels (144: 16)
+        return attnkit.create(name, channels, groups=math.gcd(channels, 32))
     return attnkit.create(name, channels)
 
 
@@ -261,8 +265,11 @@ def bench_shape(report: Report, shape_name: str, args: argparse.Namespace) -> di
             continue
         results[name] = {i.key: b for i, b in zip(found, both)}
         for impl, f, b in zip(found, fwd, both):
-            report.add(f"| {shape_name} | {name} | {impl.label} | {f:.2f} | {f / floors[0]:.1f} | {b:.2f} | "
-                       f"{b / floors[1]:.1f} |")
+            if name in NO_FLOOR:
+                report.add(f"| {shape_name} | {name} | {impl.label} | {f:.2f} | — | {b:.2f} | — |")
+            else:
+                report.add(f"| {shape_name} | {name} | {impl.label} | {f:.2f} | {f / floors[0]:.1f} | {b:.2f} | "
+                           f"{b / floors[1]:.1f} |")
     return results
 
 
@@ -275,7 +282,8 @@ def speedups(results: dict[str, dict[str, dict[str, float]]], name: str, key: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
-    parser.add_argument("--modules", default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge,shuffle")
+    parser.add_argument("--modules",
+                        default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge,shuffle,ema")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)

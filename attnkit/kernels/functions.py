@@ -484,3 +484,32 @@ def affine_gate(backend: Backend, x: Tensor, perm: Tensor,
     alpha, beta = gate(mean, m2)
     _check_gates(x, [alpha, beta])
     return _ScaleAffine.apply(backend, handoff, x, alpha, beta, mean, perm)
+
+
+# --- EMA: a gate per group and position computed from x by layers of its own (the gate network is not small) ---
+
+class _ScaleGroupsAlone(torch.autograd.Function):
+    """x·a[n, g, h, w] with both gradients of its own (dx = dy·a, da = Σ over each group's channels of dy·x): for a
+    gate that depends on x through full-size layers, whose gradients autograd sums with this one."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, x: Tensor, a: Tensor) -> Tensor:
+        ctx.backend = backend
+        ctx.save_for_backward(x, a)
+        return backend.scale_groups(x, a)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, a = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_layout(x))
+        dx = ctx.backend.scale_groups(dy, a) if ctx.needs_input_grad[1] else None
+        da = ctx.backend.dot_groups(dy, x, a.shape[1]).to(a.dtype) if ctx.needs_input_grad[2] else None
+        return None, dx, da
+
+
+def scale_by_groups(backend: Backend, x: Tensor, a: Tensor) -> Tensor:
+    """y = x · a[n, g, h, w], g the group of x's channel, one pass forward and one per gradient backward."""
+    if not torch.is_grad_enabled():
+        return backend.scale_groups(x, a)
+    return _ScaleGroupsAlone.apply(backend, x, a)

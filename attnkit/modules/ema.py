@@ -6,9 +6,10 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import row_column_gate, scale_by_groups
 from ..registry import register
 from . import _common
-from ._common import check_groups, gate_math
+from ._common import autocast_off, check_groups, gate_math, gate_path, pointwise
 from .base import AttentionModule, Probe
 
 
@@ -28,7 +29,9 @@ class EMA(AttentionModule):
         y  = x · σ(w)                                              G = 32 ("factor")
 
     The softmaxes run over the c channels of each group, as in the official code. The attention runs in the
-    parameters' dtype with autocast off (float32 under fp16/bf16 autocast). The repository has no network code: in
+    parameters' dtype with autocast off (float32 under fp16/bf16 autocast). On the fused path (attnkit.kernels) the
+    two pools and x · σ(a_h) · σ(a_w) are Coordinate Attention's passes and the final x · σ(w) is SGE's; the 3×3
+    branch, the GroupNorm and the cross-spatial sum stay PyTorch's. The repository has no network code: in
     a network EMA goes where the modules its tables compare with go, after a block's last BN, before the residual
     addition.
 
@@ -55,14 +58,38 @@ class EMA(AttentionModule):
         x_w = x.mean(2, keepdim=True).transpose(2, 3)  # (N·G)×c×W×1
         a_h, a_w = torch.split(self.conv1x1(torch.cat([x_h, x_w], dim=2)), [h, x_w.shape[2]], dim=2)
         x1 = self.gn(x * torch.sigmoid(a_h) * torch.sigmoid(a_w.transpose(2, 3)))
-        x2 = self.conv3x3(x)
+        return self.cross_spatial(x1, self.conv3x3(x))
+
+    def cross_spatial(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """w = softmax_c(GAP(x₁))ᵀ x₂ + softmax_c(GAP(x₂))ᵀ x₁, (N·G)×1×H×W."""
         w1 = x1.mean((2, 3)).softmax(1)  # (N·G)×c
         w2 = x2.mean((2, 3)).softmax(1)
         return (torch.einsum("bc,bchw->bhw", w1, x2) + torch.einsum("bc,bchw->bhw", w2, x1)).unsqueeze(1)
 
+    def _row_column_gates(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
+        """(σ(a_h) (N·G)×c×H, σ(a_w) (N·G)×c×W) from the means over W and over H, by the 1×1 convolution."""
+        h = z_h.shape[2]
+        joined = torch.cat([z_h, z_w], dim=2)[..., None].to(self.conv1x1.weight.dtype)
+        a_h, a_w = torch.split(self.conv1x1(joined)[..., 0], [h, z_w.shape[2]], dim=2)
+        return torch.sigmoid(a_h), torch.sigmoid(a_w)
+
+    def _row_column_gates_as_rows(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
+        """_row_column_gates with the 1×1 convolution as F.linear over the (N·G)·(H+W) rows of c channels."""
+        rows = torch.cat([z_h, z_w], dim=2).transpose(1, 2).to(self.conv1x1.weight.dtype)
+        gates = torch.sigmoid(pointwise(self.conv1x1, rows)).transpose(1, 2)
+        return tuple(torch.split(gates, [z_h.shape[2], z_w.shape[2]], dim=2))
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         grouped = x.reshape(-1, self.channels // self.groups, x.shape[2], x.shape[3])  # (N·G)×c×H×W
+        backend, fast = gate_path(self, x)
+        if backend is not None:
+            grouped = grouped.to(self.conv1x1.weight.dtype)
+            gates = self._row_column_gates_as_rows if fast else self._row_column_gates
+            with autocast_off(x):
+                x1 = self.gn(row_column_gate(backend, grouped, gates))
+                g = self.gate(self.cross_spatial(x1, self.conv3x3(grouped)))
+            return scale_by_groups(backend, x, g.view(x.shape[0], self.groups, *x.shape[2:]))
         with gate_math(x):
             g = self.gate(self.attention(grouped.to(self.conv1x1.weight.dtype)))
         return _common.in_format_of((grouped * g.to(x.dtype)).view(x.shape), x)  # through the module: fx-wrapped

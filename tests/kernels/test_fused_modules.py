@@ -25,7 +25,7 @@ SPECS = [
     "triplet(kernel_size=3)", "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)",
     "fca(reduction=4, frequencies='top{parts}')", "fca(frequencies='low{parts}', dct_size=14, bias=True)", "simam",
     "simam(e_lambda=0.1)", "scse", "scse(combine='add', reduction=4, act='silu')", "scse(combine='mul', bias=False)",
-    "sge(groups={parts})", "sge(groups=1, gate='hard_sigmoid')",
+    "sge(groups={parts})", "sge(groups=1, gate='hard_sigmoid')", "ema(groups={parts})",
 ]
 # the float32 comparison of the fused and the reference path against float64, where both lose more than 1e-5 to
 # rounding: SRM's BatchNorm over a batch of 3 or 4 amplifies the last-bit differences of the pooled moments (up to
@@ -36,6 +36,9 @@ SHAPES = [(3, 24, 7, 5), (3, 17, 1, 9), (4, 40, 6, 6)]  # batch >= 3: BatchNorm 
 # Shuffle Attention splits every group into two halves: an even channel count
 EVEN_SPECS = ["shuffle(groups=4)", "shuffle(groups=1, gate='hard_sigmoid')"]
 EVEN_SHAPES = [(3, 24, 7, 5), (3, 16, 1, 9), (4, 40, 6, 6)]
+# EMA's 3×3 branch, GroupNorm and cross-spatial sum run at full size in bfloat16 parameters on both paths, and which
+# path a rounding hits harder varies more: over 8 seeds the ratio of their largest errors ranged 0.6-1.6 (both 1-5%)
+BFLOAT16_PARAMS_RATIO = {"ema(groups={parts})": 2.0}
 CASES = [(spec, shape) for spec in SPECS for shape in SHAPES] + [
     (spec, shape) for spec in EVEN_SPECS for shape in EVEN_SHAPES]
 
@@ -75,7 +78,8 @@ def test_fused_is_as_exact_as_the_reference_in_bfloat16(spec, shape, params_dtyp
     fused = run_in_mode(copy.deepcopy(module), x, dy, "cpu")
     assert fused[0].dtype == torch.bfloat16
     fused_error, reference_error = max(errors(_float(fused), exact)), max(errors(_float(reference), exact))
-    assert fused_error <= max(1e-2, 1.5 * reference_error), (fused_error, reference_error)
+    ratio = BFLOAT16_PARAMS_RATIO.get(spec, 1.5) if params_dtype == torch.bfloat16 else 1.5
+    assert fused_error <= max(1e-2, ratio * reference_error), (fused_error, reference_error)
 
 
 def _float64(run):

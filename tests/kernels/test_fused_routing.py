@@ -1,4 +1,4 @@
-"""GCT, FcaNet (on the per-channel primitives), SimAM, scSE, SGE and Shuffle Attention (on their own) route as the
+"""GCT, FcaNet (on the per-channel primitives), SimAM, scSE, SGE, Shuffle Attention and EMA (on their own) route as the
 other fused modules: the fused path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode
 'reference' and while traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a
 fused pass (GCT's Σ|x|) takes the reference formulas in every mode."""
@@ -18,7 +18,7 @@ from .primitives import assert_close, feature_map
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
 SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam", "scse",
-         "sge(groups=4)", "shuffle(groups=4)"]
+         "sge(groups=4)", "shuffle(groups=4)", "ema(groups=4)"]
 PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"]
 SCALES = {"scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"}
 SHAPE = (2, 16, 6, 5)
@@ -83,17 +83,20 @@ def test_compile_sees_the_reference_formula(spec, backend_calls):
     assert max(errors(got, want)) <= 1e-5
 
 
-@pytest.mark.parametrize("spec, shape", [("gct", (SHAPE[0], SHAPE[1], 1, 1)),
-                                         ("fca(reduction=4, frequencies='top8')", (SHAPE[0], SHAPE[1], 1, 1)),
-                                         ("sge(groups=4)", (SHAPE[0], 4, *SHAPE[2:]))])
-def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, shape, backend_calls):
-    """attnkit.capture records the gate with a forward hook: it runs, on maps of the reference's shape."""
+@pytest.mark.parametrize("spec, submodule, shape", [
+    ("gct", "gate", (SHAPE[0], SHAPE[1], 1, 1)),
+    ("fca(reduction=4, frequencies='top8')", "gate", (SHAPE[0], SHAPE[1], 1, 1)),
+    ("sge(groups=4)", "gate", (SHAPE[0], 4, *SHAPE[2:])), ("ema(groups=4)", "gate", (SHAPE[0] * 4, 1, *SHAPE[2:])),
+    ("ema(groups=4)", "conv1x1", (SHAPE[0] * 4, 4, SHAPE[2] + SHAPE[3], 1))])
+def test_a_hook_on_the_gate_sees_it_run_on_the_fused_path(spec, submodule, shape, backend_calls):
+    """attnkit.capture records the gate with a forward hook: it runs, on maps of the reference's shape (EMA's 1×1
+    convolution, computed as F.linear when no hook observes it, runs as a layer)."""
     module = randomised(create(spec, SHAPE), seed=0)
     x = feature_map(SHAPE, torch.float32, False, ties=False, seed=1)
     dy = feature_map(SHAPE, torch.float32, False, ties=False, seed=2)
     want = run_in_mode(copy.deepcopy(module), x, dy, "reference")
     hooked, seen = copy.deepcopy(module), []
-    hooked.gate.register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape)))
+    getattr(hooked, submodule).register_forward_hook(lambda m, inputs, out: seen.append(tuple(out.shape)))
     got = run_in_mode(hooked, x, dy, "cpu")
     assert SCALES & set(backend_calls) and seen == [shape]
     assert max(errors(got, want)) <= 1e-5

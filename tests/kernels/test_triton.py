@@ -323,7 +323,7 @@ MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
            "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')",
            "simam", "scse", "scse(combine='add')", "scse(combine='mul')",
-           "sge(groups=3)", "shuffle(groups=3)"]
+           "sge(groups=3)", "shuffle(groups=3)", "ema(groups=3)"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
