@@ -16,12 +16,14 @@ Pools = tuple[tuple[Tensor, Tensor, Tensor], ...]
 class Backend(Protocol):
     """The primitives, as reference.py specifies them (shapes in brackets; x, dy: N×C×H×W)."""
 
-    # one gate per channel: SE, ECA, SRM, Gather-Excite
+    # one gate per channel: SE, ECA, SRM, Gather-Excite, GCT, FcaNet
     def pool_hw(self, x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]: ...  # mean [N, C] (and M2)
     def scale_c(self, x: Tensor, g: Tensor) -> Tensor: ...  # x·g[n, c]
     def dot_hw(self, dy: Tensor, x: Tensor) -> Tensor: ...  # Σ_hw dy·x [N, C]
     def grad_c(self, dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
                m: Tensor | None = None) -> Tensor: ...
+    def pool_abs_hw(self, x: Tensor) -> Tensor: ...  # mean of |x| [N, C] (GCT 'l1')
+    def grad_c_sign(self, dy: Tensor, g: Tensor, a: Tensor, x: Tensor) -> Tensor: ...  # dy·g + a·sign(x)
     def pool_k(self, x: Tensor, k: Tensor) -> Tensor: ...  # Σ_hw x·k[c, h, w] [N, C]
     def grad_k(self, dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool,
                with_dk: bool) -> tuple[Tensor | None, Tensor | None]: ...

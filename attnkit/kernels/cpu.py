@@ -184,6 +184,20 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     return dx
 
 
+def pool_abs_hw(x: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    mean = _f32((n, c))
+    _call("pool_abs_hw", x, x, mean, n, c, h * w)
+    return mean
+
+
+def grad_c_sign(dy: Tensor, g: Tensor, a: Tensor, x: Tensor) -> Tensor:
+    n, c, h, w = dy.shape
+    dx = _output_like(dy)
+    _call("grad_c_sign", dy, dy, _factor(g, dy), _stat(a), x, dx, n, c, h * w)
+    return dx
+
+
 # --- Gather-Excite θ, global extent ---
 
 def _kernel_map(k: Tensor, channels_last: bool) -> Tensor:

@@ -121,6 +121,29 @@ def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_
     return _ScaleC.apply(backend, handoff, x, g)
 
 
+class _PoolAbsHW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.hw = backend, handoff, x.shape[2] * x.shape[3]
+        return backend.pool_abs_hw(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean: Tensor):
+        h = _taken(ctx.handoff)  # ∂|x|/∂x = sign(x)
+        return None, None, ctx.backend.grad_c_sign(h.dy, h.gates[0], dmean / ctx.hw, h.x)
+
+
+def abs_channel_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor], Tensor]) -> Tensor:
+    """y = x · gate(mean_hw |x|), gate mapping the float [N, C] means of |x| to the [N, C] gate."""
+    if not torch.is_grad_enabled():
+        return backend.scale_c(x, gate(backend.pool_abs_hw(x)))
+    handoff = _Handoff()
+    g = gate(_PoolAbsHW.apply(backend, handoff, x))
+    _check_gates(x, [g])
+    return _ScaleC.apply(backend, handoff, x, g)
+
+
 # --- Gather-Excite θ and θ⁺ with the global extent: the gather is a depthwise kernel covering the map ---
 
 class _PoolK(torch.autograd.Function):

@@ -58,6 +58,16 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     return dx.to(dy.dtype)
 
 
+def pool_abs_hw(x: Tensor) -> Tensor:
+    """mean[N, C] of |x| over H×W."""
+    return _f(x).abs().mean((2, 3))
+
+
+def grad_c_sign(dy: Tensor, g: Tensor, a: Tensor, x: Tensor) -> Tensor:
+    """dx = dy·g[n, c] + a[n, c]·sign(x) (the gradient torch gives |x|: 0 at 0), rounded to dy's dtype once."""
+    return (_f(dy) * _round(g, dy)[:, :, None, None] + a[:, :, None, None] * torch.sign(_f(x))).to(dy.dtype)
+
+
 # --- Gather-Excite θ, global extent: a depthwise kernel k [C, H, W] covering the map gathers each channel ---
 
 def pool_k(x: Tensor, k: Tensor) -> Tensor:

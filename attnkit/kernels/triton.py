@@ -204,16 +204,33 @@ def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.cons
 
 
 @_jit
+def _pool_abs_hw_kernel(x, mean, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """mean of |x| over P of BLOCK_C channels."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        total += tl.sum(tl.abs(tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)), 1)
+    tl.store(mean + n * C + c, total / P, mask=c < C)
+
+
+@_jit
 def _grad_c_kernel(dy, g, a, x, b, m, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, WITH_B: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dx = dy·g + a (+ b·(x − m)), per-channel factors."""
+                   WITH_SIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = dy·g + a (+ b·(x − m)), or dy·g + a·sign(x) WITH_SIGN, per-channel factors."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
     at = _at(n, c, p, sn, sc, sp)
     nc = n * C + c
     d = tl.load(dy + at, mask=mask).to(tl.float32)
-    out = d * _round(tl.load(g + nc, mask=c < C), dy)[:, None] + tl.load(a + nc, mask=c < C)[:, None]
-    if WITH_B:
+    shift = tl.load(a + nc, mask=c < C)[:, None]
+    if WITH_B or WITH_SIGN:
         v = tl.load(x + _at(n, c, p, xsn, xsc, xsp), mask=mask).to(tl.float32)
+        if WITH_SIGN:  # torch.sign: 0 at 0 and for a NaN
+            shift = shift * ((v > 0).to(tl.float32) - (v < 0).to(tl.float32))
+    out = d * _round(tl.load(g + nc, mask=c < C), dy)[:, None] + shift
+    if WITH_B:
         out = out + tl.load(b + nc, mask=c < C)[:, None] * (v - tl.load(m + nc, mask=c < C)[:, None])
     tl.store(dx + at, _to(out, dx.dtype.element_ty), mask=mask)
 
@@ -932,7 +949,29 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     g, a = _small(g), _small(a)
     b, m = (_small(b), _small(m)) if with_b else (a, a)  # unread stand-ins without b
     dx = torch.empty_like(dy)
-    _elementwise(_grad_c_kernel, dy, ds, dy, g, a, x, b, m, dx, *s, WITH_B=with_b)
+    _elementwise(_grad_c_kernel, dy, ds, dy, g, a, x, b, m, dx, *s, WITH_B=with_b, WITH_SIGN=False)
+    return dx
+
+
+def pool_abs_hw(x: Tensor) -> Tensor:
+    """mean[N, C] of |x| over H×W."""
+    _require()
+    x, s = _full(x)
+    n, c, h, w = x.shape
+    mean = _stats(n, c, like=x)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_pool_abs_hw_kernel, (triton.cdiv(c, bc), n), x, mean, c, h * w, *s, BLOCK_C=bc, BLOCK_P=bp)
+    return mean
+
+
+def grad_c_sign(dy: Tensor, g: Tensor, a: Tensor, x: Tensor) -> Tensor:
+    """dx = dy·g[n, c] + a[n, c]·sign(x), rounded to dy's dtype once."""
+    _require()
+    dy, ds = _full(dy)
+    x, s = _full(x)
+    g, a = _small(g), _small(a)
+    dx = torch.empty_like(dy)
+    _elementwise(_grad_c_kernel, dy, ds, dy, g, a, x, a, a, dx, *s, WITH_B=False, WITH_SIGN=True)
     return dx
 
 

@@ -6,7 +6,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from ..kernels.functions import channel_gate
+from ..kernels.functions import abs_channel_gate, channel_gate
 from ..registry import register
 from ._common import gate_math, gate_path, one_of, stat_dtype
 from .base import AttentionModule, Probe
@@ -101,18 +101,19 @@ class GatedChannelTransformation(AttentionModule):
         return set() if self.beta_weight_decay else {"beta"}
 
     def _excite_pooled(self, hw: int, mean: Tensor, m2: Tensor | None = None) -> Tensor:
-        """The gate, N×C, from the fused pass's mean (and sum of squared deviations M2) over the hw positions:
-        Σ x² = M2 + hw·mean², Σ x = hw·mean."""
+        """The gate, N×C, from the fused pass's mean (of x, or of |x|) and, for mode 'l2', the sum of squared
+        deviations M2 over the hw positions: Σ x² = M2 + hw·mean², Σ x = hw·mean."""
         pooled = hw * mean if m2 is None else m2 + hw * mean.square()
         return self.excite(pooled[:, :, None, None]).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        if self.mode == "l2" or self.after_relu:  # Σ|x| has no fused pass: mode 'l1' without after_relu is plain
-            backend, _ = gate_path(self, x)
-            if backend is not None:
-                gate = functools.partial(self._excite_pooled, x.shape[2] * x.shape[3])
-                return channel_gate(backend, x, gate, with_m2=self.mode == "l2")
+        backend, _ = gate_path(self, x)
+        if backend is not None:
+            gate = functools.partial(self._excite_pooled, x.shape[2] * x.shape[3])
+            if self.mode == "l1" and not self.after_relu:
+                return abs_channel_gate(backend, x, gate)
+            return channel_gate(backend, x, gate, with_m2=self.mode == "l2")
         return x * self.excitation(x).to(x.dtype)
 
     def extra_repr(self) -> str:

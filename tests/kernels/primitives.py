@@ -48,6 +48,8 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "dot_hw": lambda ops: ops.dot_hw(dy, x),
         "grad_c": lambda ops: ops.grad_c(dy, gc, a),
         "grad_c x": lambda ops: ops.grad_c(dy, gc, a, x, b, m),
+        "pool_abs_hw": lambda ops: ops.pool_abs_hw(x),
+        "grad_c_sign": lambda ops: ops.grad_c_sign(dy, gc, a, x),
         "pool_k": lambda ops: ops.pool_k(x, k),
         "grad_k": lambda ops: ops.grad_k(dy, gc, a, x, k, True, True),
         "grad_k dx": lambda ops: ops.grad_k(dy, gc, a, x, k, True, False),

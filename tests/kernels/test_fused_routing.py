@@ -1,7 +1,7 @@
 """GCT, FcaNet (on the per-channel primitives), SimAM, scSE, SGE, Shuffle Attention and EMA (on their own) route as the
 other fused modules: the fused path in mode 'cpu' (and 'auto' above the size threshold), the reference formulas in mode
 'reference' and while traced, exported or compiled; a hook on a gate submodule sees it run; a configuration without a
-fused pass (GCT's Σ|x|) takes the reference formulas in every mode."""
+fused pass (SimAM with another gate function) takes the reference formulas in every mode."""
 from __future__ import annotations
 
 import copy
@@ -17,8 +17,8 @@ from .primitives import assert_close, feature_map
 
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
-SPECS = ["gct", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam", "scse",
-         "sge(groups=4)", "shuffle(groups=4)", "ema(groups=4)"]
+SPECS = ["gct", "gct(mode='l1')", "gct(mode='l1', after_relu=True)", "fca(reduction=4, frequencies='top8')", "simam",
+         "scse", "sge(groups=4)", "shuffle(groups=4)", "ema(groups=4)"]
 PRIMITIVES = ["pool_hw", "pool_k", "scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"]
 SCALES = {"scale_c", "scale_energy", "scale_pair", "scale_groups", "scale_affine"}
 SHAPE = (2, 16, 6, 5)

@@ -99,6 +99,8 @@ CASES = [
     ("dot_hw", "dot_hw", lambda i: (i.dy, i.x)),
     ("grad_c", "grad_c", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"))),
     ("grad_c-m2", "grad_c", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"), i.x, i.f("n", "c"), i.f("n", "c"))),
+    ("pool_abs_hw", "pool_abs_hw", lambda i: (i.x,)),
+    ("grad_c_sign", "grad_c_sign", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"), i.x)),
     ("pool_k", "pool_k", lambda i: (i.x, i.f("c", "h", "w"))),
     ("grad_k", "grad_k", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"), i.x, i.f("c", "h", "w"), True, True)),
     ("grad_k-dx", "grad_k", lambda i: (i.dy, i.f("n", "c"), i.f("n", "c"), i.x, i.f("c", "h", "w"), True, False)),
@@ -321,7 +323,8 @@ def test_imports_without_triton(monkeypatch):
 
 MODULES = ["se", "eca", "srm", "ge", "ge(variant='theta', spatial_size={hw})", "cbam(reduction=4)",
            "cbam(reduction=4, pool_types=('avg',), residual=True)", "coord", "triplet(kernel_size=3)",
-           "triplet(no_spatial=True)", "gct", "gct(mode='l1', after_relu=True)", "fca(reduction=2, frequencies='top2')",
+           "triplet(no_spatial=True)", "gct", "gct(mode='l1')", "gct(mode='l1', after_relu=True)",
+           "fca(reduction=2, frequencies='top2')",
            "simam", "scse", "scse(combine='add')", "scse(combine='mul')",
            "sge(groups=3)", "shuffle(groups=3)", "ema(groups=3)"]
 

@@ -61,6 +61,9 @@ static inline float exp_approx(float x) {
     return x != x ? x : p * scale;
 }
 
+/* sign(v) as torch.sign: −1, 0 or 1, and 0 for a NaN */
+static inline float sign_of(float v) { return (float)(v > 0) - (float)(v < 0); }
+
 static inline float sigmoid(float e) { return 1.0f / (1.0f + exp_approx(-e)); }
 
 /* SimAM's gate σ(d²/q + ½) of a deviation d from the channel's mean */

@@ -115,6 +115,48 @@ void FN(grad_c)(const T *dy, const float *g, const float *a, const T *x, const f
     }
 }
 
+/* mean[n, c] of |x| over H×W (GCT's 'l1' embedding of a signed input) */
+void FN(pool_abs_hw)(const T *x, float *mean, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const T *row = x + r * HW;
+            float s = 0;
+#pragma omp simd reduction(+ : s)
+            for (i64 p = 0; p < HW; p++) s += fabsf(LD(row, p));
+            mean[r] = s / HW;
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const T *base = x + n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) acc[j] += fabsf(LD(base + p * C, j));
+        for (i64 j = 0; j < cn; j++) mean[n * C + c0 + j] = (float)(acc[j] / HW);
+    }
+}
+
+/* dx = dy·g[n, c] + a[n, c]·sign(x) */
+void FN(grad_c_sign)(const T *dy, const float *g, const float *a, const T *x, T *dx, i64 N, i64 C, i64 HW, int cl,
+                     int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
+        const i64 off = r * (cl ? C : HW);
+        if (!cl) {
+            const float gr = g[r], ar = a[r];
+            for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar * sign_of(LD(x + off, p)));
+        } else {
+            const i64 k = (r / HW) * C;
+            for (i64 c = 0; c < C; c++)
+                ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c] * sign_of(LD(x + off, c)));
+        }
+    }
+}
+
 /* ---------- Gather-Excite θ, global extent: a depthwise kernel k covering the map ----------
  * k is [C, HW] for NCHW and [HW, C] for NHWC, float32. */
 
