@@ -57,7 +57,7 @@ SHAPES = {  # name: N×C×H×W
 }
 INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on its running statistics)
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
-X_IN_BACKWARD = {"ge-theta", "gct", "simam", "shuffle"}  # floor 3|x| forward, 8|x| forward+backward
+X_IN_BACKWARD = {"ge-theta", "gct", "gct-l1", "simam", "shuffle"}  # floor 3|x| forward, 8|x| forward+backward
 FLOORS = {"scse": (4, 10), "sge": (4, 9)}
 NO_FLOOR = {"ema"}  # its gate network has full-size layers (a 3×3 convolution, a GroupNorm): no gate module's floor
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -181,6 +181,8 @@ def timm_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module | No
 def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
     if name == "ge-theta":
         return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
+    if name == "gct-l1":
+        return attnkit.create("gct", channels, mode="l1")
     if name in ("sge", "shuffle"):  # the papers' 64 groups, or as many as divide the channels (e.g. 144: 16 and 8)
         return attnkit.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
     if name == "ema":  # the official 32 groups, or as many as divide the channels (144: 16)
@@ -283,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1", help=f"from {', '.join(SHAPES)}")
     parser.add_argument("--modules",
-                        default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,fca,simam,scse,sge,shuffle,ema")
+                        default="se,eca,srm,ge,ge-theta,cbam,coord,triplet,gct,gct-l1,fca,simam,scse,sge,shuffle,ema")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
