@@ -71,16 +71,16 @@ def check_attached(network: Network, spec: str) -> None:
         gated = _logits(model(x))
     assert (gated - before).abs().max() > 1e-3 * before.abs().max()
     # torch.fx traces it wherever it traced the original, with the outputs of the eager model on the same (reference)
-    # formulas: to rounding, as a traced module runs them with other memory layouts than the eager one (CBAM's pooled
-    # maps); a dropped gate is 100× further off (above). Against the eager fused path the rounding of 20-odd gates is
-    # amplified by deep networks with these random scales (CSPDarknet-53 with Coordinate Attention: 1.6e-5 of the
-    # largest logit)
+    # formulas, to rounding: the traced graph runs them with other memory layouts than the eager modules (CBAM's pooled
+    # maps), and deep networks with these random scales amplify that (Res2Net-50 with Coordinate Attention: 1.1e-5 of
+    # the largest logit; CSPDarknet-53's 23 gates, traced against the eager fused path: 1.6e-5). 1e-4 is 10× below
+    # what a dropped gate moves (1e-3, asserted above)
     if traces:
         with torch.no_grad(), attnkit.kernels.use("reference"):
             eager = _logits(model(x))
         with torch.no_grad():
-            torch.testing.assert_close(_logits(torch.fx.symbolic_trace(model)(x)), eager, rtol=1e-5,
-                                       atol=1e-5 * eager.abs().max().item())
+            torch.testing.assert_close(_logits(torch.fx.symbolic_trace(model)(x)), eager, rtol=1e-4,
+                                       atol=1e-4 * eager.abs().max().item())
     # pickled whole (as frameworks checkpoint) and deep-copied: the same outputs
     buffer = io.BytesIO()
     torch.save(model, buffer)
