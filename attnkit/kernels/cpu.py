@@ -157,7 +157,7 @@ def _back(t: Tensor, channels_last: bool) -> Tensor:
 def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
     n, c, h, w = x.shape
     mean, m2 = _f32((n, c)), _f32((n, c)) if with_m2 else None
-    _call("pool_hw", x, x, mean, m2, n, c, h * w)
+    _call("pool_hw", x, x, mean, m2, 0, n, c, h * w)
     return mean, m2
 
 
@@ -187,7 +187,7 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
 def pool_abs_hw(x: Tensor) -> Tensor:
     n, c, h, w = x.shape
     mean = _f32((n, c))
-    _call("pool_abs_hw", x, x, mean, n, c, h * w)
+    _call("pool_hw", x, x, mean, None, 1, n, c, h * w)
     return mean
 
 

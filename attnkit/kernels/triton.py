@@ -152,20 +152,24 @@ def _mean_gate(a_cw, a_hc, a_hw, n, c, p, C, P, W, mask, SPATIAL: tl.constexpr):
 # --- one gate per channel: SE, ECA, SRM, Gather-Excite ---
 
 @_jit
-def _pool_hw_kernel(x, mean, m2, C, P, sn, sc, sp, WITH_M2: tl.constexpr, BLOCK_C: tl.constexpr,
+def _pool_hw_kernel(x, mean, m2, C, P, sn, sc, sp, WITH_M2: tl.constexpr, ABS: tl.constexpr, BLOCK_C: tl.constexpr,
                     BLOCK_P: tl.constexpr):
-    """mean (and M2) over P of BLOCK_C channels, in one read of x. Values are shifted by each channel's first one, so
-    that sums stay small when the mean is large against the spread; M2 centres each block of positions on its own
-    mean and merges the blocks by Chan's formula, with no cancellation of large squares."""
+    """mean (and M2) over P of BLOCK_C channels, in one read of x (of |x| with ABS). Values are shifted by each
+    channel's first one, so that sums stay small when the mean is large against the spread; M2 centres each block of
+    positions on its own mean and merges the blocks by Chan's formula, with no cancellation of large squares."""
     n = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     shift = tl.load(x + n.to(tl.int64) * sn + c * sc, mask=c < C, other=0.0).to(tl.float32)
+    if ABS:
+        shift = tl.abs(shift)
     total = tl.zeros([BLOCK_C], tl.float32)
     dev = tl.zeros([BLOCK_C], tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (c < C)[:, None] & (p < P)[None, :]
         v = tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
+        if ABS:
+            v = tl.abs(v)
         v = tl.where(mask, v - shift[:, None], 0.0)
         s = tl.sum(v, 1)
         if WITH_M2:
@@ -201,19 +205,6 @@ def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.cons
         d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
         total += tl.sum(d * tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32), 1)
     tl.store(out + n * C + c, total, mask=c < C)
-
-
-@_jit
-def _pool_abs_hw_kernel(x, mean, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """mean of |x| over P of BLOCK_C channels."""
-    n = tl.program_id(1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    total = tl.zeros([BLOCK_C], tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (c < C)[:, None] & (p < P)[None, :]
-        total += tl.sum(tl.abs(tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)), 1)
-    tl.store(mean + n * C + c, total / P, mask=c < C)
 
 
 @_jit
@@ -914,7 +905,7 @@ def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
     m2 = _stats(n, c, like=x) if with_m2 else None
     bc, bp = _blocks(c, h * w, s)
     _launch(_pool_hw_kernel, (triton.cdiv(c, bc), n), x, mean, mean if m2 is None else m2, c, h * w, *s,
-            WITH_M2=with_m2, BLOCK_C=bc, BLOCK_P=bp)
+            WITH_M2=with_m2, ABS=False, BLOCK_C=bc, BLOCK_P=bp)
     return mean, m2
 
 
@@ -960,7 +951,8 @@ def pool_abs_hw(x: Tensor) -> Tensor:
     n, c, h, w = x.shape
     mean = _stats(n, c, like=x)
     bc, bp = _blocks(c, h * w, s)
-    _launch(_pool_abs_hw_kernel, (triton.cdiv(c, bc), n), x, mean, c, h * w, *s, BLOCK_C=bc, BLOCK_P=bp)
+    _launch(_pool_hw_kernel, (triton.cdiv(c, bc), n), x, mean, mean, c, h * w, *s, WITH_M2=False, ABS=True,
+            BLOCK_C=bc, BLOCK_P=bp)
     return mean
 
 

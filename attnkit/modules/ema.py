@@ -53,11 +53,8 @@ class EMA(AttentionModule):
 
     def attention(self, x: Tensor) -> Tensor:
         """w (before the sigmoid) for the grouped input x ((N·G)×c×H×W, in the parameters' dtype): (N·G)×1×H×W."""
-        h = x.shape[2]
-        x_h = x.mean(3, keepdim=True)  # (N·G)×c×H×1
-        x_w = x.mean(2, keepdim=True).transpose(2, 3)  # (N·G)×c×W×1
-        a_h, a_w = torch.split(self.conv1x1(torch.cat([x_h, x_w], dim=2)), [h, x_w.shape[2]], dim=2)
-        x1 = self.gn(x * torch.sigmoid(a_h) * torch.sigmoid(a_w.transpose(2, 3)))
+        a_h, a_w = self._row_column_gates(x.mean(3), x.mean(2))  # from the means over W and over H
+        x1 = self.gn(x * a_h[..., None] * a_w[:, :, None, :])
         return self.cross_spatial(x1, self.conv3x3(x))
 
     def cross_spatial(self, x1: Tensor, x2: Tensor) -> Tensor:

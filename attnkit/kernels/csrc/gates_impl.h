@@ -11,15 +11,20 @@
 
 /* ---------- one gate per channel ---------- */
 
-/* mean[n, c] over H×W, and m2[n, c] = Σ(x − mean)² when m2 is not NULL */
-void FN(pool_hw)(const T *x, float *mean, float *m2, i64 N, i64 C, i64 HW, int cl, int nt) {
+/* mean[n, c] over H×W of x (of |x| when `absolute`), and m2[n, c] = Σ(x − mean)² when m2 is not NULL */
+void FN(pool_hw)(const T *x, float *mean, float *m2, int absolute, i64 N, i64 C, i64 HW, int cl, int nt) {
     if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *row = x + r * HW;
             float s = 0; /* a vector of partial sums: float keeps the pass at memory speed */
+            if (absolute) {
 #pragma omp simd reduction(+ : s)
-            for (i64 p = 0; p < HW; p++) s += LD(row, p);
+                for (i64 p = 0; p < HW; p++) s += fabsf(LD(row, p));
+            } else {
+#pragma omp simd reduction(+ : s)
+                for (i64 p = 0; p < HW; p++) s += LD(row, p);
+            }
             const float mu = s / HW;
             mean[r] = mu;
             if (m2) {
@@ -39,7 +44,10 @@ void FN(pool_hw)(const T *x, float *mean, float *m2, i64 N, i64 C, i64 HW, int c
         double acc[CB] = {0};
         float mu[CB];
         for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) acc[j] += LD(base + p * C, j);
+            for (i64 j = 0; j < cn; j++) {
+                const float v = LD(base + p * C, j);
+                acc[j] += absolute ? fabsf(v) : v;
+            }
         for (i64 j = 0; j < cn; j++) { mu[j] = (float)(acc[j] / HW); mean[n * C + c0 + j] = mu[j]; acc[j] = 0; }
         if (!m2) continue;
         for (i64 p = 0; p < HW; p++)
@@ -112,31 +120,6 @@ void FN(grad_c)(const T *dy, const float *g, const float *a, const T *x, const f
                 for (i64 c = 0; c < C; c++) ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c]);
             }
         }
-    }
-}
-
-/* mean[n, c] of |x| over H×W (GCT's 'l1' embedding of a signed input) */
-void FN(pool_abs_hw)(const T *x, float *mean, i64 N, i64 C, i64 HW, int cl, int nt) {
-    if (!cl) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (i64 r = 0; r < N * C; r++) {
-            const T *row = x + r * HW;
-            float s = 0;
-#pragma omp simd reduction(+ : s)
-            for (i64 p = 0; p < HW; p++) s += fabsf(LD(row, p));
-            mean[r] = s / HW;
-        }
-        return;
-    }
-    const i64 nb = (C + CB - 1) / CB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 t = 0; t < N * nb; t++) {
-        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
-        const T *base = x + n * HW * C + c0;
-        double acc[CB] = {0};
-        for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) acc[j] += fabsf(LD(base + p * C, j));
-        for (i64 j = 0; j < cn; j++) mean[n * C + c0 + j] = (float)(acc[j] / HW);
     }
 }
 
