@@ -92,12 +92,16 @@ def _threads(like: Tensor) -> int:
     return max(1, min(torch.get_num_threads(), like.numel() // GRAIN))
 
 
+def _invoke(function: Callable[..., None], args: tuple, *flags: int) -> None:
+    """Call a kernel with tensors as their data pointers, then the int `flags`."""
+    if function.argtypes is None:  # declared once, from the first call: ctypes then converts plain ints and floats
+        function.argtypes, function.restype = [*map(_ctype, args), *[ctypes.c_int] * len(flags)], None
+    function(*[a.data_ptr() if isinstance(a, Tensor) else a for a in args], *flags)
+
+
 def _call(name: str, like: Tensor, *args: object) -> None:
     """Run kernel `name` for `like`'s dtype; appends the layout flag and the thread count."""
-    function = _kernel(name, like.dtype)
-    if function.argtypes is None:  # declared once, from the first call: ctypes then converts plain ints and floats
-        function.argtypes, function.restype = [*map(_ctype, args), ctypes.c_int, ctypes.c_int], None
-    function(*[a.data_ptr() if isinstance(a, Tensor) else a for a in args], _cl(like), _threads(like))
+    _invoke(_kernel(name, like.dtype), args, _cl(like), _threads(like))
 
 
 def _cl(x: Tensor) -> bool:
@@ -471,3 +475,35 @@ def grad_affine(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, m: Tensor, a
     _call("grad_affine", dy, dy, x, _stat(alpha), _stat(beta), _stat(m), _stat(a), _stat(b), perm.contiguous(), dx,
           n, c, h * w)
     return dx
+
+
+# --- the gate convolution of CBAM and Triplet Attention: not a primitive, an operator of their gate networks ---
+
+def _conv_threads(maps: Tensor, k: int) -> int:
+    """_threads for k·k products per element: the samples, on as many threads as GRAIN products each allow."""
+    return max(1, min(torch.get_num_threads(), maps.shape[0], maps.numel() * k * k // GRAIN))
+
+
+def conv_planes(maps: Tensor, weight: Tensor) -> Tensor:
+    """F.conv2d(maps, weight, padding=k // 2) for float32 maps [N, P, H, W], NCHW, and one filter [1, P, k, k], k odd."""
+    n, p, h, w = maps.shape
+    k = weight.shape[-1]
+    out, threads = _f32((n, 1, h, w)), _conv_threads(maps, k)
+    scratch = _f32((threads, p * (h + k) * (w + k - 1) + h * (w + k - 1)))
+    _invoke(_kernel("conv_planes", torch.float32), (maps, weight, out, scratch, n, p, h, w, k), threads)
+    return out
+
+
+def conv_planes_backward(dout: Tensor, maps: Tensor, weight: Tensor, with_dmaps: bool,
+                         with_dweight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of conv_planes for the output gradient dout [N, 1, H, W]: (dmaps, dweight), each None when not
+    asked for."""
+    n, p, h, w = maps.shape
+    k = weight.shape[-1]
+    dmaps = _f32(maps.shape) if with_dmaps else None
+    per_sample, dweight = (_f32((n, p * k * k)), _f32(weight.shape)) if with_dweight else (None, None)
+    threads = _conv_threads(maps, k)
+    scratch = _f32((threads, (p + 1) * (h + k) * (w + k - 1) + h * (w + k - 1)))
+    _invoke(_kernel("conv_planes_backward", torch.float32),
+            (dout, maps, weight, dmaps, per_sample, dweight, scratch, n, p, h, w, k), threads)
+    return dmaps, dweight

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import cpu
 from .backend import Backend
 
 
@@ -536,3 +537,24 @@ def scale_by_groups(backend: Backend, x: Tensor, a: Tensor) -> Tensor:
     if not torch.is_grad_enabled():
         return backend.scale_groups(x, a)
     return _ScaleGroupsAlone.apply(backend, x, a)
+
+
+# --- the gate convolution of CBAM and Triplet Attention, on the CPU: an operator of their gate networks ---
+
+class _ConvPlanes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, maps: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(maps, weight)
+        return cpu.conv_planes(maps, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: Tensor):
+        maps, weight = ctx.saved_tensors
+        return cpu.conv_planes_backward(dout.contiguous(), maps, weight, *ctx.needs_input_grad)
+
+
+def conv_planes(maps: Tensor, weight: Tensor) -> Tensor:
+    """F.conv2d(maps, weight, padding=k // 2) by the CPU backend's direct kernels, forward and backward: float32 maps
+    [N, P, H, W] on the CPU and one filter [1, P, k, k], k odd."""
+    return _ConvPlanes.apply(maps.contiguous(), weight.contiguous())

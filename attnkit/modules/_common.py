@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from .. import kernels
+from ..kernels import cpu
 from ..kernels.backend import Backend
+from ..kernels.functions import conv_planes
 from ..registry import did_you_mean
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "stat_dtype",
     "gate_math",
     "pooled_maps_for_conv",
+    "gate_conv",
     "in_format_of",
     "check_groups",
     "gate_path",
@@ -203,6 +206,26 @@ def pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
     return pooled
 
 
+def _direct_conv_serves(conv: nn.Conv2d, maps: Tensor) -> bool:
+    k = conv.kernel_size[0]
+    return (kernels.get_mode() in ("auto", "cpu") and not kernels.reference_only(maps) and maps.device.type == "cpu"
+            and maps.dtype == conv.weight.dtype == torch.float32 and conv.out_channels == 1 and conv.groups == 1
+            and conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == (k // 2, k // 2)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and not _hooked({"conv": conv}) and cpu.unavailable() is None)
+
+
+def gate_conv(conv: nn.Conv2d, maps: Tensor) -> Tensor:
+    """conv(maps) for the k×k 'same' convolution of a few pooled maps (N×P×A×B) into one gate map: CBAM's spatial gate
+    and Triplet Attention's branches. On the CPU in float32, outside `reference_only` and unless a hook observes the
+    convolution, the same function by the CPU backend's direct kernels (attnkit.kernels.functions.conv_planes):
+    PyTorch's CPU convolution runs this shape far below its arithmetic's speed, its backward most of all."""
+    if _direct_conv_serves(conv, maps):
+        out = conv_planes(maps, conv.weight)
+        return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
+    return conv(pooled_maps_for_conv(maps, conv.weight.dtype))
+
+
 @torch.fx.wrap
 def in_format_of(y: Tensor, x: Tensor) -> Tensor:
     """`y` in the memory format of `x` (channels_last in, channels_last out), for modules whose group reshapes or channel
@@ -248,9 +271,12 @@ def gate_path(module: nn.Module, x: Tensor, forward_pays: bool = True) -> tuple[
     tracing, export, torch.compile); no fast gate network while a hook observes a submodule (attnkit.capture, prune
     and explain record them), or a global module hook is set."""
     backend, fast = kernels.route(x, forward_pays)
-    if fast and (_observed(module._modules) or any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS)):
-        fast = False
-    return backend, fast
+    return backend, fast and not _hooked(module._modules)
+
+
+def _hooked(children: dict[str, nn.Module | None]) -> bool:
+    """Whether a hook would see one of these modules, or one inside them, run: their own or a global module hook."""
+    return _observed(children) or any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS)
 
 
 def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from ..kernels.functions import channel_spatial_gate
 from ..registry import register
 from ._common import (
     autocast_off,
+    gate_conv,
     gate_math,
     gate_path,
     make_activation,
@@ -17,7 +18,6 @@ from ._common import (
     odd_kernel,
     one_of,
     pointwise,
-    pooled_maps_for_conv,
     reduced_width,
     stat_dtype,
 )
@@ -110,7 +110,7 @@ class SpatialGate(nn.Module):
     def from_pools(self, pooled: Tensor) -> Tensor:
         """Ms, N×1×H×W, from the pools over C (N×2×H×W, in `order`)."""
         with gate_math(pooled):
-            return self.gate(self.bn(self.conv(pooled_maps_for_conv(pooled, self.conv.weight.dtype))))
+            return self.gate(self.bn(gate_conv(self.conv, pooled)))
 
 
 @register("cbam")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..kernels.functions import triplet_gate
 from ..registry import register
-from ._common import gate_math, make_gate, odd_kernel, pooled_maps_for_conv, stat_dtype
+from ._common import gate_conv, gate_math, make_gate, odd_kernel, stat_dtype
 from .base import AttentionModule, Probe, output
 
 
@@ -29,7 +29,7 @@ class AttentionGate(nn.Module):
         self.gate = make_gate("TripletAttention", gate)
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.gate(self.bn(self.conv(pooled_maps_for_conv(pooled, self.conv.weight.dtype))))
+        return self.gate(self.bn(gate_conv(self.conv, pooled)))
 
 
 @register("triplet")

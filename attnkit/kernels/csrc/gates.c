@@ -7,6 +7,7 @@
  * Threads: OpenMP with an explicit count; each thread owns whole outputs and sums in a fixed order, so results do
  * not depend on the thread count or timing. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,3 +97,94 @@ static inline float max_share(float a, float b) { return a > b ? 1.0f : (a == b 
 #define ST(p, i, v) ((p)[i] = bf16_bits(v))
 #define RND(v) bf16_round(v)
 #include "gates_impl.h"
+
+/* ---------- the gate convolution of CBAM and Triplet Attention (float32; an operator of their gate networks) ----------
+ * out[n, h, w] = Σ_p Σ_ij wt[p, i, j]·x[n, p, h + i − r, w + j − r]: one k×k filter (r = (k − 1)/2, zero padding)
+ * over P pooled maps [N, P, H, W], NCHW. Each map is copied into a zeroed grid r wider on every side, Wp = W + 2r
+ * columns, so that every tap is one product over the flat H·Wp grid (the columns past W are discarded): loops that
+ * vectorize whatever the map's width, where a loop per row would be a few elements long. Work items are samples;
+ * the weight gradient is summed per sample, then over the samples in order, so results do not depend on the thread
+ * count. `scratch` holds each thread's grids: nt × (P·grid + H·Wp) floats forward, nt × ((P + 1)·grid + H·Wp)
+ * backward (grid = (H + 2r + 1)·Wp). */
+
+/* src [H, W] into dst [(H + 2r + 1), Wp], zeroed, at row and column `pad`: the extra row keeps the taps' reads in it */
+static void widen(const float *src, float *dst, i64 H, i64 W, i64 Wp, i64 pad) {
+    memset(dst, 0, sizeof(float) * (H + 2 * pad + 1) * Wp);
+    for (i64 h = 0; h < H; h++) memcpy(dst + (h + pad) * Wp + pad, src + h * W, sizeof(float) * W);
+}
+
+/* acc[q] += c·src[q] for q < n */
+static inline void axpy(float *restrict acc, const float *restrict src, float c, i64 n) {
+#pragma omp simd
+    for (i64 q = 0; q < n; q++) acc[q] += c * src[q];
+}
+
+/* the valid columns of the wide grid into a map [H, W] */
+static void narrow(const float *wide, float *dst, i64 H, i64 W, i64 Wp) {
+    for (i64 h = 0; h < H; h++) memcpy(dst + h * W, wide + h * Wp, sizeof(float) * W);
+}
+
+void conv_planes_f32(const float *x, const float *wt, float *out, float *scratch, i64 N, i64 P, i64 H, i64 W, i64 k,
+                     int nt) {
+    const i64 r = (k - 1) / 2, Wp = W + 2 * r, grid = (H + 2 * r + 1) * Wp, wide = H * Wp;
+#pragma omp parallel num_threads(nt)
+    {
+        float *padded = scratch + omp_get_thread_num() * (P * grid + wide), *acc = padded + P * grid;
+#pragma omp for schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            for (i64 p = 0; p < P; p++) widen(x + (n * P + p) * H * W, padded + p * grid, H, W, Wp, r);
+            memset(acc, 0, sizeof(float) * wide);
+            for (i64 p = 0; p < P; p++)
+                for (i64 i = 0; i < k; i++)
+                    for (i64 j = 0; j < k; j++) axpy(acc, padded + p * grid + i * Wp + j, wt[(p * k + i) * k + j], wide);
+            narrow(acc, out + n * H * W, H, W, Wp);
+        }
+    }
+}
+
+/* dx[n, p, y, x] = Σ_ij wt[p, i, j]·dout[n, y − i + r, x − j + r] (when dx is not NULL);
+ * dwt[p, i, j] = Σ_n Σ_hw dout[n, h, w]·x[n, p, h + i − r, w + j − r], through per-sample sums in dwn [N, P·k·k]
+ * (when dwt is not NULL) */
+void conv_planes_backward_f32(const float *dout, const float *x, const float *wt, float *dx, float *dwn, float *dwt,
+                              float *scratch, i64 N, i64 P, i64 H, i64 W, i64 k, int nt) {
+    const i64 r = (k - 1) / 2, Wp = W + 2 * r, grid = (H + 2 * r + 1) * Wp, wide = H * Wp, taps = P * k * k;
+#pragma omp parallel num_threads(nt)
+    {
+        float *padded = scratch + omp_get_thread_num() * ((P + 1) * grid + wide), *acc = padded + (P + 1) * grid;
+#pragma omp for schedule(static)
+        for (i64 n = 0; n < N; n++) {
+            const float *g = dout + n * H * W;
+            if (dx) { /* dout widened by r: dout[y − i + r, x − j + r] is the grid's [y + 2r − i, x + 2r − j] */
+                widen(g, padded, H, W, Wp, r);
+                for (i64 p = 0; p < P; p++) {
+                    memset(acc, 0, sizeof(float) * wide);
+                    for (i64 i = 0; i < k; i++)
+                        for (i64 j = 0; j < k; j++)
+                            axpy(acc, padded + (2 * r - i) * Wp + 2 * r - j, wt[(p * k + i) * k + j], wide);
+                    narrow(acc, dx + (n * P + p) * H * W, H, W, Wp);
+                }
+            }
+            if (dwt) { /* dout on the wide grid, its extra columns 0, against each tap of the widened x */
+                float *xs = padded + grid;
+                memset(acc, 0, sizeof(float) * wide);
+                for (i64 h = 0; h < H; h++) memcpy(acc + h * Wp, g + h * W, sizeof(float) * W);
+                for (i64 p = 0; p < P; p++) widen(x + (n * P + p) * H * W, xs + p * grid, H, W, Wp, r);
+                for (i64 p = 0; p < P; p++)
+                    for (i64 i = 0; i < k; i++)
+                        for (i64 j = 0; j < k; j++) {
+                            const float *b = xs + p * grid + i * Wp + j;
+                            float s = 0;
+#pragma omp simd reduction(+ : s)
+                            for (i64 q = 0; q < wide; q++) s += acc[q] * b[q];
+                            dwn[n * taps + (p * k + i) * k + j] = s;
+                        }
+            }
+        }
+    }
+    if (dwt)
+        for (i64 t = 0; t < taps; t++) {
+            float s = 0;
+            for (i64 n = 0; n < N; n++) s += dwn[n * taps + t];
+            dwt[t] = s;
+        }
+}

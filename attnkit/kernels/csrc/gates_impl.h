@@ -222,15 +222,15 @@ void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, 
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *plane = x + r * H * W;
-            float *accw = calloc(W, sizeof(float));
+            float *accw = zw + r * W; /* the column sums, in place */
+            memset(accw, 0, W * sizeof(float));
             for (i64 h = 0; h < H; h++) {
                 float s = 0;
 #pragma omp simd reduction(+ : s)
                 for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
                 zh[r * H + h] = s / W;
             }
-            for (i64 w = 0; w < W; w++) zw[r * W + w] = (float)(accw[w] / H);
-            free(accw);
+            for (i64 w = 0; w < W; w++) accw[w] /= H;
         }
         return;
     }
@@ -285,7 +285,8 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
-            float *accw = calloc(W, sizeof(float));
+            float *accw = daw + r * W; /* the column sums, in place */
+            memset(accw, 0, W * sizeof(float));
             for (i64 h = 0; h < H; h++) {
                 const float a = ah[r * H + h];
                 float s = 0;
@@ -297,8 +298,6 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
                 }
                 dah[r * H + h] = (float)s;
             }
-            for (i64 w = 0; w < W; w++) daw[r * W + w] = (float)accw[w];
-            free(accw);
         }
         return;
     }
