@@ -6,6 +6,7 @@
 #ifndef CB
 #define CB 64 /* channels per NHWC work item */
 #define PB 512 /* positions per NCHW work item of a reduction over channels */
+#define SPAN 64 /* channels summed in float before a double total, in such a reduction */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
@@ -372,11 +373,17 @@ void FN(pool_hw_avgmax)(const T *x, float *mean, float *top, i64 *top_at, i64 N,
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *row = x + r * HW;
-            double s = 0;
-#pragma omp simd reduction(+ : s)
-            for (i64 p = 0; p < HW; p++) s += LD(row, p);
-            mean[r] = (float)(s / HW);
-            top_at[r] = FN(first_max)(row, HW, &top[r]);
+            float s = 0, m = LD(row, 0); /* vectors of partial sums and maxima: the pass runs at memory speed */
+#pragma omp simd reduction(+ : s) reduction(max : m)
+            for (i64 p = 0; p < HW; p++) { const float v = LD(row, p); s += v; m = v > m ? v : m; }
+            /* the first index of the maximum: a vector search of the row, which is in cache, on int32 lanes */
+            int32_t at = INT32_MAX;
+            const int32_t n32 = (int32_t)MIN(HW, (i64)INT32_MAX);
+#pragma omp simd reduction(min : at)
+            for (int32_t p = 0; p < n32; p++) at = LD(row, p) == m && p < at ? p : at;
+            mean[r] = s / HW;
+            top[r] = m;
+            top_at[r] = at < n32 ? at : FN(first_max)(row, HW, &m); /* none: a NaN maximum, or a map of 2³¹ */
         }
         return;
     }
@@ -411,21 +418,31 @@ void FN(pool_c_gated)(const T *x, const float *mc, float *mean, float *top, i64 
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 t = 0; t < N * nb; t++) {
             const i64 n = t / nb, p0 = (t % nb) * PB, pn = MIN(PB, HW - p0);
-            double acc[PB];
-            float m[PB];
-            i64 at[PB];
-            for (i64 j = 0; j < pn; j++) { acc[j] = m[j] = RND(LD(x + n * C * HW + p0, j) * mc[n * C]); at[j] = 0; }
+            /* float sums of up to SPAN channels, added into double totals: the inner loop runs on float and int32
+             * lanes of one width, and the sums stay as exact as double ones for any C */
+            double total[PB];
+            float acc[PB], m[PB];
+            int32_t at[PB];
+            for (i64 j = 0; j < pn; j++) {
+                total[j] = 0;
+                acc[j] = m[j] = RND(LD(x + n * C * HW + p0, j) * mc[n * C]);
+                at[j] = 0;
+            }
             for (i64 c = 1; c < C; c++) {
+                if (c % SPAN == 0)
+                    for (i64 j = 0; j < pn; j++) { total[j] += acc[j]; acc[j] = 0; }
                 const T *row = x + (n * C + c) * HW + p0;
                 const float g = mc[n * C + c];
                 for (i64 j = 0; j < pn; j++) {
                     const float v = RND(LD(row, j) * g);
+                    const int more = beats(v, m[j]);
                     acc[j] += v;
-                    if (beats(v, m[j])) { m[j] = v; at[j] = c; }
+                    m[j] = more ? v : m[j];
+                    at[j] = more ? (int32_t)c : at[j];
                 }
             }
             for (i64 j = 0; j < pn; j++) {
-                mean[n * HW + p0 + j] = (float)(acc[j] / C);
+                mean[n * HW + p0 + j] = (float)((total[j] + acc[j]) / C);
                 top[n * HW + p0 + j] = m[j];
                 top_at[n * HW + p0 + j] = at[j];
             }
