@@ -7,6 +7,7 @@
 #define CB 64 /* channels per NHWC work item */
 #define PB 512 /* positions per NCHW work item of a reduction over channels */
 #define SPAN 64 /* channels summed in float before a double total, in such a reduction */
+#define SHORT_ROW 16 /* NCHW rows shorter than this are summed with the rows as a vector's lanes */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
@@ -223,13 +224,24 @@ void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, 
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *plane = x + r * H * W;
-            float *accw = zw + r * W; /* the column sums, in place */
+            float *accw = zw + r * W, *rows = zh + r * H; /* the column and row sums, in place */
             memset(accw, 0, W * sizeof(float));
-            for (i64 h = 0; h < H; h++) {
-                float s = 0;
+            if (W < SHORT_ROW) { /* the rows are the lanes, each summing its W values; then the columns */
+#pragma omp simd
+                for (i64 h = 0; h < H; h++) {
+                    float s = 0;
+                    for (i64 w = 0; w < W; w++) s += LD(plane, h * W + w);
+                    rows[h] = s / W;
+                }
+                for (i64 h = 0; h < H; h++)
+                    for (i64 w = 0; w < W; w++) accw[w] += LD(plane, h * W + w);
+            } else {
+                for (i64 h = 0; h < H; h++) {
+                    float s = 0;
 #pragma omp simd reduction(+ : s)
-                for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
-                zh[r * H + h] = s / W;
+                    for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
+                    rows[h] = s / W;
+                }
             }
             for (i64 w = 0; w < W; w++) accw[w] /= H;
         }
@@ -286,18 +298,29 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
+            const float *a = ah + r * H, *b = aw + r * W;
             float *accw = daw + r * W; /* the column sums, in place */
             memset(accw, 0, W * sizeof(float));
+            if (W < SHORT_ROW) { /* as pool_h_w */
+#pragma omp simd
+                for (i64 h = 0; h < H; h++) {
+                    float s = 0;
+                    for (i64 w = 0; w < W; w++) s += LD(dy + off, h * W + w) * LD(x + off, h * W + w) * b[w];
+                    dah[r * H + h] = s;
+                }
+                for (i64 h = 0; h < H; h++)
+                    for (i64 w = 0; w < W; w++) accw[w] += LD(dy + off, h * W + w) * LD(x + off, h * W + w) * a[h];
+                continue;
+            }
             for (i64 h = 0; h < H; h++) {
-                const float a = ah[r * H + h];
                 float s = 0;
 #pragma omp simd reduction(+ : s)
                 for (i64 w = 0; w < W; w++) {
                     const float p = LD(dy + off, h * W + w) * LD(x + off, h * W + w);
-                    s += p * aw[r * W + w];
-                    accw[w] += p * a;
+                    s += p * b[w];
+                    accw[w] += p * a[h];
                 }
-                dah[r * H + h] = (float)s;
+                dah[r * H + h] = s;
             }
         }
         return;
