@@ -14,11 +14,19 @@ the paper's placement: attnkit 'auto', attnkit 'reference', timm) is a model of 
 step by step, and the median of `--repeats` after `--warmup` is reported, with each variant's overhead over plain.
 --clock cpu times the process's CPU time instead of the wall clock: on a machine shared with other work, with one
 thread, it leaves out the time the process waits for a core. SGD: lr 0.01, momentum 0.9, weight decay 5e-4.
---quick: batch 4, 2 repeats after 1, for a smoke run.
+--quick: batch 4, 2 repeats after 1, for a smoke run. --runs K repeats the whole measurement in K fresh processes
+and reports, for each variant, the median over the runs and their range: on a shared VM the overheads of one
+process move by up to ten points from run to run (where each variant's tensors land, the allocator's page faults),
+which the steps of one process do not average out.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
 from typing import Callable, NamedTuple
 
 import torch
@@ -92,16 +100,53 @@ def overhead(ms: float, plain_ms: float) -> str:
     return f"{100 * (ms / plain_ms - 1):+.1f}%"
 
 
-def add_table(report: Report, names: list[str], times: dict[Variant, float], plain: float) -> None:
+def overhead_over_runs(runs: list[dict[str, float]], label: str) -> str:
+    """The median over the runs of a variant's overhead over plain, and their range when there are several runs."""
+    each = sorted(100 * (run[label] / run[BASELINE] - 1) for run in runs)
+    median = f"{statistics.median(each):+.1f}%"
+    return median if len(each) == 1 else f"{median} ({each[0]:+.1f} to {each[-1]:+.1f})"
+
+
+def add_table(report: Report, names: list[str], impls: tuple[str, ...], runs: list[dict[str, float]]) -> None:
+    """Each variant's median step time over the runs and its overhead over plain (`overhead_over_runs`); runs map a
+    variant's label to its median step in ms."""
     report.add("| module | attnkit auto ms | attnkit reference ms | timm ms | overhead over plain: auto | reference "
                "| timm |")
     report.add("|---|---:|---:|---:|---:|---:|---:|")
-    report.add(f"| plain | {plain:.1f} | | | | | |")
+    report.add(f"| plain | {statistics.median(run[BASELINE] for run in runs):.1f} | | | | | |")
     for name in names:
-        ms = {v.impl: t for v, t in times.items() if v.attn == name}
-        cells = [f"{ms[k]:.1f}" if k in ms else "—" for k in ("auto", "reference", "timm")]
-        cells += [overhead(ms[k], plain) if k in ms else "—" for k in ("auto", "reference", "timm")]
+        labels = [f"{name} {impl}" if impl in impls and f"{name} {impl}" in runs[0] else None
+                  for impl in ("auto", "reference", "timm")]
+        cells = [f"{statistics.median(run[label] for run in runs):.1f}" if label else "—" for label in labels]
+        cells += [overhead_over_runs(runs, label) if label else "—" for label in labels]
         report.add(f"| {name} | {' | '.join(cells)} |")
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the options `names` and their values (as `--name value` or `--name=value`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{name}=" for name in names)):
+            kept.append(arg)
+    return kept
+
+
+def runs_in_fresh_processes(count: int) -> list[dict[str, float]]:
+    """This script's measurement `count` times, each in a process of its own: each variant's median step in ms."""
+    argv = without_options(sys.argv[1:], ("--runs", "--markdown", "--json"))
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(count):
+            path = f"{folder}/run{i}.json"
+            subprocess.run([sys.executable, sys.argv[0], *argv, "--json", path], check=True, stdout=subprocess.DEVNULL)
+            with open(path) as f:
+                runs.append(json.load(f))
+            print(f"run {i + 1} of {count}: done", flush=True)
+    return runs
 
 
 def main() -> None:
@@ -122,6 +167,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 repeats after 1")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the measurement in this many fresh processes and "
+                        "report the median over them and their range")
+    parser.add_argument("--json", metavar="PATH", help=argparse.SUPPRESS)  # a run's step times, for --runs
     add_common_options(parser)
     args = parser.parse_args()
     check_device(parser, args.device)
@@ -135,11 +183,36 @@ def main() -> None:
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
+    names = args.attn.split(",")
+    impls = ("auto", "reference", "timm") if args.timm else ("auto", "reference")
+    numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
+    shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
+    timing = f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"
+    if args.runs > 1:
+        timing += f"; median over {args.runs} fresh processes (and their range)"
+    title = f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)"
+    if args.runs > 1:
+        runs = runs_in_fresh_processes(args.runs)
+    else:
+        runs = [measure(args, net, names, impls, layout, warmup, repeats)]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(runs[0], f)
+            return
+    report = Report(title, header(args.device, f"{net.model}, input {shape}, {numbers}", timing))
+    add_table(report, names, impls, runs)
+    if args.markdown:
+        report.append_to(args.markdown)
+
+
+def measure(args: argparse.Namespace, net: Net, names: list[str], impls: tuple[str, ...], layout: torch.memory_format,
+            warmup: int, repeats: int) -> dict[str, float]:
+    """Each variant's median step in ms, by its label."""
     torch.manual_seed(0)
     x = torch.randn(net.batch, net.in_chans, net.size, net.size, device=args.device).contiguous(memory_format=layout)
     y = torch.randint(net.classes, (net.batch,), device=args.device)
-    names = args.attn.split(",")
-    impls = ("auto", "reference", "timm") if args.timm else ("auto", "reference")
     steps: dict[Variant, Callable[[], None]] = {}
     for variant in [Variant(BASELINE, None, "auto"), *[Variant(f"{n} {i}", n, i) for n in names for i in impls]]:
         model = build(variant, net)
@@ -147,16 +220,7 @@ def main() -> None:
             step = sgd_step(model.to(args.device, memory_format=layout).train(), x, y, args.bf16)
             mode = "reference" if variant.impl == "timm" else variant.impl
             steps[variant] = synced(in_mode(mode, step), args.device)
-
-    numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
-    shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
-    report = Report(f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)",
-                    header(args.device, f"{net.model}, input {shape}, {numbers}",
-                           f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"))
-    times = dict(zip(steps, median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
-    add_table(report, names, {v: t for v, t in times.items() if v.attn}, times[Variant(BASELINE, None, "auto")])
-    if args.markdown:
-        report.append_to(args.markdown)
+    return dict(zip((v.label for v in steps), median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
 
 
 if __name__ == "__main__":
