@@ -10,7 +10,9 @@ one to write dx, saving only x and the small pooled tensors (functions.py). Each
   triton.py   Triton kernels for CUDA, float32, bfloat16 and float16, NCHW and channels_last, deterministic;
   reference.py  the same primitives as plain torch ops: the specification the backends are tested against.
 The modules' own forward formulas stay the reference path; outside it (`reference_only`), they compute their small
-gate networks as linear algebra on the pooled N×C statistics, the same function at a fraction of the per-call cost.
+gate networks as linear algebra on the pooled N×C statistics, the same function at a fraction of the per-call cost,
+and on the CPU the k×k convolution of CBAM's and Triplet Attention's two pooled maps by direct kernels of the CPU
+backend (`cpu.conv_planes`), where PyTorch's convolution runs that shape far below its arithmetic's speed.
 
 Choosing (dispatch.py): `attnkit.kernels.set_mode(m)`, `with attnkit.kernels.use(m): ...` or ATTNKIT_KERNELS=m,
 with m one of 'auto' (fused where a backend serves the input and it pays, see dispatch.py, else the reference: the

@@ -32,7 +32,6 @@ __all__ = [
     "one_of",
     "stat_dtype",
     "gate_math",
-    "pooled_maps_for_conv",
     "gate_conv",
     "in_format_of",
     "check_groups",
@@ -196,7 +195,7 @@ def gate_math(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
+def _pooled_maps_for_conv(pooled: Tensor, dtype: torch.dtype) -> Tensor:
     """Pooled maps (N×2×A×B) in `dtype`, laid out for the 2 -> 1 channel gate convolution of CBAM and Triplet
     Attention: channels_last on the CPU, where PyTorch runs that convolution's backward about 3× faster from it
     (32×2×512×28 maps: 93 -> 28 ms forward+backward; 32×2×28×28: 5.6 -> 2.0 ms). A torch.fx Proxy passes as is."""
@@ -223,7 +222,7 @@ def gate_conv(conv: nn.Conv2d, maps: Tensor) -> Tensor:
     if _direct_conv_serves(conv, maps):
         out = conv_planes(maps, conv.weight)
         return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
-    return conv(pooled_maps_for_conv(maps, conv.weight.dtype))
+    return conv(_pooled_maps_for_conv(maps, conv.weight.dtype))
 
 
 @torch.fx.wrap
