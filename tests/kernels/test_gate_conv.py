@@ -169,3 +169,18 @@ def test_the_modules_compute_what_the_reference_does(spec, mode, autocast, direc
         want = run_in_mode(copy.deepcopy(module), x, dy, "reference")
         got = run_in_mode(copy.deepcopy(module), x, dy, mode)
     assert direct_calls and max(errors(got, want)) <= 2e-5
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_multiply_adds_count_the_gate_convolution(mode):
+    """attnkit.cost counts with torch.utils.flop_counter, whose module hooks switch the direct kernels off: the
+    spatial convolution's k·k·2 multiply-adds per position are counted in every mode."""
+    from attnkit.cost import count_macs
+
+    channels, hidden, (h, w) = 32, 2, (6, 5)
+    mlp = 2 * (channels * hidden + hidden * channels)  # the shared MLP on the average and the max pool
+    with kernels.use(mode):
+        assert count_macs(attnkit.create("cbam", channels), (1, channels, h, w)) == mlp + 2 * 49 * h * w
+        # Triplet: its branches over (C, W), (H, C) and (H, W) planes
+        assert count_macs(attnkit.create("triplet", channels), (1, channels, h, w)) == 2 * 49 * (
+            channels * w + h * channels + h * w)
