@@ -96,10 +96,6 @@ def build(variant: Variant, net: Net) -> nn.Module | None:
     return with_timm_modules(model, variant.attn) if variant.impl == "timm" else model
 
 
-def overhead(ms: float, plain_ms: float) -> str:
-    return f"{100 * (ms / plain_ms - 1):+.1f}%"
-
-
 def overhead_over_runs(runs: list[dict[str, float]], label: str) -> str:
     """The median over the runs of a variant's overhead over plain, and their range when there are several runs."""
     each = sorted(100 * (run[label] / run[BASELINE] - 1) for run in runs)

@@ -484,12 +484,18 @@ def _conv_threads(maps: Tensor, k: int) -> int:
     return max(1, min(torch.get_num_threads(), maps.shape[0], maps.numel() * k * k // GRAIN))
 
 
+def _conv_scratch(threads: int, grids: int, h: int, w: int, k: int) -> Tensor:
+    """Each thread's working memory for the gate convolution, as the C kernels lay it out: `grids` maps widened to
+    (H + k) × (W + k − 1) (a zero border of (k − 1)/2 and a spare row), then one H × (W + k − 1) accumulator."""
+    return _f32((threads, grids * (h + k) * (w + k - 1) + h * (w + k - 1)))
+
+
 def conv_planes(maps: Tensor, weight: Tensor) -> Tensor:
     """F.conv2d(maps, weight, padding=k // 2) for float32 maps [N, P, H, W], NCHW, and one filter [1, P, k, k], k odd."""
     n, p, h, w = maps.shape
     k = weight.shape[-1]
     out, threads = _f32((n, 1, h, w)), _conv_threads(maps, k)
-    scratch = _f32((threads, p * (h + k) * (w + k - 1) + h * (w + k - 1)))
+    scratch = _conv_scratch(threads, p, h, w, k)
     _invoke(_kernel("conv_planes", torch.float32), (maps, weight, out, scratch, n, p, h, w, k), threads)
     return out
 
@@ -503,7 +509,7 @@ def conv_planes_backward(dout: Tensor, maps: Tensor, weight: Tensor, with_dmaps:
     dmaps = _f32(maps.shape) if with_dmaps else None
     per_sample, dweight = (_f32((n, p * k * k)), _f32(weight.shape)) if with_dweight else (None, None)
     threads = _conv_threads(maps, k)
-    scratch = _f32((threads, (p + 1) * (h + k) * (w + k - 1) + h * (w + k - 1)))
+    scratch = _conv_scratch(threads, p + 1, h, w, k)  # dout's grid and the maps'
     _invoke(_kernel("conv_planes_backward", torch.float32),
             (dout, maps, weight, dmaps, per_sample, dweight, scratch, n, p, h, w, k), threads)
     return dmaps, dweight
