@@ -20,6 +20,8 @@ class Backend(Protocol):
     def pool_hw(self, x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]: ...  # mean [N, C] (and M2)
     def scale_c(self, x: Tensor, g: Tensor) -> Tensor: ...  # x·g[n, c]
     def dot_hw(self, dy: Tensor, x: Tensor) -> Tensor: ...  # Σ_hw dy·x [N, C]
+    def scale_c_add(self, x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor: ...  # [max(0,] x·g[n, c] + r [)]
+    def dot_hw_relu(self, dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]: ...  # Σ dy·[y>0]·x, dy·[y>0]
     def grad_c(self, dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
                m: Tensor | None = None) -> Tensor: ...
     def pool_abs_hw(self, x: Tensor) -> Tensor: ...  # mean of |x| [N, C] (GCT 'l1')

@@ -179,6 +179,20 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+    n, c, h, w = x.shape
+    y = _output_like(x)
+    _call("scale_c_add", x, x, _factor(g, x), r, y, int(relu), n, c, h * w)
+    return y
+
+
+def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    n, c, h, w = x.shape
+    out, dr = _f32((n, c)), _output_like(x)
+    _call("dot_hw_relu", x, dy, y, x, dr, out, n, c, h * w)
+    return out, dr
+
+
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
            m: Tensor | None = None) -> Tensor:
     n, c, h, w = dy.shape

@@ -109,17 +109,50 @@ class _PoolHW(torch.autograd.Function):
         return None, None, None, dx
 
 
-def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_m2: bool = False) -> Tensor:
+class _ScaleCAdd(torch.autograd.Function):
+    """_ScaleC that also adds a block's residual r and takes the block's ReLU in the pass that writes y; its backward
+    masks dy by y > 0 in the pass that reduces it against x, and gives r the masked dy."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+        ctx.backend, ctx.handoff, ctx.relu = backend, handoff, relu
+        y = backend.scale_c_add(x, g, r, relu)
+        ctx.save_for_backward(x, g, y if relu else None)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, g, y = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_layout(x))
+        if ctx.relu:
+            dg, dy = ctx.backend.dot_hw_relu(dy, y, x)
+        else:
+            dg = ctx.backend.dot_hw(dy, x) if ctx.needs_input_grad[3] else None
+        handoff = ctx.handoff
+        handoff.x, handoff.gates = x, (g,)
+        if ctx.needs_input_grad[2]:
+            handoff.dy = dy
+        return (None, None, None, dg.to(g.dtype) if ctx.needs_input_grad[3] else None,
+                dy if ctx.needs_input_grad[4] else None, None)
+
+
+def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_m2: bool = False,
+                 residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
-    the sum of squared deviations from the mean."""
+    the sum of squared deviations from the mean. With a `residual` (x's shape, dtype and layout), y + residual, and
+    max(y + residual, 0) with `relu`: the end of a residual block, in the same passes."""
     if not torch.is_grad_enabled():
         mean, m2 = backend.pool_hw(x, with_m2)
-        return backend.scale_c(x, gate(mean) if m2 is None else gate(mean, m2))
+        g = gate(mean) if m2 is None else gate(mean, m2)
+        return backend.scale_c(x, g) if residual is None else backend.scale_c_add(x, g, residual, relu)
     handoff = _Handoff()
     pooled = _PoolHW.apply(backend, handoff, with_m2, x)
     g = gate(pooled) if not with_m2 else gate(*pooled)
     _check_gates(x, [g])
-    return _ScaleC.apply(backend, handoff, x, g)
+    if residual is None:
+        return _ScaleC.apply(backend, handoff, x, g)
+    return _ScaleCAdd.apply(backend, handoff, x, g, residual, relu)
 
 
 class _PoolAbsHW(torch.autograd.Function):

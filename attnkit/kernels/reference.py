@@ -49,6 +49,18 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     return (_f(dy) * _f(x)).sum((2, 3))
 
 
+def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """y = x · g[n, c] + r, and max(y, 0) when `relu`: a block's residual sum (and ReLU) after a channel gate."""
+    y = scale_c(x, g) + r
+    return torch.relu(y) if relu else y
+
+
+def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """scale_c_add's backward through its ReLU, y its output: (Σ_hw dr·x [N, C], dr = dy where y > 0, else 0)."""
+    dr = torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
+    return dot_hw(dr, x), dr
+
+
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
            m: Tensor | None = None) -> Tensor:
     """dx = dy·g[n, c] + a[n, c] (+ b[n, c]·(x − m[n, c]) when b is given), rounded to dy's dtype once."""

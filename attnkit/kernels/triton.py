@@ -208,6 +208,36 @@ def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.cons
 
 
 @_jit
+def _scale_c_add_kernel(x, g, r, y, C, P, W, sn, sc, sp, RELU: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """y = x · g[n, c] + r (then max(·, 0) with RELU), the product rounded to x's dtype first; r strided as x."""
+    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
+    at = _at(n, c, p, sn, sc, sp)
+    gc = _round(tl.load(g + n * C + c, mask=c < C), x)
+    v = _round(tl.load(x + at, mask=mask).to(tl.float32) * gc[:, None], x) + tl.load(r + at, mask=mask).to(tl.float32)
+    if RELU:
+        v = tl.where(v < 0, 0.0, v)  # a NaN passes, as torch's ReLU passes it
+    tl.store(y + at, _to(v, y.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _dot_hw_relu_kernel(dy, y, x, dr, out, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dr = dy where y > 0, else 0, and Σ_p dr·x of BLOCK_C channels; all four strided alike."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (c < C)[:, None] & (p < P)[None, :]
+        at = _at(n, c, p, sn, sc, sp)
+        d = tl.load(dy + at, mask=mask, other=0.0)
+        d = tl.where(tl.load(y + at, mask=mask, other=0.0).to(tl.float32) > 0, d, tl.zeros_like(d))
+        tl.store(dr + at, d, mask=mask)
+        total += tl.sum(d.to(tl.float32) * tl.load(x + at, mask=mask, other=0.0).to(tl.float32), 1)
+    tl.store(out + n * C + c, total, mask=c < C)
+
+
+@_jit
 def _grad_c_kernel(dy, g, a, x, b, m, dx, xsn, xsc, xsp, C, P, W, sn, sc, sp, WITH_B: tl.constexpr,
                    WITH_SIGN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = dy·g + a (+ b·(x − m)), or dy·g + a·sign(x) WITH_SIGN, per-channel factors."""
@@ -928,6 +958,32 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     bc, bp = _blocks(c, h * w, s)
     _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), dy, x, out, c, h * w, *ds, *s, BLOCK_C=bc, BLOCK_P=bp)
     return out
+
+
+def _like_layout(t: Tensor, x: Tensor) -> Tensor:
+    """t in x's memory layout (x full-size, as _full returns it), for kernels that address both with x's strides."""
+    return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+
+
+def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """y = x · g[n, c] + r, and max(y, 0) when `relu`."""
+    _require()
+    x, s = _full(x)
+    y = torch.empty_like(x)
+    _elementwise(_scale_c_add_kernel, x, s, x, _small(g), _like_layout(r, x), y, RELU=relu)
+    return y
+
+
+def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dr·x [N, C], dr = dy where y > 0, else 0)."""
+    _require()
+    x, s = _full(x)
+    dy, y = _like_layout(dy, x), _like_layout(y, x)
+    n, c, h, w = x.shape
+    out, dr = _stats(n, c, like=x), torch.empty_like(x, dtype=dy.dtype)
+    bc, bp = _blocks(c, h * w, s)
+    _launch(_dot_hw_relu_kernel, (triton.cdiv(c, bc), n), dy, y, x, dr, out, c, h * w, *s, BLOCK_C=bc, BLOCK_P=bp)
+    return out, dr
 
 
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..surgery.gating import residual_end
 from .layers import GlobalAvgPool
 
 
@@ -32,7 +33,7 @@ class CifarBasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        return residual_end(self.bn2, self.conv2(out), identity, self.relu)
 
 
 class CifarResNet(nn.Module):

@@ -6,6 +6,7 @@ from typing import Type
 
 from torch import Tensor, nn
 
+from ..surgery.gating import residual_end
 from .layers import GlobalAvgPool
 
 
@@ -34,8 +35,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return residual_end(self.bn2, self.conv2(out), identity, self.relu)
 
 
 class Bottleneck(nn.Module):
@@ -56,8 +56,7 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return residual_end(self.bn3, self.conv3(out), identity, self.relu)
 
 
 class ResNet(nn.Module):

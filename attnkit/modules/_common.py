@@ -211,7 +211,7 @@ def _direct_conv_serves(conv: nn.Conv2d, maps: Tensor) -> bool:
             and maps.dtype == conv.weight.dtype == torch.float32 and conv.out_channels == 1 and conv.groups == 1
             and conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == (k // 2, k // 2)
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-            and not _hooked({"conv": conv}) and cpu.unavailable() is None)
+            and not hooked({"conv": conv}) and cpu.unavailable() is None)
 
 
 def gate_conv(conv: nn.Conv2d, maps: Tensor) -> Tensor:
@@ -270,12 +270,23 @@ def gate_path(module: nn.Module, x: Tensor, forward_pays: bool = True) -> tuple[
     tracing, export, torch.compile); no fast gate network while a hook observes a submodule (attnkit.capture, prune
     and explain record them), or a global module hook is set."""
     backend, fast = kernels.route(x, forward_pays)
-    return backend, fast and not _hooked(module._modules)
+    return backend, fast and not hooked(module._modules)
 
 
-def _hooked(children: dict[str, nn.Module | None]) -> bool:
+def hooked(children: dict[str, nn.Module | None]) -> bool:
     """Whether a hook would see one of these modules, or one inside them, run: their own or a global module hook."""
     return _observed(children) or any(getattr(_module_hooks, name, None) for name in _GLOBAL_HOOKS)
+
+
+def residual_path(module: nn.Module, x: Tensor, residual: object,
+                  forward_pays: bool = True) -> tuple[Backend | None, bool]:
+    """gate_path for a module asked to end a residual block (forward_residual): no backend unless `residual` is a
+    tensor of x's shape, dtype, device and strides (the fused pass reads both alike) and no hook observes the module,
+    whose own call the fused path makes without."""
+    backend, fast = gate_path(module, x, forward_pays)
+    fits = (type(residual) is Tensor and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.device == x.device and residual.stride() == x.stride())
+    return (backend if fits and not hooked({"module": module}) else None), fast
 
 
 def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:

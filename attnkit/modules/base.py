@@ -6,6 +6,7 @@
     spatial_map()            attnkit explain: the N×h×w map to draw, from one pass's gates
     fixed_spatial_size       attnkit export: the one input size the module takes, if it takes only one
     init_in_network()        attach() and create_model(): what the official network code re-initialises after building
+    forward_residual()       the residual blocks of attnkit's networks: max(module(x) + residual, 0) at their end
 
 AttentionModule gives every name a default. A registered module that does not subclass it may define any of them;
 the functions below fall back to the same defaults, which read a child called `gate` (the convention of attnkit's
@@ -20,6 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..kernels.functions import channel_gate
 from ..registry import registered_classes
 from . import _common
 from ._common import BatchNormViews, positive_int
@@ -27,6 +29,7 @@ from ._common import BatchNormViews, positive_int
 __all__ = [
     "AttentionModule",
     "Probe",
+    "ChannelGateAttention",
     "RowColumnAttention",
     "PLACEMENTS",
     "TIMM_KEYWORDS",
@@ -179,6 +182,39 @@ class AttentionModule(nn.Module):
         """Re-initialise the module as its paper's official network code does once the network is built (attach() and
         create_model() call it unless init="pytorch"). By default nothing: where the official code leaves the
         module as its layers' constructors made it, PyTorch's initialisation is already the paper's."""
+
+    def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
+        """The end of a residual block whose last layer this module gates: max(self(x) + residual, 0), or the sum
+        alone without `relu`. Modules on a fused path may add the residual in the pass that writes their output
+        (ChannelGateAttention)."""
+        y = self(x) + residual
+        return torch.relu(y) if relu else y
+
+
+class ChannelGateAttention(AttentionModule):
+    """Base of the modules whose fused path is attnkit.kernels.functions.channel_gate, one gate per channel from the
+    means over H×W (and their M2): SE, ECA, SRM, Gather-Excite θ⁻. On that path forward_residual adds the block's
+    residual and takes its ReLU in the pass that writes the gated map, and the backward masks and reduces dy in one
+    pass: of the seven passes over the map that the gate, the sum and the ReLU make apart, four remain, and the
+    results are those of the separate operations, bit for bit."""
+
+    #: gate_path's forward_pays: whether the fused forward pays without autograd (the module's reference forward
+    #: makes more passes than a mean and a product)
+    fused_forward_pays: ClassVar[bool] = False
+
+    def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[..., Tensor], bool] | None:
+        """(the gate from the pooled statistics, whether it takes their M2 too) for channel_gate, or None where this
+        configuration of the module has no such path."""
+        raise NotImplementedError
+
+    def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
+        x = self.check_input(x)
+        backend, fast = _common.residual_path(self, x, residual, self.fused_forward_pays)
+        fused = self._fused_gate(x, fast) if backend is not None else None
+        if fused is None:
+            return super().forward_residual(x, residual, relu)
+        gate, with_m2 = fused
+        return channel_gate(backend, x, gate, with_m2, residual, relu)
 
 
 class RowColumnAttention(AttentionModule):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import autocast_off, gate_math, gate_path, make_gate, odd_kernel, stat_dtype
-from .base import AttentionModule, Probe
+from .base import ChannelGateAttention, Probe
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -19,7 +20,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
 
 
 @register("eca")
-class ECA(AttentionModule):
+class ECA(ChannelGateAttention):
     """Efficient Channel Attention (Wang et al., "ECA-Net", CVPR 2020).
 
     Official code: https://github.com/BangguWu/ECANet
@@ -87,11 +88,14 @@ class ECA(AttentionModule):
             z = windows @ weight.view(-1)
             return self.gate(z if bias is None else z + bias)
 
+    def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+        return (self._excite_rows if fast else self.excite), False
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         backend, fast = gate_path(self, x, forward_pays=False)
         if backend is not None:
-            return channel_gate(backend, x, self._excite_rows if fast else self.excite)
+            return channel_gate(backend, x, *self._fused_gate(x, fast))
         if fast:
             return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from ._common import (
     reduced_width,
     stat_dtype,
 )
-from .base import AttentionModule
+from .base import ChannelGateAttention
 
 VARIANTS = ("minus", "theta", "plus")
 
@@ -51,7 +52,7 @@ def _spatial_size(owner: str, value: object) -> tuple[int, int]:
 
 
 @register("ge")
-class GatherExcite(AttentionModule):
+class GatherExcite(ChannelGateAttention):
     """Gather-Excite (Hu et al., "Gather-Excite: Exploiting Feature Context in CNNs", NeurIPS 2018).
 
     Official code: https://github.com/hujie-frank/GENet
@@ -179,12 +180,18 @@ class GatherExcite(AttentionModule):
         """θ and θ⁺ with the global extent gather with a kernel the size of the map: they take that size only."""
         return self.spatial_size
 
+    def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool] | None:
+        """θ⁻ over the whole map: the gate from the means; the other configurations have no channel_gate path."""
+        if self.extent or self.gather is not None:
+            return None
+        return (self._gate_of_means if fast else self._excite_means), False
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         backend, fast = gate_path(self, x, forward_pays=self.gather is not None) if self.extent == 0 else (None, False)
         minus_global = self.extent == 0 and self.gather is None
         if backend is not None and minus_global:  # θ⁻: a gate per channel from the means
-            return channel_gate(backend, x, self._gate_of_means if fast else self._excite_means)
+            return channel_gate(backend, x, *self._fused_gate(x, fast))
         if backend is not None:  # θ, θ⁺: from the depthwise kernel covering the map
             check_gather_size(x, self.spatial_size)
             return gathered_channel_gate(backend, x, self.gather[0].weight, self._excite_gathered)

@@ -1,16 +1,18 @@
 """Squeeze-and-Excitation."""
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor, nn
 
 from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import autocast_off, gate_math, gate_path, make_activation, make_gate, pointwise, reduced_width, stat_dtype
-from .base import AttentionModule
+from .base import ChannelGateAttention
 
 
 @register("se")
-class SqueezeExcite(AttentionModule):
+class SqueezeExcite(ChannelGateAttention):
     """Squeeze-and-Excitation block (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018 / TPAMI 2019).
 
     Official code: https://github.com/hujie-frank/SENet
@@ -67,11 +69,14 @@ class SqueezeExcite(AttentionModule):
     def _excite_submodules(self, mean: Tensor) -> Tensor:
         return self.excite(mean[:, :, None, None]).flatten(1)
 
+    def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+        return (self._excite_rows if fast else self._excite_submodules), False
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         backend, fast = gate_path(self, x, forward_pays=False)
         if backend is not None:
-            return channel_gate(backend, x, self._excite_rows if fast else self._excite_submodules)
+            return channel_gate(backend, x, *self._fused_gate(x, fast))
         if fast:
             return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)

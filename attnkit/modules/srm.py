@@ -1,13 +1,15 @@
 """Style-based Recalibration Module."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 from ..kernels.functions import channel_gate
 from ..registry import register
 from ._common import autocast_off, gate_math, gate_path, make_gate, stat_dtype
-from .base import AttentionModule
+from .base import ChannelGateAttention
 
 
 @torch.fx.wrap
@@ -24,7 +26,7 @@ def style_pool(x: Tensor, eps: float) -> Tensor:
 
 
 @register("srm")
-class SRM(AttentionModule):
+class SRM(ChannelGateAttention):
     """Style-based Recalibration Module (Lee et al., "SRM", ICCV 2019).
 
     Official code: https://github.com/hyunjaelee410/style-based-recalibration-module
@@ -42,6 +44,8 @@ class SRM(AttentionModule):
         eps: ε inside the square root.
         gate: the gating function.
     """
+
+    fused_forward_pays = True  # the reference forward takes a variance and a mean, then the product
 
     batchnorm_views = (((), 1),)  # BatchNorm over the per-sample style integration
 
@@ -98,14 +102,17 @@ class SRM(AttentionModule):
                 z = z + self.bias
             return self.gate(self.bn(z[:, :, None, None])).flatten(1)
 
+    def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor, Tensor], Tensor], bool]:
+        """The gate from (mean, M2), σ from M2 as style_pool takes it: HW − 1 taken as 1 for a 1×1 map."""
+        hw = x.shape[2] * x.shape[3]
+        excite = self._excite_rows if fast else self._excite_stacked
+        return (lambda mean, m2: excite(mean, (m2 / max(hw - 1, 1) + self.eps).sqrt())), True
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         backend, fast = gate_path(self, x)
-        if backend is not None:  # σ from M2 as style_pool takes it: HW − 1 taken as 1 for a 1×1 map
-            hw = x.shape[2] * x.shape[3]
-            excite = self._excite_rows if fast else self._excite_stacked
-            return channel_gate(backend, x, lambda mean, m2: excite(mean, (m2 / max(hw - 1, 1) + self.eps).sqrt()),
-                                with_m2=True)
+        if backend is not None:
+            return channel_gate(backend, x, *self._fused_gate(x, fast))
         if fast:
             hw = x.shape[2] * x.shape[3]
             var, mean = torch.var_mean(x.to(stat_dtype(x)), (2, 3), correction=1 if hw > 1 else 0)

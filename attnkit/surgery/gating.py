@@ -15,9 +15,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
-__all__ = ["gate_after", "gate_before", "gates_before", "gates_of", "is_gated", "ungated", "with_gates_of"]
+from .. import kernels
+from ..modules._common import hooked
+
+__all__ = ["gate_after", "gate_before", "gates_before", "gates_of", "is_gated", "residual_end", "ungated",
+           "with_gates_of"]
 
 _GATES = "_attnkit_gates"  # the attribute of a gated layer that lists its gates (registered elsewhere as modules)
 _GATES_BEFORE = "_attnkit_gates_before"  # and the gates applied to its input
@@ -51,16 +55,34 @@ def _gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             leaf = tracer.is_leaf_module(self, path)
         if leaf:
             return tracer.create_proxy("call_module", path, args, kwargs)
-    before = self.__dict__.get(_GATES_BEFORE, ())
+    return _through(self, args, kwargs, self.__dict__[_GATES])
+
+
+def _through(layer: nn.Module, args: tuple, kwargs: dict, after: list[nn.Module]) -> Any:
+    """`layer`'s own forward on its input passed through the gates before it, then through the gates `after`."""
+    before = layer.__dict__.get(_GATES_BEFORE, ())
     if before:
         first = args[0]
         for gate in before:
             first = gate(first)
         args = (first, *args[1:])
-    out = _original_class(self).forward(self, *args, **kwargs)
-    for gate in self.__dict__[_GATES]:
+    out = _original_class(layer).forward(layer, *args, **kwargs)
+    for gate in after:
         out = gate(out)
     return out
+
+
+def residual_end(layer: nn.Module, x: Tensor, residual: Tensor, relu: nn.Module) -> Tensor:
+    """relu(layer(x) + residual): how the residual blocks of attnkit's networks end. Where attach() put attention
+    after `layer`, the last module gating it ends the block instead (its forward_residual: attnkit's modules of one
+    gate per channel add the residual and take the ReLU in the passes of their fused path). As written wherever a
+    difference could show: while the model is traced, exported or compiled (attnkit.kernels.reference_only), while a
+    hook observes `layer` or `relu`, and when `relu` is not an nn.ReLU."""
+    gates = layer.__dict__.get(_GATES)
+    if (not gates or not hasattr(gates[-1], "forward_residual") or type(relu) is not nn.ReLU
+            or kernels.reference_only(x) or kernels.reference_only(residual) or hooked({"layer": layer, "relu": relu})):
+        return relu(layer(x) + residual)
+    return gates[-1].forward_residual(_through(layer, (x,), {}, gates[:-1]), residual)
 
 
 def _rebuild(original: type) -> nn.Module:

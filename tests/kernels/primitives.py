@@ -46,6 +46,9 @@ def calls(x: Tensor, dy: Tensor, spatial: bool = True) -> dict[str, Callable]:
         "pool_hw m2": lambda ops: ops.pool_hw(x, True),
         "scale_c": lambda ops: ops.scale_c(x, gc),
         "dot_hw": lambda ops: ops.dot_hw(dy, x),
+        "scale_c_add": lambda ops: ops.scale_c_add(x, gc, dy, False),
+        "scale_c_add relu": lambda ops: ops.scale_c_add(x, gc, dy, True),
+        "dot_hw_relu": lambda ops: ops.dot_hw_relu(dy, x, x),  # x as the output: negative, zero (ties) and positive
         "grad_c": lambda ops: ops.grad_c(dy, gc, a),
         "grad_c x": lambda ops: ops.grad_c(dy, gc, a, x, b, m),
         "pool_abs_hw": lambda ops: ops.pool_abs_hw(x),

@@ -74,17 +74,40 @@ void FN(scale_c)(const T *x, const float *g, T *y, i64 N, i64 C, i64 HW, int cl,
     }
 }
 
+/* y = x · g[n, c] + r, then max(·, 0) when `relu`: a gate's product, a block's residual sum and its ReLU in one pass,
+ * the product rounded to T before the sum as the two operations would round it */
+void FN(scale_c_add)(const T *x, const float *g, const T *r, T *y, int relu, i64 N, i64 C, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 k = 0; k < (cl ? N * HW : N * C); k++) {
+        const i64 off = k * (cl ? C : HW);
+        if (!cl) {
+            const float gk = g[k];
+            for (i64 p = 0; p < HW; p++) {
+                const float v = RND(LD(x + off, p) * gk) + LD(r + off, p);
+                ST(y + off, p, relu && v < 0 ? 0.0f : v); /* a NaN passes, as torch's ReLU passes it */
+            }
+        } else {
+            const float *gk = g + (k / HW) * C;
+            for (i64 c = 0; c < C; c++) {
+                const float v = RND(LD(x + off, c) * gk[c]) + LD(r + off, c);
+                ST(y + off, c, relu && v < 0 ? 0.0f : v);
+            }
+        }
+    }
+}
+
+static inline float FN(row_dot)(const T *a, const T *b, i64 n) {
+    float s = 0; /* a vector of partial sums */
+#pragma omp simd reduction(+ : s)
+    for (i64 p = 0; p < n; p++) s += LD(a, p) * LD(b, p);
+    return s;
+}
+
 /* out[n, c] = Σ_hw dy·x */
 void FN(dot_hw)(const T *dy, const T *x, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
     if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-        for (i64 r = 0; r < N * C; r++) {
-            const T *a = dy + r * HW, *b = x + r * HW;
-            float s = 0;
-#pragma omp simd reduction(+ : s)
-            for (i64 p = 0; p < HW; p++) s += LD(a, p) * LD(b, p);
-            out[r] = s;
-        }
+        for (i64 r = 0; r < N * C; r++) out[r] = FN(row_dot)(dy + r * HW, x + r * HW, HW);
         return;
     }
     const i64 nb = (C + CB - 1) / CB;
@@ -95,6 +118,34 @@ void FN(dot_hw)(const T *dy, const T *x, float *out, i64 N, i64 C, i64 HW, int c
         double acc[CB] = {0};
         for (i64 p = 0; p < HW; p++)
             for (i64 j = 0; j < cn; j++) acc[j] += LD(dy + off + p * C, j) * LD(x + off + p * C, j);
+        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    }
+}
+
+/* The backward of scale_c_add with its ReLU, y being its output: dr = dy where y > 0, else 0 (the gradient of the
+ * residual and of the product), and out[n, c] = Σ_hw dr·x, summed in dot_hw's order */
+void FN(dot_hw_relu)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+    if (!cl) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 r = 0; r < N * C; r++) {
+            const i64 off = r * HW;
+            for (i64 p = 0; p < HW; p++) dr[off + p] = LD(y + off, p) > 0 ? dy[off + p] : (T)0;
+            out[r] = FN(row_dot)(dr + off, x + off, HW); /* the row just written, from cache */
+        }
+        return;
+    }
+    const i64 nb = (C + CB - 1) / CB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 t = 0; t < N * nb; t++) {
+        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
+        const i64 off = n * HW * C + c0;
+        double acc[CB] = {0};
+        for (i64 p = 0; p < HW; p++)
+            for (i64 j = 0; j < cn; j++) {
+                const i64 e = off + p * C + j;
+                dr[e] = LD(y, e) > 0 ? dy[e] : (T)0;
+                acc[j] += LD(dr, e) * LD(x, e);
+            }
         for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
     }
 }
