@@ -5,7 +5,8 @@ function in the same places, where timm has one.
 
     python benchmarks/train_step.py [--net resnet56|resnet20-compare|mobilenet_v2|resnet50|resnet50-224]
         [--attn se,eca,srm,ge,cbam,coord,triplet] [--batch 64] [--size 32] [--threads 2] [--clock wall|cpu]
-        [--repeats 10] [--device cpu|cuda] [--bf16] [--channels-last] [--quick] [--markdown BENCHMARKS.md]
+        [--repeats 10] [--device cpu|cuda] [--bf16] [--channels-last] [--separate] [--no-timm] [--runs K]
+        [--quick] [--markdown BENCHMARKS.md]
 
 The networks (--net; --model, --size, --batch, --in-chans and --classes override): the CIFAR ResNet-56 (64×3×32×32,
 the CPU default), the default `attnkit compare`'s ResNet-20 (64×1×20×20, the cluttered digits), MobileNetV2
@@ -17,7 +18,9 @@ thread, it leaves out the time the process waits for a core. SGD: lr 0.01, momen
 --quick: batch 4, 2 repeats after 1, for a smoke run. --runs K repeats the whole measurement in K fresh processes
 and reports, for each variant, the median over the runs and their range: on a shared VM the overheads of one
 process move by up to ten points from run to run (where each variant's tensors land, the allocator's page faults),
-which the steps of one process do not average out.
+which the steps of one process do not average out. --separate adds attnkit 'auto' with the residual blocks of
+attnkit's ResNets ending as separate operations (the gate, the addition, the ReLU), which by default SE, ECA, SRM and
+GE θ⁻ fuse into their own passes (attnkit.surgery.gating.residual_end): what that fusion saves, in one run.
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ DEFAULT_NET = {"cpu": "resnet56", "cuda": "resnet50-224"}
 class Variant(NamedTuple):
     label: str  # plain, or the module and its implementation
     attn: str | None
-    impl: str  # "auto", "reference" or "timm"
+    impl: str  # "auto", "separate", "reference" or "timm"
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
@@ -91,8 +94,22 @@ def with_timm_modules(model: nn.Module, name: str) -> nn.Module | None:
     return model
 
 
+class SeparateReLU(nn.ReLU):
+    """nn.ReLU under another class, which attnkit.surgery.gating.residual_end does not fuse into the gate."""
+
+
+def with_blocks_ending_apart(model: nn.Module) -> nn.Module:
+    """`model` with its residual blocks ending as the separate operations (gate, addition, ReLU), in place."""
+    for block in model.modules():
+        if isinstance(getattr(block, "relu", None), nn.ReLU) and hasattr(block, "downsample"):
+            block.relu = SeparateReLU(inplace=block.relu.inplace)
+    return model
+
+
 def build(variant: Variant, net: Net) -> nn.Module | None:
     model = attnkit.create_model(net.model, attn=variant.attn, num_classes=net.classes, in_chans=net.in_chans)
+    if variant.impl == "separate":
+        return with_blocks_ending_apart(model)
     return with_timm_modules(model, variant.attn) if variant.impl == "timm" else model
 
 
@@ -103,16 +120,19 @@ def overhead_over_runs(runs: list[dict[str, float]], label: str) -> str:
     return median if len(each) == 1 else f"{median} ({each[0]:+.1f} to {each[-1]:+.1f})"
 
 
+IMPLS = {"auto": "attnkit auto", "separate": "auto, blocks ending apart", "reference": "attnkit reference",
+         "timm": "timm"}
+
+
 def add_table(report: Report, names: list[str], impls: tuple[str, ...], runs: list[dict[str, float]]) -> None:
     """Each variant's median step time over the runs and its overhead over plain (`overhead_over_runs`); runs map a
     variant's label to its median step in ms."""
-    report.add("| module | attnkit auto ms | attnkit reference ms | timm ms | overhead over plain: auto | reference "
-               "| timm |")
-    report.add("|---|---:|---:|---:|---:|---:|---:|")
-    report.add(f"| plain | {statistics.median(run[BASELINE] for run in runs):.1f} | | | | | |")
+    report.add(f"| module | {' | '.join(f'{IMPLS[i]} ms' for i in impls)} | overhead over plain: "
+               f"{' | '.join(i if k else IMPLS[i].split()[-1] for k, i in enumerate(impls))} |")
+    report.add("|---|" + "---:|" * (2 * len(impls)))
+    report.add(f"| plain | {statistics.median(run[BASELINE] for run in runs):.1f} |" + " |" * (2 * len(impls) - 1))
     for name in names:
-        labels = [f"{name} {impl}" if impl in impls and f"{name} {impl}" in runs[0] else None
-                  for impl in ("auto", "reference", "timm")]
+        labels = [f"{name} {impl}" if f"{name} {impl}" in runs[0] else None for impl in impls]
         cells = [f"{statistics.median(run[label] for run in runs):.1f}" if label else "—" for label in labels]
         cells += [overhead_over_runs(runs, label) if label else "—" for label in labels]
         report.add(f"| {name} | {' | '.join(cells)} |")
@@ -157,6 +177,8 @@ def main() -> None:
     parser.add_argument("--in-chans", type=int, help="input channels, instead of the network's")
     parser.add_argument("--classes", type=int, help="number of classes, instead of the network's")
     parser.add_argument("--no-timm", dest="timm", action="store_false", help="leave out timm's modules")
+    parser.add_argument("--separate", action="store_true", help="also attnkit 'auto' with the residual blocks ending "
+                        "as separate operations (residual_end unfused), to measure what fusing the ends saves")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall clock or process CPU time")
     parser.add_argument("--warmup", type=int, default=2)
@@ -182,7 +204,7 @@ def main() -> None:
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
     names = args.attn.split(",")
-    impls = ("auto", "reference", "timm") if args.timm else ("auto", "reference")
+    impls = ("auto", *(("separate",) if args.separate else ()), "reference", *(("timm",) if args.timm else ()))
     numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
     shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
     timing = f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"
@@ -214,7 +236,7 @@ def measure(args: argparse.Namespace, net: Net, names: list[str], impls: tuple[s
         model = build(variant, net)
         if model is not None:
             step = sgd_step(model.to(args.device, memory_format=layout).train(), x, y, args.bf16)
-            mode = "reference" if variant.impl == "timm" else variant.impl
+            mode = {"timm": "reference", "separate": "auto"}.get(variant.impl, variant.impl)
             steps[variant] = synced(in_mode(mode, step), args.device)
     return dict(zip((v.label for v in steps), median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
 

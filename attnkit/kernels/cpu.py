@@ -151,6 +151,11 @@ def _factor(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
     return _stat(t.to(x.dtype), channels_last)
 
 
+def _like(r: Tensor, x: Tensor) -> Tensor:
+    """A residual in x's layout, which the kernels read with x's strides."""
+    return r.contiguous(memory_format=torch.channels_last if _cl(x) else torch.contiguous_format)
+
+
 def _back(t: Tensor, channels_last: bool) -> Tensor:
     """An [N, L, C] result as [N, C, L]."""
     return t.transpose(1, 2) if channels_last else t
@@ -166,9 +171,17 @@ def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
 
 
 def scale_c(x: Tensor, g: Tensor) -> Tensor:
+    return _scale_c(x, g, None, False)
+
+
+def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+    return _scale_c(x, g, _like(r, x), relu)
+
+
+def _scale_c(x: Tensor, g: Tensor, r: Tensor | None, relu: bool) -> Tensor:
     n, c, h, w = x.shape
     y = _output_like(x)
-    _call("scale_c", x, x, _factor(g, x), y, n, c, h * w)
+    _call("scale_c", x, x, _factor(g, x), r, int(relu), y, n, c, h * w)
     return y
 
 
@@ -177,13 +190,6 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     out = _f32((n, c))
     _call("dot_hw", x, dy, x, out, n, c, h * w)
     return out
-
-
-def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
-    n, c, h, w = x.shape
-    y = _output_like(x)
-    _call("scale_c_add", x, x, _factor(g, x), r, y, int(relu), n, c, h * w)
-    return y
 
 
 def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,9 +258,17 @@ def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
+    return _scale_hw(x, ah, aw, None, False)
+
+
+def scale_hw_add(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor, relu: bool) -> Tensor:
+    return _scale_hw(x, ah, aw, _like(r, x), relu)
+
+
+def _scale_hw(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor | None, relu: bool) -> Tensor:
     n, c, h, w = x.shape
     y = _output_like(x)
-    _call("scale_hw", x, x, _factor(ah, x, _cl(x)), _factor(aw, x, _cl(x)), y, n, c, h, w)
+    _call("scale_hw", x, x, _factor(ah, x, _cl(x)), _factor(aw, x, _cl(x)), r, int(relu), y, n, c, h, w)
     return y
 
 
@@ -292,9 +306,17 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    return _scale_cs(x, mc, ms, None, False)
+
+
+def scale_cs_add(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor, relu: bool) -> Tensor:
+    return _scale_cs(x, mc, ms, _like(r, x), relu)
+
+
+def _scale_cs(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor | None, relu: bool) -> Tensor:
     n, c, h, w = x.shape
     y = _output_like(x)
-    _call("scale_cs", x, x, _factor(mc, x), _factor(ms, x), y, n, c, h * w)
+    _call("scale_cs", x, x, _factor(mc, x), _factor(ms, x), r, int(relu), y, n, c, h * w)
     return y
 
 

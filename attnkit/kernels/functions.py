@@ -48,10 +48,24 @@ def _check_gates(x: Tensor, gates: Sequence[Tensor]) -> None:
                            "this module in mode 'reference'.")
 
 
+def _ended(ctx, backend_add: Callable[..., Tensor], backend_scale: Callable[..., Tensor], x: Tensor,
+           gates: tuple[Tensor, ...], r: Tensor | None, relu: bool) -> Tensor:
+    """A scaling node's forward: y = backend_scale(x, *gates), or, with a residual r, the block's end
+    backend_add(x, *gates, r, relu) in the same pass. Saves x, the gates and, for the ReLU's backward, y."""
+    ctx.relu = r is not None and relu
+    y = backend_scale(x, *gates) if r is None else backend_add(x, *gates, r, relu)
+    ctx.save_for_backward(x, *gates, *((y,) if ctx.relu else ()))
+    return y
+
+
 def _hand_over(ctx, dy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     """A scaling node's dy in x's layout, x and the gates, recorded for the pooling nodes (dy only where x requires
-    grad: the pooling nodes that write dx run only then)."""
+    grad: the pooling nodes that write dx run only then). Where the node ended a block with a ReLU (`_ended`), dy is
+    first masked by its output, as the ReLU's own backward would (the residual's gradient is this dy)."""
     x, *gates = ctx.saved_tensors
+    if getattr(ctx, "relu", False):
+        *gates, y = gates
+        dy = torch.ops.aten.threshold_backward(dy, y, 0)
     dy = dy.contiguous(memory_format=_layout(x))
     handoff = ctx.handoff
     handoff.x, handoff.gates = x, tuple(gates)
@@ -210,17 +224,17 @@ def gathered_channel_gate(backend: Backend, x: Tensor, kernel: Tensor, gate: Cal
 
 class _ScaleHW(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, ah: Tensor, aw: Tensor, r: Tensor | None,
+                relu: bool) -> Tensor:
         ctx.backend, ctx.handoff = backend, handoff
-        ctx.save_for_backward(x, ah, aw)
-        return backend.scale_hw(x, ah, aw)
+        return _ended(ctx, backend.scale_hw_add, backend.scale_hw, x, (ah, aw), r, relu)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
         dy, x, (ah, aw) = _hand_over(ctx, dy)
         dah, daw = ctx.backend.dot_h_w(dy, x, ah, aw)
-        return None, None, None, dah.to(ah.dtype), daw.to(aw.dtype)
+        return None, None, None, dah.to(ah.dtype), daw.to(aw.dtype), dy if ctx.needs_input_grad[5] else None, None
 
 
 class _PoolHAndW(torch.autograd.Function):
@@ -236,31 +250,34 @@ class _PoolHAndW(torch.autograd.Function):
         return None, None, ctx.backend.grad_hw(h.dy, *h.gates, dzh / width, dzw / height)
 
 
-def row_column_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
-    """y = x · aʰ · aʷ with (aʰ [N, C, H], aʷ [N, C, W]) = gate(mean over W [N, C, H], mean over H [N, C, W])."""
+def row_column_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                    residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    """y = x · aʰ · aʷ with (aʰ [N, C, H], aʷ [N, C, W]) = gate(mean over W [N, C, H], mean over H [N, C, W]). With a
+    `residual`, y + residual (then max(·, 0) with `relu`) in the same pass."""
     if not torch.is_grad_enabled():
-        return backend.scale_hw(x, *gate(*backend.pool_h_w(x)))
+        ah, aw = gate(*backend.pool_h_w(x))
+        return backend.scale_hw(x, ah, aw) if residual is None else backend.scale_hw_add(x, ah, aw, residual, relu)
     handoff = _Handoff()
     ah, aw = gate(*_PoolHAndW.apply(backend, handoff, x))
     _check_gates(x, [ah, aw])
-    return _ScaleHW.apply(backend, handoff, x, ah, aw)
+    return _ScaleHW.apply(backend, handoff, x, ah, aw, residual, relu)
 
 
 # --- CBAM: channel gate, then a spatial gate pooled over the channels of the channel-gated map ---
 
 class _ScaleCS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, mc: Tensor, ms: Tensor, r: Tensor | None,
+                relu: bool) -> Tensor:
         ctx.backend, ctx.handoff = backend, handoff
-        ctx.save_for_backward(x, mc, ms)
-        return backend.scale_cs(x, mc, ms)
+        return _ended(ctx, backend.scale_cs_add, backend.scale_cs, x, (mc, ms), r, relu)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
         dy, x, (mc, ms) = _hand_over(ctx, dy)
         dmc, dms = ctx.backend.dot_cs(dy, x, mc, ms)
-        return None, None, None, dmc.to(mc.dtype), dms.to(ms.dtype)
+        return None, None, None, dmc.to(mc.dtype), dms.to(ms.dtype), dy if ctx.needs_input_grad[5] else None, None
 
 
 class _PoolCGated(torch.autograd.Function):
@@ -301,19 +318,21 @@ class _PoolAvgMax(torch.autograd.Function):
 
 
 def channel_spatial_gate(backend: Backend, x: Tensor, channel: Callable[[Tensor, Tensor], Tensor],
-                         spatial: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+                         spatial: Callable[[Tensor, Tensor], Tensor], residual: Tensor | None = None,
+                         relu: bool = False) -> Tensor:
     """y = x' · ms, x' = x · mc, with mc [N, C] = channel(mean_hw x, max_hw x) and ms [N, H, W] =
-    spatial(mean_c x', max_c x')."""
+    spatial(mean_c x', max_c x'). With a `residual`, y + residual (then max(·, 0) with `relu`) in the same pass."""
     if not torch.is_grad_enabled():
         mean, top, _ = backend.pool_hw_avgmax(x)
         mc = channel(mean, top)
         c_mean, c_top, _ = backend.pool_c_gated(x, mc)
-        return backend.scale_cs(x, mc, spatial(c_mean, c_top))
+        ms = spatial(c_mean, c_top)
+        return backend.scale_cs(x, mc, ms) if residual is None else backend.scale_cs_add(x, mc, ms, residual, relu)
     handoff = _Handoff()
     mc = channel(*_PoolAvgMax.apply(backend, handoff, x))
     ms = spatial(*_PoolCGated.apply(backend, handoff, x, mc))
     _check_gates(x, [mc, ms])
-    return _ScaleCS.apply(backend, handoff, x, mc, ms)
+    return _ScaleCS.apply(backend, handoff, x, mc, ms, residual, relu)
 
 
 # --- Triplet Attention: Z-pools over H, W and C; the mean of the three gates ---

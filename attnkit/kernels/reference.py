@@ -49,10 +49,14 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     return (_f(dy) * _f(x)).sum((2, 3))
 
 
+def _ended(y: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """A gated map y as a residual block ends it: y + r, then max(·, 0) when `relu`."""
+    return torch.relu(y + r) if relu else y + r
+
+
 def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
-    """y = x · g[n, c] + r, and max(y, 0) when `relu`: a block's residual sum (and ReLU) after a channel gate."""
-    y = scale_c(x, g) + r
-    return torch.relu(y) if relu else y
+    """scale_c, then + r, then max(·, 0) when `relu` (a residual block's end)."""
+    return _ended(scale_c(x, g), r, relu)
 
 
 def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,6 +112,11 @@ def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
     return x * aw.to(x.dtype)[:, :, None, :] * ah.to(x.dtype)[:, :, :, None]
 
 
+def scale_hw_add(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """scale_hw, then + r, then max(·, 0) when `relu` (a residual block's end)."""
+    return _ended(scale_hw(x, ah, aw), r, relu)
+
+
 def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tensor]:
     """(Σ_w dy·x·aw [N, C, H], Σ_h dy·x·ah [N, C, W]), with the factors as rounded in the forward."""
     p = _f(dy) * _f(x)
@@ -139,6 +148,11 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     """y = (x · mc[n, c]) · ms[n, h, w]."""
     return scale_c(x, mc) * ms.to(x.dtype)[:, None]
+
+
+def scale_cs_add(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """scale_cs, then + r, then max(·, 0) when `relu` (a residual block's end)."""
+    return _ended(scale_cs(x, mc, ms), r, relu)
 
 
 def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:

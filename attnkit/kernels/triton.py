@@ -185,12 +185,26 @@ def _pool_hw_kernel(x, mean, m2, C, P, sn, sc, sp, WITH_M2: tl.constexpr, ABS: t
 
 
 @_jit
-def _scale_c_kernel(x, g, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """y = x · g[n, c]."""
+def _ended(v, x, r, at, mask, RESIDUAL: tl.constexpr, RELU: tl.constexpr):
+    """What a scaling kernel stores for v: v, or with a RESIDUAL v rounded to x's dtype plus r (strided as x), then
+    max(·, 0) with RELU (a residual block's end, rounded as the separate operations round; a NaN passes the ReLU, as
+    torch's passes it)."""
+    if RESIDUAL:
+        v = _round(v, x) + tl.load(r + at, mask=mask).to(tl.float32)
+        if RELU:
+            v = tl.where(v < 0, 0.0, v)
+    return v
+
+
+@_jit
+def _scale_c_kernel(x, g, r, y, C, P, W, sn, sc, sp, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · g[n, c] (_ended)."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
     at = _at(n, c, p, sn, sc, sp)
     gc = _round(tl.load(g + n * C + c, mask=c < C), x)
-    tl.store(y + at, _to(tl.load(x + at, mask=mask).to(tl.float32) * gc[:, None], y.dtype.element_ty), mask=mask)
+    v = tl.load(x + at, mask=mask).to(tl.float32) * gc[:, None]
+    tl.store(y + at, _to(_ended(v, x, r, at, mask, RESIDUAL, RELU), y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -205,19 +219,6 @@ def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.cons
         d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
         total += tl.sum(d * tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32), 1)
     tl.store(out + n * C + c, total, mask=c < C)
-
-
-@_jit
-def _scale_c_add_kernel(x, g, r, y, C, P, W, sn, sc, sp, RELU: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
-    """y = x · g[n, c] + r (then max(·, 0) with RELU), the product rounded to x's dtype first; r strided as x."""
-    n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
-    at = _at(n, c, p, sn, sc, sp)
-    gc = _round(tl.load(g + n * C + c, mask=c < C), x)
-    v = _round(tl.load(x + at, mask=mask).to(tl.float32) * gc[:, None], x) + tl.load(r + at, mask=mask).to(tl.float32)
-    if RELU:
-        v = tl.where(v < 0, 0.0, v)  # a NaN passes, as torch's ReLU passes it
-    tl.store(y + at, _to(v, y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -303,15 +304,16 @@ def _pool_h_w_kernel(x, mean_h, mean_w, C, H, W: tl.constexpr, sn, sc, sp, BLOCK
 
 
 @_jit
-def _scale_hw_kernel(x, ah, aw, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """y = x · aw[n, c, w] · ah[n, c, h], rounded after each factor."""
+def _scale_hw_kernel(x, ah, aw, r, y, C, P, W, sn, sc, sp, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x · aw[n, c, w] · ah[n, c, h], rounded after each factor (_ended)."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
     at = _at(n, c, p, sn, sc, sp)
     row = (n * C + c)[:, None]
     aw_ = _round(tl.load(aw + row * W + p % W, mask=mask), x)
     ah_ = _round(tl.load(ah + row * (P // W) + p // W, mask=mask), x)
     v = _round(tl.load(x + at, mask=mask).to(tl.float32) * aw_, x)
-    tl.store(y + at, _to(v * ah_, y.dtype.element_ty), mask=mask)
+    tl.store(y + at, _to(_ended(v * ah_, x, r, at, mask, RESIDUAL, RELU), y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -398,13 +400,14 @@ def _pool_c_gated_kernel(x, mc, total, top, top_at, C, P, c_chunk, sn, sc, sp, B
 
 
 @_jit
-def _scale_cs_kernel(x, mc, ms, y, C, P, W, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """y = (x · mc[n, c]) · ms[n, p], rounded after each factor."""
+def _scale_cs_kernel(x, mc, ms, r, y, C, P, W, sn, sc, sp, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = (x · mc[n, c]) · ms[n, p], rounded after each factor (_ended)."""
     n, c, p, mask = _tile(C, P, BLOCK_C, BLOCK_P)
     at = _at(n, c, p, sn, sc, sp)
     v = _round(tl.load(x + at, mask=mask).to(tl.float32) * _round(tl.load(mc + n * C + c, mask=c < C), x)[:, None], x)
     s = _round(tl.load(ms + n * P + p, mask=p < P), x)
-    tl.store(y + at, _to(v * s[None, :], y.dtype.element_ty), mask=mask)
+    tl.store(y + at, _to(_ended(v * s[None, :], x, r, at, mask, RESIDUAL, RELU), y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -941,10 +944,21 @@ def pool_hw(x: Tensor, with_m2: bool) -> tuple[Tensor, Tensor | None]:
 
 def scale_c(x: Tensor, g: Tensor) -> Tensor:
     """y = x · g[n, c]."""
+    return _scaled(_scale_c_kernel, x, None, False, _small(g))
+
+
+def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """scale_c, then + r, then max(·, 0) when `relu`."""
+    return _scaled(_scale_c_kernel, x, r, relu, _small(g))
+
+
+def _scaled(kernel: Callable, x: Tensor, r: Tensor | None, relu: bool, *factors: Tensor) -> Tensor:
+    """A scaling kernel's y for x and its factors, ended by the residual r (and the ReLU) where r is given."""
     _require()
     x, s = _full(x)
     y = torch.empty_like(x)  # x is dense, so y gets its strides and the kernels address both alike
-    _elementwise(_scale_c_kernel, x, s, x, _small(g), y)
+    residual = x if r is None else _like_layout(r, x)  # x: an unread stand-in
+    _elementwise(kernel, x, s, x, *factors, residual, y, RESIDUAL=r is not None, RELU=relu)
     return y
 
 
@@ -963,15 +977,6 @@ def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
 def _like_layout(t: Tensor, x: Tensor) -> Tensor:
     """t in x's memory layout (x full-size, as _full returns it), for kernels that address both with x's strides."""
     return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
-
-
-def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
-    """y = x · g[n, c] + r, and max(y, 0) when `relu`."""
-    _require()
-    x, s = _full(x)
-    y = torch.empty_like(x)
-    _elementwise(_scale_c_add_kernel, x, s, x, _small(g), _like_layout(r, x), y, RELU=relu)
-    return y
 
 
 def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1067,11 +1072,12 @@ def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
     """y = x · aw[n, c, w] · ah[n, c, h] (the reference's order of rounding)."""
-    _require()
-    x, s = _full(x)
-    y = torch.empty_like(x)
-    _elementwise(_scale_hw_kernel, x, s, x, _small(ah), _small(aw), y)
-    return y
+    return _scaled(_scale_hw_kernel, x, None, False, _small(ah), _small(aw))
+
+
+def scale_hw_add(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """scale_hw, then + r, then max(·, 0) when `relu`."""
+    return _scaled(_scale_hw_kernel, x, r, relu, _small(ah), _small(aw))
 
 
 def dot_h_w(dy: Tensor, x: Tensor, ah: Tensor, aw: Tensor) -> tuple[Tensor, Tensor]:
@@ -1123,11 +1129,12 @@ def pool_c_gated(x: Tensor, mc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
     """y = (x · mc[n, c]) · ms[n, h, w]."""
-    _require()
-    x, s = _full(x)
-    y = torch.empty_like(x)
-    _elementwise(_scale_cs_kernel, x, s, x, _small(mc), _small(ms), y)
-    return y
+    return _scaled(_scale_cs_kernel, x, None, False, _small(mc), _small(ms))
+
+
+def scale_cs_add(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor, relu: bool) -> Tensor:
+    """scale_cs, then + r, then max(·, 0) when `relu`."""
+    return _scaled(_scale_cs_kernel, x, r, relu, _small(mc), _small(ms))
 
 
 def dot_cs(dy: Tensor, x: Tensor, mc: Tensor, ms: Tensor) -> tuple[Tensor, Tensor]:

@@ -185,8 +185,8 @@ class AttentionModule(nn.Module):
 
     def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
         """The end of a residual block whose last layer this module gates: max(self(x) + residual, 0), or the sum
-        alone without `relu`. Modules on a fused path may add the residual in the pass that writes their output
-        (ChannelGateAttention)."""
+        alone without `relu`. Modules on a fused path may add the residual and take the ReLU in the pass that writes
+        their output (ChannelGateAttention; CBAM, Coordinate Attention)."""
         y = self(x) + residual
         return torch.relu(y) if relu else y
 

@@ -19,6 +19,7 @@ from ._common import (
     one_of,
     pointwise,
     reduced_width,
+    residual_path,
     stat_dtype,
 )
 from .base import AttentionModule, Probe, output
@@ -180,7 +181,19 @@ class CBAM(AttentionModule):
             raise ValueError(f"{owner}: `{name}` has a repeated entry: {value!r}.")
         return tuple(one_of(owner, name, v, valid) for v in value)
 
-    def _fused(self, backend, x: Tensor, fast: bool) -> Tensor:
+    @property
+    def _fusable(self) -> bool:
+        """Whether the fused path computes this configuration: both gates, the channel gate's pools avg and max."""
+        return self.spatial_gate is not None and set(self.channel_gate.pool_types) <= {"avg", "max"}
+
+    def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
+        x = self.check_input(x)
+        backend, fast = residual_path(self, x, residual) if self._fusable and not self.residual else (None, False)
+        if backend is None:
+            return super().forward_residual(x, residual, relu)
+        return self._fused(backend, x, fast, residual, relu)
+
+    def _fused(self, backend, x: Tensor, fast: bool, residual: Tensor | None = None, relu: bool = False) -> Tensor:
         channel, spatial = self.channel_gate, self.spatial_gate
 
         def channel_weights(mean: Tensor, top: Tensor) -> Tensor:
@@ -191,7 +204,8 @@ class CBAM(AttentionModule):
             pools = {"mean": mean, "max": top}
             return spatial.from_pools(torch.stack([pools[kind] for kind in spatial.order], dim=1)).squeeze(1)
 
-        return channel_spatial_gate(backend, x, channel.from_rows if fast else channel_weights, spatial_weights)
+        return channel_spatial_gate(backend, x, channel.from_rows if fast else channel_weights, spatial_weights,
+                                    residual, relu)
 
     def _fast(self, x: Tensor) -> Tensor:
         """The reference formulas with the channel gate's MLP as in the fused path (ChannelGate.from_rows)."""
@@ -222,8 +236,7 @@ class CBAM(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
-        fusable = self.spatial_gate is not None and set(self.channel_gate.pool_types) <= {"avg", "max"}
-        backend, fast = gate_path(self, x) if fusable else (None, False)
+        backend, fast = gate_path(self, x) if self._fusable else (None, False)
         if backend is not None:
             y = self._fused(backend, x, fast)
         elif fast:

@@ -17,6 +17,7 @@ from ._common import (
     pointwise,
     positive_int,
     reduced_width,
+    residual_path,
     stat_dtype,
 )
 from .base import Probe, RowColumnAttention
@@ -115,6 +116,14 @@ class CoordAttention(RowColumnAttention):
     def gate_probes(self) -> list[Probe]:
         """aʰ as "a_h" (N×C×H×1) and aʷ as "a_w" (N×C×1×W)."""
         return [(self.conv_h, "a_h", lambda inputs, out: self.gate(out)), (self.conv_w, "a_w", lambda inputs, out: self.gate(out))]
+
+    def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
+        x = self.check_input(x)
+        backend, fast = residual_path(self, x, residual)
+        if backend is None:
+            return super().forward_residual(x, residual, relu)
+        gates = self._gates_from_rows if fast and x.shape[0] >= ROWS_FROM_BATCH else self._gates_from_pools
+        return row_column_gate(backend, x, gates, residual, relu)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

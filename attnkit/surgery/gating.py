@@ -74,8 +74,8 @@ def _through(layer: nn.Module, args: tuple, kwargs: dict, after: list[nn.Module]
 
 def residual_end(layer: nn.Module, x: Tensor, residual: Tensor, relu: nn.Module) -> Tensor:
     """relu(layer(x) + residual): how the residual blocks of attnkit's networks end. Where attach() put attention
-    after `layer`, the last module gating it ends the block instead (its forward_residual: attnkit's modules of one
-    gate per channel add the residual and take the ReLU in the passes of their fused path). As written wherever a
+    after `layer`, the last module gating it ends the block instead (its forward_residual: attnkit's modules with a
+    fused path add the residual and take the ReLU in the pass that writes their output). As written wherever a
     difference could show: while the model is traced, exported or compiled (attnkit.kernels.reference_only), while a
     hook observes `layer` or `relu`, and when `relu` is not an nn.ReLU."""
     gates = layer.__dict__.get(_GATES)

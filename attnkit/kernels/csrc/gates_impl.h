@@ -58,40 +58,26 @@ void FN(pool_hw)(const T *x, float *mean, float *m2, int absolute, i64 N, i64 C,
     }
 }
 
-/* y = x · g[n, c] */
-void FN(scale_c)(const T *x, const float *g, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
-        const T *xr = x + r * (cl ? C : HW);
-        T *yr = y + r * (cl ? C : HW);
-        if (!cl) {
-            const float gr = g[r];
-            for (i64 p = 0; p < HW; p++) ST(yr, p, LD(xr, p) * gr);
-        } else {
-            const float *gr = g + (r / HW) * C;
-            for (i64 c = 0; c < C; c++) ST(yr, c, LD(xr, c) * gr[c]);
-        }
-    }
+/* The value a scaling kernel stores for v at element i: v, or with a residual `res` (not NULL) v rounded to T plus
+ * res[i], then max(·, 0) when `relu`: a block's residual sum and ReLU in the gate's pass, rounded as the separate
+ * operations round. A NaN passes the ReLU, as torch's passes it. */
+static inline float FN(ended)(float v, const T *res, i64 i, int relu) {
+    if (!res) return v;
+    const float s = RND(v) + LD(res, i);
+    return relu && s < 0 ? 0.0f : s;
 }
 
-/* y = x · g[n, c] + r, then max(·, 0) when `relu`: a gate's product, a block's residual sum and its ReLU in one pass,
- * the product rounded to T before the sum as the two operations would round it */
-void FN(scale_c_add)(const T *x, const float *g, const T *r, T *y, int relu, i64 N, i64 C, i64 HW, int cl, int nt) {
+/* y = x · g[n, c] (ended) */
+void FN(scale_c)(const T *x, const float *g, const T *res, int relu, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 k = 0; k < (cl ? N * HW : N * C); k++) {
         const i64 off = k * (cl ? C : HW);
         if (!cl) {
             const float gk = g[k];
-            for (i64 p = 0; p < HW; p++) {
-                const float v = RND(LD(x + off, p) * gk) + LD(r + off, p);
-                ST(y + off, p, relu && v < 0 ? 0.0f : v); /* a NaN passes, as torch's ReLU passes it */
-            }
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(ended)(LD(x + off, p) * gk, res, off + p, relu));
         } else {
             const float *gk = g + (k / HW) * C;
-            for (i64 c = 0; c < C; c++) {
-                const float v = RND(LD(x + off, c) * gk[c]) + LD(r + off, c);
-                ST(y + off, c, relu && v < 0 ? 0.0f : v);
-            }
+            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(ended)(LD(x + off, c) * gk[c], res, off + c, relu));
         }
     }
 }
@@ -318,14 +304,17 @@ void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, 
 }
 
 /* y = (x · aw) · ah */
-void FN(scale_hw)(const T *x, const float *ah, const float *aw, T *y, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+void FN(scale_hw)(const T *x, const float *ah, const float *aw, const T *res, int relu, T *y, i64 N, i64 C, i64 H, i64 W,
+                   int cl, int nt) {
     if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
             for (i64 h = 0; h < H; h++) {
                 const float a = ah[r * H + h];
-                for (i64 w = 0; w < W; w++) ST(y + off, h * W + w, RND(LD(x + off, h * W + w) * aw[r * W + w]) * a);
+                for (i64 w = 0; w < W; w++)
+                    ST(y + off, h * W + w,
+                       FN(ended)(RND(LD(x + off, h * W + w) * aw[r * W + w]) * a, res, off + h * W + w, relu));
             }
         }
         return;
@@ -337,7 +326,7 @@ void FN(scale_hw)(const T *x, const float *ah, const float *aw, T *y, i64 N, i64
         for (i64 w = 0; w < W; w++) {
             const i64 off = (r * W + w) * C;
             const float *b = aw + (n * W + w) * C;
-            for (i64 c = 0; c < C; c++) ST(y + off, c, RND(LD(x + off, c) * b[c]) * a[c]);
+            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(ended)(RND(LD(x + off, c) * b[c]) * a[c], res, off + c, relu));
         }
     }
 }
@@ -542,17 +531,18 @@ void FN(pool_c_gated)(const T *x, const float *mc, float *mean, float *top, i64 
 }
 
 /* y = (x · mc) · ms */
-void FN(scale_cs)(const T *x, const float *mc, const float *ms, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
+void FN(scale_cs)(const T *x, const float *mc, const float *ms, const T *res, int relu, T *y, i64 N, i64 C, i64 HW,
+                   int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
         const i64 off = r * (cl ? C : HW);
         if (!cl) {
             const float g = mc[r];
             const float *s = ms + (r / C) * HW;
-            for (i64 p = 0; p < HW; p++) ST(y + off, p, RND(LD(x + off, p) * g) * s[p]);
+            for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(ended)(RND(LD(x + off, p) * g) * s[p], res, off + p, relu));
         } else {
             const float *g = mc + (r / HW) * C, s = ms[r];
-            for (i64 c = 0; c < C; c++) ST(y + off, c, RND(LD(x + off, c) * g[c]) * s);
+            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(ended)(RND(LD(x + off, c) * g[c]) * s, res, off + c, relu));
         }
     }
 }
