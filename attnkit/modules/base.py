@@ -188,7 +188,7 @@ class AttentionModule(nn.Module):
         alone without `relu`. Modules on a fused path may add the residual and take the ReLU in the pass that writes
         their output (ChannelGateAttention; CBAM, Coordinate Attention)."""
         y = self(x) + residual
-        return torch.relu(y) if relu else y
+        return y.relu_() if relu else y  # y is the sum's own tensor, which autograd does not keep
 
 
 class ChannelGateAttention(AttentionModule):
@@ -199,7 +199,8 @@ class ChannelGateAttention(AttentionModule):
     results are those of the separate operations, bit for bit."""
 
     #: gate_path's forward_pays: whether the fused forward pays without autograd (the module's reference forward
-    #: makes more passes than a mean and a product)
+    #: makes more passes than a mean and a product). Ending a block, it always does: two passes and a read of the
+    #: residual against the gate's, the addition's and the ReLU's four (ResNet-50, batch 1: BENCHMARKS.md)
     fused_forward_pays: ClassVar[bool] = False
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[..., Tensor], bool] | None:
@@ -209,7 +210,8 @@ class ChannelGateAttention(AttentionModule):
 
     def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
         x = self.check_input(x)
-        backend, fast = _common.residual_path(self, x, residual, self.fused_forward_pays)
+        forward_pays = self.fused_forward_pays or not torch.is_grad_enabled()
+        backend, fast = _common.residual_path(self, x, residual, forward_pays)
         fused = self._fused_gate(x, fast) if backend is not None else None
         if fused is None:
             return super().forward_residual(x, residual, relu)
