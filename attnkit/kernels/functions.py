@@ -9,6 +9,9 @@ product and the one through the pools are summed as dx is written, never as two 
 parameter gradients included, run in the network's own backward, with no second autograd call. Saved for the
 backward: x, once, and the small tensors.
 
+A scaling node may also end a residual block: y + r, then the block's ReLU, in the pass that writes y (`_ended`;
+SE's family also masks dy by the ReLU in the pass that reduces it, `_ScaleCAdd`); r's gradient is the masked dy.
+
 The hand-over relies on the order autograd guarantees: a pooling node's gradients come through G from the gates, so it
 runs after the scaling node that consumed them. Every gate must therefore depend on the pooled statistics when x
 requires grad (each module's gate network does; `_check_gates` says so otherwise).

@@ -1,5 +1,6 @@
 """CIFAR ResNets (He et al., CVPR 2016, Sec. 4.2): a 3×3 stem, three stages of 16/32/64 channels with n
-BasicBlocks each (depth 6n + 2), and the parameter-free shortcut of option A (subsample, zero-pad channels)."""
+BasicBlocks each (depth 6n + 2), and the parameter-free shortcut of option A (subsample, zero-pad channels). The
+blocks end with attnkit.surgery.gating.residual_end, as the ImageNet ResNets' (resnet.py)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -1,5 +1,7 @@
 """ImageNet ResNets (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016) with torchvision's
-architecture and parameter names (v1.5: the stride on the 3×3 conv), so torchvision checkpoints load as they are."""
+architecture and parameter names (v1.5: the stride on the 3×3 conv), so torchvision checkpoints load as they are.
+Each block ends with attnkit.surgery.gating.residual_end: attention attached after its last BN may add the shortcut
+and take the ReLU in its own pass."""
 from __future__ import annotations
 
 from typing import Type
