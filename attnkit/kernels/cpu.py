@@ -188,14 +188,14 @@ def _scale_c(x: Tensor, g: Tensor, r: Tensor | None, relu: bool) -> Tensor:
 def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     n, c, h, w = x.shape
     out = _f32((n, c))
-    _call("dot_hw", x, dy, x, out, n, c, h * w)
+    _call("dot_hw", x, dy, None, x, None, out, n, c, h * w)
     return out
 
 
 def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     n, c, h, w = x.shape
     out, dr = _f32((n, c)), _output_like(x)
-    _call("dot_hw_relu", x, dy, y, x, dr, out, n, c, h * w)
+    _call("dot_hw", x, dy, y, x, dr, out, n, c, h * w)
     return out, dr
 
 

@@ -208,32 +208,21 @@ def _scale_c_kernel(x, g, r, y, C, P, W, sn, sc, sp, RESIDUAL: tl.constexpr, REL
 
 
 @_jit
-def _dot_hw_kernel(dy, x, out, C, P, dsn, dsc, dsp, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Σ_p dy·x of BLOCK_C channels."""
+def _dot_hw_kernel(dy, y, x, dr, out, C, P, dsn, dsc, dsp, sn, sc, sp, MASKED: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """Σ_p dy·x of BLOCK_C channels. MASKED (the backward of scale_c ended by a ReLU, y its output; dy, y and dr
+    strided as x): dr = dy where y > 0, else 0, written, and Σ_p dr·x."""
     n = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     total = tl.zeros([BLOCK_C], tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (c < C)[:, None] & (p < P)[None, :]
-        d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0).to(tl.float32)
-        total += tl.sum(d * tl.load(x + _at(n, c, p, sn, sc, sp), mask=mask, other=0.0).to(tl.float32), 1)
-    tl.store(out + n * C + c, total, mask=c < C)
-
-
-@_jit
-def _dot_hw_relu_kernel(dy, y, x, dr, out, C, P, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dr = dy where y > 0, else 0, and Σ_p dr·x of BLOCK_C channels; all four strided alike."""
-    n = tl.program_id(1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    total = tl.zeros([BLOCK_C], tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (c < C)[:, None] & (p < P)[None, :]
+        d = tl.load(dy + _at(n, c, p, dsn, dsc, dsp), mask=mask, other=0.0)
         at = _at(n, c, p, sn, sc, sp)
-        d = tl.load(dy + at, mask=mask, other=0.0)
-        d = tl.where(tl.load(y + at, mask=mask, other=0.0).to(tl.float32) > 0, d, tl.zeros_like(d))
-        tl.store(dr + at, d, mask=mask)
+        if MASKED:
+            d = tl.where(tl.load(y + at, mask=mask, other=0.0).to(tl.float32) > 0, d, tl.zeros_like(d))
+            tl.store(dr + at, d, mask=mask)
         total += tl.sum(d.to(tl.float32) * tl.load(x + at, mask=mask, other=0.0).to(tl.float32), 1)
     tl.store(out + n * C + c, total, mask=c < C)
 
@@ -964,31 +953,35 @@ def _scaled(kernel: Callable, x: Tensor, r: Tensor | None, relu: bool, *factors:
 
 def dot_hw(dy: Tensor, x: Tensor) -> Tensor:
     """Σ_hw dy·x, [N, C]."""
+    return _dot_hw(dy, None, x)[0]
+
+
+def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ_hw dr·x [N, C], dr = dy where y > 0, else 0)."""
+    return _dot_hw(dy, y, x)
+
+
+def _dot_hw(dy: Tensor, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(Σ_hw dy·x, None), or with y (Σ_hw dr·x, dr)."""
     _require()
-    dy, ds = _full(dy)
     x, s = _full(x)
+    if y is None:
+        dy, ds = _full(dy)
+        y = dr = x  # unread stand-ins
+    else:
+        dy, y, ds = _like_layout(dy, x), _like_layout(y, x), s
+        dr = torch.empty_like(x, dtype=dy.dtype)
     n, c, h, w = x.shape
     out = _stats(n, c, like=x)
     bc, bp = _blocks(c, h * w, s)
-    _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), dy, x, out, c, h * w, *ds, *s, BLOCK_C=bc, BLOCK_P=bp)
-    return out
+    _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), dy, y, x, dr, out, c, h * w, *ds, *s, MASKED=dr is not x,
+            BLOCK_C=bc, BLOCK_P=bp)
+    return out, None if dr is x else dr
 
 
 def _like_layout(t: Tensor, x: Tensor) -> Tensor:
     """t in x's memory layout (x full-size, as _full returns it), for kernels that address both with x's strides."""
     return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
-
-
-def dot_hw_relu(dy: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(Σ_hw dr·x [N, C], dr = dy where y > 0, else 0)."""
-    _require()
-    x, s = _full(x)
-    dy, y = _like_layout(dy, x), _like_layout(y, x)
-    n, c, h, w = x.shape
-    out, dr = _stats(n, c, like=x), torch.empty_like(x, dtype=dy.dtype)
-    bc, bp = _blocks(c, h * w, s)
-    _launch(_dot_hw_relu_kernel, (triton.cdiv(c, bc), n), dy, y, x, dr, out, c, h * w, *s, BLOCK_C=bc, BLOCK_P=bp)
-    return out, dr
 
 
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,
@@ -1036,8 +1029,8 @@ def pool_k(x: Tensor, k: Tensor) -> Tensor:
     out = _stats(n, c, like=x)
     bc, bp = _blocks(c, h * w, s)
     # Σ_p k·x: dot_hw's kernel with k as its first operand, the same [C, P] for every sample (stride 0 over N)
-    _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), _small(k), x, out, c, h * w, 0, h * w, 1, *s, BLOCK_C=bc,
-            BLOCK_P=bp)
+    _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), _small(k), x, x, x, out, c, h * w, 0, h * w, 1, *s, MASKED=False,
+            BLOCK_C=bc, BLOCK_P=bp)
     return out
 
 

@@ -89,32 +89,18 @@ static inline float FN(row_dot)(const T *a, const T *b, i64 n) {
     return s;
 }
 
-/* out[n, c] = Σ_hw dy·x */
-void FN(dot_hw)(const T *dy, const T *x, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
-    if (!cl) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (i64 r = 0; r < N * C; r++) out[r] = FN(row_dot)(dy + r * HW, x + r * HW, HW);
-        return;
-    }
-    const i64 nb = (C + CB - 1) / CB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 t = 0; t < N * nb; t++) {
-        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
-        const i64 off = n * HW * C + c0;
-        double acc[CB] = {0};
-        for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) acc[j] += LD(dy + off + p * C, j) * LD(x + off + p * C, j);
-        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
-    }
-}
-
-/* The backward of scale_c_add with its ReLU, y being its output: dr = dy where y > 0, else 0 (the gradient of the
- * residual and of the product), and out[n, c] = Σ_hw dr·x, summed in dot_hw's order */
-void FN(dot_hw_relu)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+/* out[n, c] = Σ_hw dy·x. With `y` (not NULL), the backward of scale_c ended by a ReLU, y its output: dy masked first,
+ * dr = dy where y > 0, else 0 (written: the gradient of the residual and of the product), and out = Σ_hw dr·x, summed
+ * in the same order */
+void FN(dot_hw)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
     if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * HW;
+            if (!y) {
+                out[r] = FN(row_dot)(dy + off, x + off, HW);
+                continue;
+            }
             for (i64 p = 0; p < HW; p++) dr[off + p] = LD(y + off, p) > 0 ? dy[off + p] : (T)0;
             out[r] = FN(row_dot)(dr + off, x + off, HW); /* the row just written, from cache */
         }
@@ -129,8 +115,8 @@ void FN(dot_hw_relu)(const T *dy, const T *y, const T *x, T *dr, float *out, i64
         for (i64 p = 0; p < HW; p++)
             for (i64 j = 0; j < cn; j++) {
                 const i64 e = off + p * C + j;
-                dr[e] = LD(y, e) > 0 ? dy[e] : (T)0;
-                acc[j] += LD(dr, e) * LD(x, e);
+                if (y) dr[e] = LD(y, e) > 0 ? dy[e] : (T)0;
+                acc[j] += LD(y ? dr : dy, e) * LD(x, e);
             }
         for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
     }
