@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -159,6 +161,16 @@ class _Run:
         return f"{self.config.variant} seed {self.config.seed}"
 
 
+def ctrl_c_raises() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt, as Python arranges at start-up, where Python's handler is still
+    the one Python believes in: a library may have put its own handler in the process below Python's (polars does once
+    its query engine has run; Ultralytics reads its results with it), which leaves signal.getsignal unchanged and
+    Ctrl-C without effect. Only the main thread may set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class SubmititLauncher:
     """Trains the runs of a comparison as submitit jobs, reports each result as its job finishes, and raises
     RunsFailed at the end, naming each failed run and its log, when any failed. Use it as compare(launcher=...)."""
@@ -177,6 +189,7 @@ class SubmititLauncher:
         runs = [_Run(replace(c, threads=threads) if c.threads is None else c) for c in configs]
         executor = self._executor(folder, f"attnkit-{Path(out).absolute().name}")
         queue, active, failures = list(runs), [], []
+        ctrl_c_raises()
         try:
             if options.cluster == "slurm":  # all at once, as job arrays; Slurm queues them
                 self._reattach(runs, index, folder)

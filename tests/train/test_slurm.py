@@ -5,6 +5,8 @@ scripts), the generated sbatch script, Ctrl-C, and a re-run that reattaches to q
 others."""
 from __future__ import annotations
 
+import _thread
+import ctypes
 import json
 import os
 import signal
@@ -240,6 +242,28 @@ def test_the_sbatch_script_ctrl_c_and_a_rerun_that_reattaches(tiny, tmp_path, fa
     assert "#SBATCH --array=0-3%3" in (out / "jobs" / "4243_submission.sh").read_text().splitlines()
     index = json.loads((out / "jobs" / "index.json").read_text())["runs"]
     assert [index[r]["job_id"] for r in runs] == ["4242_0", "4242_1", "4243_0", "4243_1", "4243_2", "4243_3"]
+
+
+def test_ctrl_c_raises_again_where_a_library_took_sigint_below_python(tiny, tmp_path, fake_slurm):
+    """A process-level SIGINT handler set under Python's (polars sets one once its query engine runs, and the pytest
+    worker that ran the Ultralytics tests before this one hung here): the launcher makes Ctrl-C raise again."""
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal(signal.SIGINT, 1)  # SIG_IGN, below Python: signal.getsignal still says default_int_handler
+    fired = threading.Event()  # where Ctrl-C cannot reach Python, the comparison would wait forever: a watchdog
+    watchdog = threading.Timer(10, lambda: (fired.set(), _thread.interrupt_main()))
+    try:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        fake_slurm.interrupt_at_sacct_call(1)
+        watchdog.start()
+        with pytest.raises(Interrupted, match="scancel 4242$"):
+            compare(tiny(epochs=1), modules=[], seeds=[0], out_dir=tmp_path / "cmp", progress=False,
+                    launcher=SubmititLauncher(SlurmOptions(poll_seconds=0.01)))
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert not fired.is_set(), "Ctrl-C did not reach Python: the watchdog stopped the comparison after 10 s"
 
 
 def test_sbatch_refusing_the_array_is_an_error_that_quotes_it(tiny, tmp_path, fake_slurm):
