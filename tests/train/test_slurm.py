@@ -207,7 +207,11 @@ def fake_slurm(tmp_path, monkeypatch):
     slurm = FakeSlurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{slurm.folder}{os.pathsep}{os.environ['PATH']}")
     SlurmJob.watcher.clear()  # submitit caches job states across executors
+    # Ctrl-C as in a fresh Python process: code run earlier in this test process may have left SIGINT ignored (a
+    # fresh clone's `make test` hung here once, its worker's Python handler SIG_IGN) or taken it below Python
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield slurm
+    signal.signal(signal.SIGINT, previous)
     SlurmJob.watcher.clear()
 
 
