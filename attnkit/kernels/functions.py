@@ -10,7 +10,7 @@ parameter gradients included, run in the network's own backward, with no second 
 backward: x, once, and the small tensors.
 
 A scaling node may also end a residual block: y + r, then the block's ReLU, in the pass that writes y (`_ended`;
-SE's family also masks dy by the ReLU in the pass that reduces it, `_ScaleCAdd`); r's gradient is the masked dy.
+SE's family also masks dy by the ReLU in the pass that reduces it, `_ScaleC`); r's gradient is the masked dy.
 
 The hand-over relies on the order autograd guarantees: a pooling node's gradients come through G from the gates, so it
 runs after the scaling node that consumed them. Every gate must therefore depend on the pooled statistics when x
@@ -70,11 +70,16 @@ def _hand_over(ctx, dy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         *gates, y = gates
         dy = torch.ops.aten.threshold_backward(dy, y, 0)
     dy = dy.contiguous(memory_format=_layout(x))
+    _record(ctx, dy, x, gates)
+    return dy, x, gates
+
+
+def _record(ctx, dy: Tensor, x: Tensor, gates: Sequence[Tensor]) -> None:
+    """Record a scaling node's dy (where x requires grad), x and gates in its hand-over."""
     handoff = ctx.handoff
     handoff.x, handoff.gates = x, tuple(gates)
     if ctx.needs_input_grad[2]:
         handoff.dy = dy
-    return dy, x, gates
 
 
 def _taken(handoff: _Handoff) -> _Handoff:
@@ -91,17 +96,23 @@ def _taken(handoff: _Handoff) -> _Handoff:
 
 class _ScaleC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, g: Tensor) -> Tensor:
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, g: Tensor, r: Tensor | None,
+                relu: bool) -> Tensor:
         ctx.backend, ctx.handoff = backend, handoff
-        ctx.save_for_backward(x, g)
-        return backend.scale_c(x, g)
+        return _ended(ctx, backend.scale_c_add, backend.scale_c, x, (g,), r, relu)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):
-        dy, x, (g,) = _hand_over(ctx, dy)
-        dg = ctx.backend.dot_hw(dy, x).to(g.dtype) if ctx.needs_input_grad[3] else None
-        return None, None, None, dg
+        if ctx.relu:  # the ReLU's mask in the pass that reduces dy against x, rather than _hand_over's own pass
+            x, g, y = ctx.saved_tensors
+            dg, dy = ctx.backend.dot_hw_relu(dy.contiguous(memory_format=_layout(x)), y, x)
+            _record(ctx, dy, x, (g,))
+        else:
+            dy, x, (g,) = _hand_over(ctx, dy)
+            dg = ctx.backend.dot_hw(dy, x) if ctx.needs_input_grad[3] else None
+        return (None, None, None, dg.to(g.dtype) if ctx.needs_input_grad[3] else None,
+                dy if ctx.needs_input_grad[4] else None, None)
 
 
 class _PoolHW(torch.autograd.Function):
@@ -126,34 +137,6 @@ class _PoolHW(torch.autograd.Function):
         return None, None, None, dx
 
 
-class _ScaleCAdd(torch.autograd.Function):
-    """_ScaleC that also adds a block's residual r and takes the block's ReLU in the pass that writes y; its backward
-    masks dy by y > 0 in the pass that reduces it against x, and gives r the masked dy."""
-
-    @staticmethod
-    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
-        ctx.backend, ctx.handoff, ctx.relu = backend, handoff, relu
-        y = backend.scale_c_add(x, g, r, relu)
-        ctx.save_for_backward(x, g, y if relu else None)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor):
-        x, g, y = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=_layout(x))
-        if ctx.relu:
-            dg, dy = ctx.backend.dot_hw_relu(dy, y, x)
-        else:
-            dg = ctx.backend.dot_hw(dy, x) if ctx.needs_input_grad[3] else None
-        handoff = ctx.handoff
-        handoff.x, handoff.gates = x, (g,)
-        if ctx.needs_input_grad[2]:
-            handoff.dy = dy
-        return (None, None, None, dg.to(g.dtype) if ctx.needs_input_grad[3] else None,
-                dy if ctx.needs_input_grad[4] else None, None)
-
-
 def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_m2: bool = False,
                  residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
@@ -167,9 +150,7 @@ def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_
     pooled = _PoolHW.apply(backend, handoff, with_m2, x)
     g = gate(pooled) if not with_m2 else gate(*pooled)
     _check_gates(x, [g])
-    if residual is None:
-        return _ScaleC.apply(backend, handoff, x, g)
-    return _ScaleCAdd.apply(backend, handoff, x, g, residual, relu)
+    return _ScaleC.apply(backend, handoff, x, g, residual, relu)
 
 
 class _PoolAbsHW(torch.autograd.Function):
@@ -192,7 +173,7 @@ def abs_channel_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor], Tenso
     handoff = _Handoff()
     g = gate(_PoolAbsHW.apply(backend, handoff, x))
     _check_gates(x, [g])
-    return _ScaleC.apply(backend, handoff, x, g)
+    return _ScaleC.apply(backend, handoff, x, g, None, False)
 
 
 # --- Gather-Excite θ and θ⁺ with the global extent: the gather is a depthwise kernel covering the map ---
@@ -220,7 +201,7 @@ def gathered_channel_gate(backend: Backend, x: Tensor, kernel: Tensor, gate: Cal
     handoff = _Handoff()
     g = gate(_PoolK.apply(backend, handoff, x, kernel))
     _check_gates(x, [g])
-    return _ScaleC.apply(backend, handoff, x, g)
+    return _ScaleC.apply(backend, handoff, x, g, None, False)
 
 
 # --- Coordinate Attention: a gate per row and per column of each channel ---

@@ -283,10 +283,11 @@ def residual_path(module: nn.Module, x: Tensor, residual: object,
     """gate_path for a module asked to end a residual block (forward_residual): no backend unless `residual` is a
     tensor of x's shape, dtype, device and strides (the fused pass reads both alike) and no hook observes the module,
     whose own call the fused path makes without."""
-    backend, fast = gate_path(module, x, forward_pays)
     fits = (type(residual) is Tensor and residual.shape == x.shape and residual.dtype == x.dtype
             and residual.device == x.device and residual.stride() == x.stride())
-    return (backend if fits and not hooked({"module": module}) else None), fast
+    if not fits or hooked({"module": module}):  # the module and everything in it, so gate_path's check is made
+        return None, False
+    return kernels.route(x, forward_pays)
 
 
 def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:
