@@ -1,6 +1,8 @@
 """attach() into torchvision, timm and hand-made models; identity start; load_pretrained() and its errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
 import torchvision
@@ -113,13 +115,21 @@ def test_fx_and_compile_see_the_gate():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["se", "cbam", "eca", "coord", "srm", "ge", "gc", "triplet", "bam"])
-def test_pretrained_weights_load_and_identity_start_keeps_outputs(tmp_path, spec):
+@pytest.fixture(scope="module")
+def saved_resnet18(tmp_path_factory) -> tuple[nn.Module, Path]:
+    """A torchvision ResNet-18 and its state dict saved to a file (once: 45 MB)."""
     torch.manual_seed(0)
     original = torchvision.models.resnet18(num_classes=5).eval()
-    torch.save(original.state_dict(), tmp_path / "resnet18.pth")
+    path = tmp_path_factory.mktemp("pretrained") / "resnet18.pth"
+    torch.save(original.state_dict(), path)
+    return original, path
+
+
+@pytest.mark.parametrize("spec", ["se", "cbam", "eca", "coord", "srm", "ge", "gc", "triplet", "bam"])
+def test_pretrained_weights_load_and_identity_start_keeps_outputs(saved_resnet18, spec):
+    original, path = saved_resnet18
     model = attnkit.create_model("resnet18", attn=spec, num_classes=5, identity_init=True).eval()
-    report = attnkit.load_pretrained(model, tmp_path / "resnet18.pth")
+    report = attnkit.load_pretrained(model, path)
     assert sorted(report.loaded) == sorted(original.state_dict())
     assert report.unexpected == [] and report.mismatched == []
     assert report.missing and all(".attn" in k for k in report.missing)
