@@ -4,6 +4,7 @@
     layouts.py   one declared entry per family of blocks (torchvision's, timm's, attnkit's; users register theirs)
     probe.py     the one forward pass that measures channel counts and stages
     gating.py    how a gate follows a layer without renaming anything (and stays picklable and traceable)
+    endings.py   torchvision's and timm's ResNet blocks ending in their last gate's pass, as attnkit's own
     attach.py    attach() and its report
     pretrained.py  load_pretrained()
 """

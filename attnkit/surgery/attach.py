@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..modules.base import init_in_network, placement_of
+from .endings import end_in_gates
 from .gating import gate_after, gate_before, gates_before, gates_of
 from .probe import Measured, measure
 from .sites import Site, auto_sites, join, named_sites
@@ -324,4 +325,5 @@ def attach(
             (gate_before if before else gate_after)(target, module)
             path = join(s.holder, child)
         report.sites.append(AttachedSite(path, s.site, s.channels, _count(module), s.rule, "before" if before else "after"))
+    end_in_gates(model)
     return report

@@ -9,33 +9,43 @@ The subclass is made once per original class and keeps its name, so the layer pr
 - torch.fx treats the gated layer as its tracer treated the original: a layer the tracer keeps as one call (torch.nn's
   layers, by default) stays one call, which includes its gates; other layers are traced through, gates included;
 - a forward hook on the gated layer sees the gated output (the gates are part of the layer's forward).
+
+A residual block whose last layer is gated may take the same subclass, without gates of its own, to run its forward
+rewritten to end in residual_end(), where its last gate adds the shortcut and takes the ReLU (end_with; the rewrites
+of torchvision's and timm's blocks are in endings.py).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import Tensor, fx, nn
 
 from .. import kernels
 from ..modules._common import hooked
 
-__all__ = ["gate_after", "gate_before", "gates_before", "gates_of", "is_gated", "residual_end", "ungated",
-           "with_gates_of"]
+__all__ = ["end_with", "gate_after", "gate_before", "gates_before", "gates_of", "is_gated", "own_class",
+           "own_forward", "residual_end", "ungated", "with_gates_of"]
 
 _GATES = "_attnkit_gates"  # the attribute of a gated layer that lists its gates (registered elsewhere as modules)
 _GATES_BEFORE = "_attnkit_gates_before"  # and the gates applied to its input
+_ENDING = "_attnkit_ending"  # a block's forward that ends in its last gate's pass, in place of its own (endings.py)
 _GATED_CLASSES: dict[type, type] = {}
 
 
-def _original_class(module: nn.Module) -> type:
-    return type(module).__mro__[1] if is_gated(module) else type(module)
+def _subclassed(module: nn.Module) -> bool:
+    return _GATES in module.__dict__
+
+
+def own_class(module: nn.Module) -> type:
+    """`module`'s class before attach() gave it the gated subclass."""
+    return type(module).__mro__[1] if _subclassed(module) else type(module)
 
 
 @contextlib.contextmanager
 def _as_original(module: nn.Module) -> Iterator[None]:
     gated = type(module)
-    module.__class__ = _original_class(module)
+    module.__class__ = own_class(module)
     try:
         yield
     finally:
@@ -59,14 +69,15 @@ def _gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _through(layer: nn.Module, args: tuple, kwargs: dict, after: list[nn.Module]) -> Any:
-    """`layer`'s own forward on its input passed through the gates before it, then through the gates `after`."""
+    """`layer`'s own forward (or the ending end_with() gave it) on its input passed through the gates before it, then
+    through the gates `after`."""
     before = layer.__dict__.get(_GATES_BEFORE, ())
     if before:
         first = args[0]
         for gate in before:
             first = gate(first)
         args = (first, *args[1:])
-    out = _original_class(layer).forward(layer, *args, **kwargs)
+    out = layer.__dict__.get(_ENDING, own_forward)(layer, *args, **kwargs)
     for gate in after:
         out = gate(out)
     return out
@@ -85,6 +96,17 @@ def residual_end(layer: nn.Module, x: Tensor, residual: Tensor, relu: nn.Module)
     return gates[-1].forward_residual(_through(layer, (x,), {}, gates[:-1]), residual)
 
 
+def own_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of `module`'s own class, as written: without the gates attach() put around it."""
+    return own_class(module).forward(module, *args, **kwargs)
+
+
+def end_with(block: nn.Module, forward: Callable[..., Any]) -> None:
+    """Make `block` run `forward(block, x)` in place of its own forward: the same function, written to end in
+    residual_end() (endings.py). `forward` must be importable by name, so that the block pickles."""
+    _subclassed_dict(block)[_ENDING] = forward
+
+
 def _rebuild(original: type) -> nn.Module:
     """An empty instance of the gated subclass of `original`, for pickle to fill with the saved state."""
     gated = _gated_class(original)
@@ -92,11 +114,11 @@ def _rebuild(original: type) -> nn.Module:
 
 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple:
-    return _rebuild, (_original_class(self),), self.__dict__
+    return _rebuild, (own_class(self),), self.__dict__
 
 
 def _extra_repr(self: nn.Module) -> str:
-    own = _original_class(self).extra_repr(self)
+    own = own_class(self).extra_repr(self)
     before = ", ".join(type(g).__name__ for g in self.__dict__.get(_GATES_BEFORE, ()))
     after = ", ".join(type(g).__name__ for g in self.__dict__[_GATES])
     parts = [own] + ([f"input through {before}"] if before else []) + ([f"then {after}"] if after else [])
@@ -117,8 +139,8 @@ def _gated_class(original: type) -> type:
 
 
 def is_gated(module: nn.Module) -> bool:
-    """Whether attach() put attention after `module`."""
-    return _GATES in module.__dict__
+    """Whether attach() put attention after `module` or before it."""
+    return bool(module.__dict__.get(_GATES) or module.__dict__.get(_GATES_BEFORE))
 
 
 def gates_of(module: nn.Module) -> list[nn.Module]:
@@ -131,8 +153,9 @@ def gates_before(module: nn.Module) -> list[nn.Module]:
     return list(module.__dict__.get(_GATES_BEFORE, ()))
 
 
-def _gated(layer: nn.Module) -> dict:
-    if not is_gated(layer):
+def _subclassed_dict(layer: nn.Module) -> dict:
+    """`layer`'s __dict__, its class made the gated subclass of its own (with no gates yet) if it was not."""
+    if not _subclassed(layer):
         layer.__class__ = _gated_class(type(layer))
         layer.__dict__[_GATES] = []
     layer.__dict__.setdefault(_GATES_BEFORE, [])
@@ -143,24 +166,24 @@ def gate_after(layer: nn.Module, gate: nn.Module) -> None:
     """Make `layer` apply `gate` to its output (after any gates it already applies). `gate` must also be registered as
     a module somewhere in the model (attach() registers it in the block), so that it is saved, moved and switched to
     eval mode with the model."""
-    _gated(layer)[_GATES].append(gate)
+    _subclassed_dict(layer)[_GATES].append(gate)
 
 
 def gate_before(layer: nn.Module, gate: nn.Module) -> None:
     """Make `layer` apply `gate` to its (first) input, after any gates it already applies there; `gate` registered as
     for gate_after()."""
-    _gated(layer)[_GATES_BEFORE].append(gate)
+    _subclassed_dict(layer)[_GATES_BEFORE].append(gate)
 
 
 @contextlib.contextmanager
 def ungated(module: nn.Module) -> Iterator[nn.Module]:
     """`module` as its original class, without its gates, inside the block (to copy or transform the layer alone);
     gated again after it."""
-    if not is_gated(module):
+    if not _subclassed(module):
         yield module
         return
-    gated, original = type(module), _original_class(module)
-    lists = {key: module.__dict__.pop(key) for key in (_GATES, _GATES_BEFORE) if key in module.__dict__}
+    gated, original = type(module), own_class(module)
+    lists = {key: module.__dict__.pop(key) for key in (_GATES, _GATES_BEFORE, _ENDING) if key in module.__dict__}
     module.__class__ = original
     try:
         yield module

@@ -1,15 +1,17 @@
 """A residual block's end, max(gate(x) + residual, 0), fused into the gate's passes (forward_residual and
 attnkit.surgery.gating.residual_end): the same numbers as the separate operations, bit for bit, in the module and
-in a whole training run of attnkit's ResNets; the separate operations wherever the fused path must not run (another
+in a whole training run of attnkit's, torchvision's and timm's ResNets; the separate operations wherever the fused path must not run (another
 dtype or layout of the residual, hooks, tracing), and nothing else changes for a model that has no such gate."""
 from __future__ import annotations
 
 import copy
+import io
 import operator
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import fx
 
 import attnkit
@@ -125,22 +127,37 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int =
     return model.state_dict()
 
 
+def ending_relu(block: torch.nn.Module) -> torch.nn.Module:
+    """The ReLU module that ends a residual block: attnkit's and torchvision's `relu`, timm's `act3` or `act2`."""
+    return next(getattr(block, name) for name in ("relu", "act3", "act2") if hasattr(block, name))
+
+
 def block_relus(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ReLUs that end the residual blocks of attnkit's ResNets."""
-    return [block.relu for block in model.modules() if hasattr(block, "downsample") and hasattr(block, "relu")]
+    """The ReLUs that end the residual blocks of a ResNet (attnkit's, torchvision's or timm's)."""
+    return [ending_relu(block) for block in model.modules() if hasattr(block, "downsample") and hasattr(block, "conv2")]
 
 
-def bottleneck_resnet(attn: str) -> torch.nn.Module:
-    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10)
+def attached(model: torch.nn.Module, attn: str) -> torch.nn.Module:
     attnkit.attach(model, attn)
     return model
 
 
+def timm_resnet(block: str, **kwargs) -> torch.nn.Module:
+    from timm.models import resnet
+
+    return resnet.ResNet(getattr(resnet, block), [1, 1, 1, 1], num_classes=10, **kwargs)
+
+
+# network: (the network with attention `attn`, calls of the ReLU that ends a block per block and forward pass)
 NETWORKS = {
-    "cifar-resnet": lambda attn: attnkit.create_model("resnet20", attn=attn, num_classes=10),
-    "bottleneck-resnet": bottleneck_resnet,
+    "cifar-resnet": (lambda attn: attnkit.create_model("resnet20", attn=attn, num_classes=10), 2),
+    "bottleneck-resnet": (lambda attn: attached(ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10), attn), 3),
+    "torchvision-basic": (lambda attn: attached(torchvision.models.resnet18(num_classes=10), attn), 2),
+    "torchvision-bottleneck": (lambda attn: attached(torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10), attn), 3),
+    "timm-basic": (lambda attn: attached(timm_resnet("BasicBlock"), attn), 1),
+    "timm-bottleneck": (lambda attn: attached(timm_resnet("Bottleneck"), attn), 1),
 }
-RELU_CALLS = {"cifar-resnet": 2, "bottleneck-resnet": 3}  # per block: a block's one ReLU module runs after each BN
 
 
 @pytest.mark.parametrize("network", list(NETWORKS))
@@ -148,9 +165,11 @@ RELU_CALLS = {"cifar-resnet": 2, "bottleneck-resnet": 3}  # per block: a block's
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_training_a_resnet_with_the_fused_ends_is_bit_for_bit_the_same(network, attn, channels_last, fused_calls):
     """The blocks' ReLUs observed by a hook make the blocks end as written; the parameters, BN statistics and the
-    evaluation outputs after three steps are the same either way."""
+    evaluation outputs after three steps are the same either way. torchvision's and timm's blocks end in the gate
+    through attach()'s rewrite of their forward (attnkit.surgery.endings)."""
+    build, relu_calls = NETWORKS[network]
     torch.manual_seed(0)
-    model = NETWORKS[network](attn)
+    model = build(attn)
     separate = copy.deepcopy(model)
     seen = []
     for relu in block_relus(separate):
@@ -162,11 +181,62 @@ def test_training_a_resnet_with_the_fused_ends_is_bit_for_bit_the_same(network, 
         fused_state = train(model, x, y)
         assert len(fused_calls) == 3 * len(block_relus(model)) and seen == []
         separate_state = train(separate, x, y)
-        assert len(fused_calls) == 3 * len(block_relus(model)) and len(seen) == RELU_CALLS[network] * len(fused_calls)
+        assert len(fused_calls) == 3 * len(block_relus(model)) and len(seen) == relu_calls * len(fused_calls)
         with torch.no_grad():
             outputs = model.eval()(x), separate.eval()(x)
     assert all(torch.equal(fused_state[k], separate_state[k]) for k in fused_state)
     assert torch.equal(*outputs)
+
+
+def fused_ends(model: torch.nn.Module, calls: list, x: torch.Tensor) -> int:
+    """How many blocks one forward pass of `model` ends in the fused kernels."""
+    del calls[:]
+    with torch.no_grad(), kernels.use("cpu"):
+        model(x)
+    return len(calls)
+
+
+def test_the_rewritten_blocks_end_as_written_where_the_rewrite_would_differ(fused_calls):
+    """A hook on any layer of a block, timm's own attention in the block, a drop path that drops, and a subclass of
+    the block (its forward may be its own) leave the block's forward as its library wrote it."""
+    x = torch.randn(2, 3, 32, 32)
+    model = attached(torchvision.models.resnet18(num_classes=10), "se").eval()
+    assert fused_ends(model, fused_calls, x) == 8
+    handle = model.layer2[1].conv1.register_forward_hook(lambda m, i, o: None)
+    assert fused_ends(model, fused_calls, x) == 7
+    handle.remove()
+
+    dropping = attached(timm_resnet("BasicBlock", drop_path_rate=0.2), "se")
+    assert fused_ends(dropping.train(), fused_calls, x) == 1  # the first block's drop rate is 0
+    assert fused_ends(dropping.eval(), fused_calls, x) == 4
+    own_se = attached(timm_resnet("BasicBlock", block_args={"attn_layer": "se"}), "eca")
+    assert fused_ends(own_se.eval(), fused_calls, x) == 0
+
+    class MyBlock(torchvision.models.resnet.BasicBlock):
+        pass
+
+    mine = attached(torchvision.models.resnet.ResNet(MyBlock, [1, 1, 1, 1], num_classes=10), "se").eval()
+    assert fused_ends(mine, fused_calls, x) == 0
+
+
+def test_a_rewritten_block_pickles_traces_and_prints_as_before(fused_calls):
+    """torch.save and deepcopy keep the ending; torch.fx traces the block's own forward (its addition and ReLU);
+    the block prints as the plain block and keeps its class name."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    model = attached(torchvision.models.resnet18(num_classes=10), "cbam").eval()
+    assert repr(model.layer1[0]).splitlines()[0] == "BasicBlock("
+    assert type(model.layer1[0]).__name__ == "BasicBlock" and isinstance(model.layer1[0], torchvision.models.resnet.BasicBlock)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for copied in (loaded, copy.deepcopy(model)):
+        assert fused_ends(copied, fused_calls, x) == 8
+    traced = fx.symbolic_trace(model)
+    adds = sum(n.op == "call_function" and n.target in (operator.add, operator.iadd) for n in traced.graph.nodes)
+    assert adds == 8 and fused_ends(traced, fused_calls, x) == 0
+    with torch.no_grad(), kernels.use("cpu"):
+        assert torch.equal(traced(x), model(x))
 
 
 def test_a_plain_network_and_traced_ones_end_their_blocks_as_written(fused_calls):
