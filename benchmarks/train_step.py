@@ -3,23 +3,25 @@ each gate module, in one run: what attention costs over the plain network, with 
 (the default: fused kernels or the fast eager formulas) and in mode 'reference', and with timm's module of the same
 function in the same places, where timm has one.
 
-    python benchmarks/train_step.py [--net resnet56|resnet20-compare|mobilenet_v2|resnet50|resnet50-224]
+    python benchmarks/train_step.py [--net resnet56|resnet20-compare|mobilenet_v2|resnet50|resnet50-224|
+                                           torchvision-resnet50|timm-resnet50]
         [--attn se,eca,srm,ge,cbam,coord,triplet] [--batch 64] [--size 32] [--threads 2] [--clock wall|cpu]
         [--repeats 10] [--device cpu|cuda] [--bf16] [--channels-last] [--separate] [--no-timm] [--runs K]
         [--quick] [--markdown BENCHMARKS.md]
 
 The networks (--net; --model, --size, --batch, --in-chans and --classes override): the CIFAR ResNet-56 (64×3×32×32,
 the CPU default), the default `attnkit compare`'s ResNet-20 (64×1×20×20, the cluttered digits), MobileNetV2
-(32×3×112×112), ResNet-50 (16×3×128×128; at 224×224 the CUDA default). Every variant (plain, then each module at
-the paper's placement: attnkit 'auto', attnkit 'reference', timm) is a model of its own; their steps take turns,
+(32×3×112×112), ResNet-50 (16×3×128×128; at 224×224 the CUDA default), and torchvision's and timm's ResNet-50
+(16×3×128×128). Every variant (plain, then each module placed by attach() as its paper places it: attnkit 'auto',
+attnkit 'reference', timm's module registered for attach() to place) is a model of its own; their steps take turns,
 step by step, and the median of `--repeats` after `--warmup` is reported, with each variant's overhead over plain.
 --clock cpu times the process's CPU time instead of the wall clock: on a machine shared with other work, with one
 thread, it leaves out the time the process waits for a core. SGD: lr 0.01, momentum 0.9, weight decay 5e-4.
 --quick: batch 4, 2 repeats after 1, for a smoke run. --runs K repeats the whole measurement in K fresh processes
 and reports, for each variant, the median over the runs and their range: on a shared VM the overheads of one
 process move by up to ten points from run to run (where each variant's tensors land, the allocator's page faults),
-which the steps of one process do not average out. --separate adds attnkit 'auto' with the residual blocks of
-attnkit's ResNets ending as separate operations (the gate, the addition, the ReLU), which by default SE, ECA, SRM and
+which the steps of one process do not average out. --separate adds attnkit 'auto' with the residual blocks of the
+ResNets (attnkit's, torchvision's, timm's) ending as separate operations (the gate, the addition, the ReLU), which by default SE, ECA, SRM and
 GE θ⁻ fuse into their own passes (attnkit.surgery.gating.residual_end): what that fusion saves, in one run.
 """
 from __future__ import annotations
@@ -37,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnkit
-from attnkit.modules.base import is_attention_module
 from attnkit.registry import BASELINE
 from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
 from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
@@ -58,6 +59,8 @@ NETS = {
     "mobilenet_v2": Net("mobilenet_v2", 112, 32, 3, 1000),
     "resnet50": Net("resnet50", 128, 16, 3, 1000),
     "resnet50-224": Net("resnet50", 224, 32, 3, 1000),
+    "torchvision-resnet50": Net("torchvision:resnet50", 128, 16, 3, 1000),
+    "timm-resnet50": Net("timm:resnet50", 128, 16, 3, 1000),
 }
 DEFAULT_NET = {"cpu": "resnet56", "cuda": "resnet50-224"}
 
@@ -81,17 +84,17 @@ def sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> 
     return run
 
 
-def with_timm_modules(model: nn.Module, name: str) -> nn.Module | None:
-    """`model` with each of attnkit's `name` modules replaced by timm's module of the same function, in place; None
-    where timm has no such module."""
-    sites = [(parent, child_name, child) for parent in model.modules()
-             for child_name, child in parent.named_children() if is_attention_module(child)]
-    for parent, child_name, child in sites:
-        theirs = timm_module(name, child.channels, (1, 1))
-        if theirs is None:
-            return None
-        setattr(parent, child_name, theirs)
-    return model
+def timm_spec(name: str) -> str | None:
+    """The registry name under which timm's module of the same function as attnkit's `name` is registered here (for
+    attach() to place it where it places attnkit's), or None where timm has no such module."""
+    if timm_module(name, 16, (1, 1)) is None:
+        return None
+    spec = f"timm_{name}"
+    if spec not in attnkit.list_modules():
+        def factory(channels: int) -> nn.Module:
+            return timm_module(name, channels, (1, 1))
+        attnkit.register(spec)(factory)
+    return spec
 
 
 class SeparateReLU(nn.ReLU):
@@ -99,18 +102,39 @@ class SeparateReLU(nn.ReLU):
 
 
 def with_blocks_ending_apart(model: nn.Module) -> nn.Module:
-    """`model` with its residual blocks ending as the separate operations (gate, addition, ReLU), in place."""
+    """`model` with its residual blocks ending as the separate operations (gate, addition, ReLU), in place: the ReLU
+    that ends each block (attnkit's and torchvision's `relu`, timm's `act3` or `act2`) becomes a SeparateReLU."""
     for block in model.modules():
-        if isinstance(getattr(block, "relu", None), nn.ReLU) and hasattr(block, "downsample"):
-            block.relu = SeparateReLU(inplace=block.relu.inplace)
+        name = next((n for n in ("relu", "act3", "act2") if hasattr(block, n)), None)
+        if name is not None and isinstance(getattr(block, name), nn.ReLU) and hasattr(block, "downsample"):
+            setattr(block, name, SeparateReLU(inplace=getattr(block, name).inplace))
     return model
 
 
+def plain_network(net: Net) -> nn.Module:
+    """The network `net.model` names: attnkit's (create_model), or 'torchvision:NAME' or 'timm:NAME'."""
+    source, _, name = net.model.rpartition(":")
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(name, num_classes=net.classes)
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
+    return attnkit.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
+
+
 def build(variant: Variant, net: Net) -> nn.Module | None:
-    model = attnkit.create_model(net.model, attn=variant.attn, num_classes=net.classes, in_chans=net.in_chans)
-    if variant.impl == "separate":
-        return with_blocks_ending_apart(model)
-    return with_timm_modules(model, variant.attn) if variant.impl == "timm" else model
+    """The variant's network: plain, or with attnkit's module (as create_model places it: attach(), paper
+    initialisation), or with timm's module of the same function in the same places."""
+    model = plain_network(net)
+    attn = timm_spec(variant.attn) if variant.impl == "timm" else variant.attn
+    if variant.attn is not None and attn is None:
+        return None
+    if attn is not None:
+        attnkit.attach(model, attn)
+    return with_blocks_ending_apart(model) if variant.impl == "separate" else model
 
 
 def overhead_over_runs(runs: list[dict[str, float]], label: str) -> str:
@@ -171,7 +195,7 @@ def main() -> None:
                         "resnet50-224 on CUDA)")
     parser.add_argument("--attn", default="se,eca,srm,ge,cbam,coord,triplet", help="comma-separated modules; plain "
                         "always runs")
-    parser.add_argument("--model", help="create_model name, instead of the network's")
+    parser.add_argument("--model", help="create_model name (or torchvision:NAME, timm:NAME), instead of the network's")
     parser.add_argument("--size", type=int, help="input side, instead of the network's")
     parser.add_argument("--batch", type=int, help="batch size, instead of the network's (4 with --quick)")
     parser.add_argument("--in-chans", type=int, help="input channels, instead of the network's")

@@ -1,0 +1,68 @@
+"""The benchmarks time what their columns name: in benchmarks/train_step.py, timm's module where the column says
+timm and attnkit's in the others, in torchvision's, timm's and attnkit's ResNets, and the residual blocks ending in
+the gate's pass except in the column of blocks ending apart."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit import kernels, registry
+from attnkit.kernels import cpu
+from attnkit.modules.base import is_attention_module
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import train_step
+
+        yield train_step
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def modules_run(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How many attention modules of attnkit and of timm one forward pass of `model` runs."""
+    counts = {"attnkit": 0, "timm": 0}
+    hooks = []
+    for module in model.modules():
+        source = ("attnkit" if is_attention_module(module) else
+                  "timm" if type(module).__module__.startswith("timm.layers.") and type(module).__name__ in (
+                      "SEModule", "EcaModule", "CbamModule", "CoordAttn") else None)
+        if source is not None:
+            hooks.append(module.register_forward_hook(lambda *_, source=source: counts.update({source: counts[source] + 1})))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return counts
+
+
+@pytest.mark.parametrize("model", ["resnet20", "torchvision:resnet18", "timm:resnet18"])
+@pytest.mark.parametrize("attn", ["se", "cbam"])
+def test_each_training_step_column_runs_the_module_it_names(train_step, model, attn, monkeypatch):
+    monkeypatch.setattr(registry.MODULES, "entries", dict(registry.MODULES.entries))  # timm's, registered for a test
+    net = train_step.Net(model, 32, 2, 3, 10)
+    x = torch.randn(2, 3, 32, 32)
+    ended = []
+    for name in ("scale_c_add", "scale_cs_add"):
+        kernel = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, kernel=kernel: ended.append(1) or kernel(*a))
+    blocks = {"resnet20": 9, "torchvision:resnet18": 8, "timm:resnet18": 8}[model]
+    for impl, runs, ends in [("auto", "attnkit", blocks), ("separate", "attnkit", 0), ("reference", "attnkit", 0),
+                             ("timm", "timm", 0)]:
+        built = train_step.build(train_step.Variant(f"{attn} {impl}", attn, impl), net).eval()
+        del ended[:]
+        with torch.no_grad(), kernels.use("reference" if impl in ("reference", "timm") else "cpu"):
+            built(x)
+            assert len(ended) == ends, impl
+            counted = modules_run(built, x)
+        assert counted == {"attnkit": 0, "timm": 0, runs: blocks}, impl
