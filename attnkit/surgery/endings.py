@@ -1,4 +1,5 @@
-"""torchvision's and timm's ResNet blocks ending in their last gate's pass, as attnkit's own blocks do.
+"""torchvision's and timm's ResNet blocks (and torchvision's RegNet blocks) ending in their last gate's pass, as
+attnkit's own blocks do.
 
 attnkit's ResNets end each block with gating.residual_end(): where attach() put attention after the block's last BN,
 that module adds the shortcut and takes the ReLU in the pass that writes its output (SE, ECA, SRM, GE θ⁻: 4 passes
@@ -47,6 +48,19 @@ def _torchvision_bottleneck(block: nn.Module, x: Tensor) -> Tensor:
     return residual_end(block.bn3, out, identity, block.relu)
 
 
+def _torchvision_regnet_block(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision.models.regnet.ResBottleneckBlock.forward, ending in residual_end(): its transform `f` runs as
+    the Sequential it is, but for its last layer `c`, whose gate ends the block."""
+    if _as_written(block, x):
+        return own_forward(block, x)
+    out = x
+    for name, layer in block.f.named_children():
+        if name != "c":
+            out = layer(out)
+    shortcut = x if block.proj is None else block.proj(x)
+    return residual_end(block.f.c, out, shortcut, block.activation)
+
+
 def _drops(drop_path: nn.Module | None) -> bool:
     """Whether a timm block's drop path may change its input now (it is timm's DropPath, in training, dropping)."""
     if drop_path is None:
@@ -83,9 +97,18 @@ def _timm_bottleneck(block: nn.Module, x: Tensor) -> Tensor:
 ENDINGS: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
     "torchvision.models.resnet.BasicBlock": ("bn2", _torchvision_basic_block),
     "torchvision.models.resnet.Bottleneck": ("bn3", _torchvision_bottleneck),
+    "torchvision.models.regnet.ResBottleneckBlock": ("f.c", _torchvision_regnet_block),
     "timm.models.resnet.BasicBlock": ("bn2", _timm_basic_block),
     "timm.models.resnet.Bottleneck": ("bn3", _timm_bottleneck),
 }
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module:
+    """`module`'s submodule at `path`, or an Identity where it has none."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return nn.Identity()
 
 
 def end_in_gates(model: nn.Module) -> int:
@@ -95,7 +118,7 @@ def end_in_gates(model: nn.Module) -> int:
     for module in model.modules():
         cls = own_class(module)
         layer, forward = ENDINGS.get(f"{cls.__module__}.{cls.__qualname__}", ("", None))
-        if forward is not None and isinstance(getattr(module, layer, None), nn.Module) and gates_of(getattr(module, layer)):
+        if forward is not None and gates_of(_submodule(module, layer)):
             end_with(module, forward)
             ended += 1
     return ended

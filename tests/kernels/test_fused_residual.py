@@ -128,13 +128,15 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int =
 
 
 def ending_relu(block: torch.nn.Module) -> torch.nn.Module:
-    """The ReLU module that ends a residual block: attnkit's and torchvision's `relu`, timm's `act3` or `act2`."""
-    return next(getattr(block, name) for name in ("relu", "act3", "act2") if hasattr(block, name))
+    """The ReLU module that ends a residual block: attnkit's and torchvision's ResNets' `relu`, timm's `act3` or
+    `act2`, torchvision's RegNets' `activation`."""
+    return next(getattr(block, name) for name in ("relu", "act3", "act2", "activation") if hasattr(block, name))
 
 
 def block_relus(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ReLUs that end the residual blocks of a ResNet (attnkit's, torchvision's or timm's)."""
-    return [ending_relu(block) for block in model.modules() if hasattr(block, "downsample") and hasattr(block, "conv2")]
+    """The ReLUs that end the residual blocks of a ResNet (attnkit's, torchvision's or timm's) or a RegNet."""
+    return [ending_relu(block) for block in model.modules()
+            if (hasattr(block, "downsample") and hasattr(block, "conv2")) or (hasattr(block, "f") and hasattr(block, "proj"))]
 
 
 def attached(model: torch.nn.Module, attn: str) -> torch.nn.Module:
@@ -157,6 +159,7 @@ NETWORKS = {
         torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=10), attn), 3),
     "timm-basic": (lambda attn: attached(timm_resnet("BasicBlock"), attn), 1),
     "timm-bottleneck": (lambda attn: attached(timm_resnet("Bottleneck"), attn), 1),
+    "torchvision-regnet": (lambda attn: attached(torchvision.models.regnet_x_400mf(num_classes=10), attn), 1),
 }
 
 
