@@ -111,14 +111,11 @@ def _submodule(module: nn.Module, path: str) -> nn.Module:
         return nn.Identity()
 
 
-def end_in_gates(model: nn.Module) -> int:
+def end_in_gates(model: nn.Module) -> None:
     """Give each block of `model` of the classes in ENDINGS whose last layer attach() gated the rewrite that ends in
-    its gate; how many blocks have one."""
-    ended = 0
+    its gate."""
     for module in model.modules():
         cls = own_class(module)
         layer, forward = ENDINGS.get(f"{cls.__module__}.{cls.__qualname__}", ("", None))
         if forward is not None and gates_of(_submodule(module, layer)):
             end_with(module, forward)
-            ended += 1
-    return ended
