@@ -60,11 +60,18 @@ void FN(pool_hw)(const T *x, float *mean, float *m2, int absolute, i64 N, i64 C,
 
 /* The value a scaling kernel stores for v at element i: v, or with a residual `res` (not NULL) v rounded to T plus
  * res[i], then max(·, 0) when `relu`: a block's residual sum and ReLU in the gate's pass, rounded as the separate
- * operations round. A NaN passes the ReLU, as torch's passes it. */
+ * operations round. A NaN passes the ReLU, as torch's passes it. The ReLU clears the bits of a negative sum rather
+ * than branching on its sign, which the data makes unpredictable: where a loop does not vectorize (NCHW rows of a
+ * few columns in scale_hw), a branch cost 6× the pass. */
 static inline float FN(ended)(float v, const T *res, i64 i, int relu) {
     if (!res) return v;
     const float s = RND(v) + LD(res, i);
-    return relu && s < 0 ? 0.0f : s;
+    uint32_t bits;
+    memcpy(&bits, &s, 4);
+    bits &= (uint32_t)((relu & (s < 0.0f)) - 1); /* 0 where the ReLU zeroes s, else all ones */
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
 }
 
 /* y = x · g[n, c] (ended) */
