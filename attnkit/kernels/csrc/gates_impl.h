@@ -119,12 +119,13 @@ void FN(dot_hw)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i
         const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
         const i64 off = n * HW * C + c0;
         double acc[CB] = {0};
-        for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) {
-                const i64 e = off + p * C + j;
-                if (y) dr[e] = LD(y, e) > 0 ? dy[e] : (T)0;
-                acc[j] += LD(y ? dr : dy, e) * LD(x, e);
-            }
+        for (i64 p = 0; p < HW; p++) {
+            const i64 row = off + p * C;
+            if (y) /* the mask first, as a loop of selects of its own, which vectorizes */
+                for (i64 j = 0; j < cn; j++) dr[row + j] = LD(y, row + j) > 0 ? dy[row + j] : (T)0;
+            const T *d = y ? dr : dy;
+            for (i64 j = 0; j < cn; j++) acc[j] += LD(d, row + j) * LD(x, row + j);
+        }
         for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
     }
 }
