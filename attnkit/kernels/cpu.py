@@ -249,12 +249,12 @@ def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool
 
 # --- Coordinate Attention ---
 
-def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
+def pool_h_w(x: Tensor) -> Tensor:
     n, c, h, w = x.shape
     cl = _cl(x)
-    zh, zw = _f32((n, h, c) if cl else (n, c, h)), _f32((n, w, c) if cl else (n, c, w))
-    _call("pool_h_w", x, x, zh, zw, n, c, h, w)
-    return _back(zh, cl), _back(zw, cl)
+    z = _f32((n, h + w, c) if cl else (n, c, h + w))
+    _call("pool_h_w", x, x, z, n, c, h, w)
+    return _back(z, cl)
 
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:

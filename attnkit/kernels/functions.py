@@ -223,26 +223,28 @@ class _ScaleHW(torch.autograd.Function):
 
 class _PoolHAndW(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, backend: Backend, handoff: _Handoff, x: Tensor) -> Tensor:
         ctx.backend, ctx.handoff, ctx.hw = backend, handoff, x.shape[2:]
         return backend.pool_h_w(x)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dzh: Tensor, dzw: Tensor):
+    def backward(ctx, dz: Tensor):
         h, (height, width) = _taken(ctx.handoff), ctx.hw
-        return None, None, ctx.backend.grad_hw(h.dy, *h.gates, dzh / width, dzw / height)
+        return None, None, ctx.backend.grad_hw(h.dy, *h.gates, dz[..., :height] / width, dz[..., height:] / height)
 
 
-def row_column_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+def row_column_gate(backend: Backend, x: Tensor, gate: Callable[[Tensor, int], tuple[Tensor, Tensor]],
                     residual: Tensor | None = None, relu: bool = False) -> Tensor:
-    """y = x · aʰ · aʷ with (aʰ [N, C, H], aʷ [N, C, W]) = gate(mean over W [N, C, H], mean over H [N, C, W]). With a
-    `residual`, y + residual (then max(·, 0) with `relu`) in the same pass."""
+    """y = x · aʰ · aʷ with (aʰ [N, C, H], aʷ [N, C, W]) = gate(z, H), z [N, C, H + W] the joined pools: the mean over
+    W of each row, then the mean over H of each column. With a `residual`, y + residual (then max(·, 0) with `relu`)
+    in the same pass."""
+    height = x.shape[2]
     if not torch.is_grad_enabled():
-        ah, aw = gate(*backend.pool_h_w(x))
+        ah, aw = gate(backend.pool_h_w(x), height)
         return backend.scale_hw(x, ah, aw) if residual is None else backend.scale_hw_add(x, ah, aw, residual, relu)
     handoff = _Handoff()
-    ah, aw = gate(*_PoolHAndW.apply(backend, handoff, x))
+    ah, aw = gate(_PoolHAndW.apply(backend, handoff, x), height)
     _check_gates(x, [ah, aw])
     return _ScaleHW.apply(backend, handoff, x, ah, aw, residual, relu)
 

@@ -101,10 +101,10 @@ def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool
 
 # --- Coordinate Attention: one gate per row and one per column of each channel ---
 
-def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean over W [N, C, H], mean over H [N, C, W])."""
+def pool_h_w(x: Tensor) -> Tensor:
+    """The joined pools [N, C, H + W]: the mean over W of each row, then the mean over H of each column."""
     xf = _f(x)
-    return xf.mean(3), xf.mean(2)
+    return torch.cat([xf.mean(3), xf.mean(2)], 2)
 
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:

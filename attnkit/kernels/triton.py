@@ -275,9 +275,10 @@ def _grad_k_kernel(dy, g, a, x, k, dx, dk, N, C, P, dsn, dsc, dsp, sn, sc, sp, W
 # --- Coordinate Attention: a gate per row and per column of each channel ---
 
 @_jit
-def _pool_h_w_kernel(x, mean_h, mean_w, C, H, W: tl.constexpr, sn, sc, sp, BLOCK_C: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Means over W (per row, complete for each step's rows) and over H (per column, summed over the steps)."""
+def _pool_h_w_kernel(x, z, C, H, W: tl.constexpr, sn, sc, sp, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """The joined pools z [N, C, H + W]: means over W (per row, complete for each step's rows), then over H (per
+    column, summed over the steps)."""
     n = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     w = tl.arange(0, BLOCK_W)
@@ -287,9 +288,10 @@ def _pool_h_w_kernel(x, mean_h, mean_w, C, H, W: tl.constexpr, sn, sc, sp, BLOCK
         mask = (c < C)[:, None, None] & (h < H)[None, :, None] & (w < W)[None, None, :]
         v = tl.load(x + _plane(n, c, h, w, W, sn, sc, sp), mask=mask, other=0.0).to(tl.float32)
         rows = (c < C)[:, None] & (h < H)[None, :]
-        tl.store(mean_h + (n * C + c)[:, None] * H + h[None, :], tl.sum(v, 2) / W, mask=rows)
+        tl.store(z + (n * C + c)[:, None] * (H + W) + h[None, :], tl.sum(v, 2) / W, mask=rows)
         columns += tl.sum(v, 1)
-    tl.store(mean_w + (n * C + c)[:, None] * W + w[None, :], columns / H, mask=(c < C)[:, None] & (w < W)[None, :])
+    tl.store(z + (n * C + c)[:, None] * (H + W) + H + w[None, :], columns / H,
+             mask=(c < C)[:, None] & (w < W)[None, :])
 
 
 @_jit
@@ -1051,16 +1053,15 @@ def grad_k(dy: Tensor, g: Tensor, a: Tensor, x: Tensor, k: Tensor, with_dx: bool
     return dx, dk
 
 
-def pool_h_w(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean over W [N, C, H], mean over H [N, C, W])."""
+def pool_h_w(x: Tensor) -> Tensor:
+    """The joined pools [N, C, H + W]: the mean over W of each row, then the mean over H of each column."""
     _require()
     x, s = _full(x)
     n, c, h, w = x.shape
-    mean_h, mean_w = _stats(n, c, h, like=x), _stats(n, c, w, like=x)
+    z = _stats(n, c, h + w, like=x)
     bc, bh, bw = _blocks_3d(c, h, w, _channels_last(s))
-    _launch(_pool_h_w_kernel, (triton.cdiv(c, bc), n), x, mean_h, mean_w, c, h, w, *s, BLOCK_C=bc, BLOCK_H=bh,
-            BLOCK_W=bw)
-    return mean_h, mean_w
+    _launch(_pool_h_w_kernel, (triton.cdiv(c, bc), n), x, z, c, h, w, *s, BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw)
+    return z
 
 
 def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:

@@ -296,6 +296,13 @@ def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:
     return F.linear(rows, conv.weight.flatten(1), conv.bias)
 
 
+def batched_pointwise(conv: nn.Conv2d, maps: Tensor) -> Tensor:
+    """A 1×1 convolution applied to N×C_in×L maps (-> N×C_out×L) as one product per sample, batched: the product
+    conv() computes on N×C_in×L×1 maps, without copying the maps into rows of channels."""
+    weight = conv.weight.flatten(1).expand(maps.shape[0], -1, -1)
+    return torch.bmm(weight, maps) if conv.bias is None else torch.baddbmm(conv.bias[None, :, None], weight, maps)
+
+
 def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     """gate_math for the fast paths: a context with autocast off for x's device, entered only where autocast is on."""
     if torch.is_autocast_enabled(x.device.type):

@@ -53,7 +53,7 @@ class EMA(AttentionModule):
 
     def attention(self, x: Tensor) -> Tensor:
         """w (before the sigmoid) for the grouped input x ((N·G)×c×H×W, in the parameters' dtype): (N·G)×1×H×W."""
-        a_h, a_w = self._row_column_gates(x.mean(3), x.mean(2))  # from the means over W and over H
+        a_h, a_w = self._row_column_gates(torch.cat([x.mean(3), x.mean(2)], 2), x.shape[2])
         x1 = self.gn(x * a_h[..., None] * a_w[:, :, None, :])
         return self.cross_spatial(x1, self.conv3x3(x))
 
@@ -63,18 +63,17 @@ class EMA(AttentionModule):
         w2 = x2.mean((2, 3)).softmax(1)
         return (torch.einsum("bc,bchw->bhw", w1, x2) + torch.einsum("bc,bchw->bhw", w2, x1)).unsqueeze(1)
 
-    def _row_column_gates(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
-        """(σ(a_h) (N·G)×c×H, σ(a_w) (N·G)×c×W) from the means over W and over H, by the 1×1 convolution."""
-        h = z_h.shape[2]
-        joined = torch.cat([z_h, z_w], dim=2)[..., None].to(self.conv1x1.weight.dtype)
-        a_h, a_w = torch.split(self.conv1x1(joined)[..., 0], [h, z_w.shape[2]], dim=2)
+    def _row_column_gates(self, z: Tensor, height: int) -> tuple[Tensor, Tensor]:
+        """(σ(a_h) (N·G)×c×H, σ(a_w) (N·G)×c×W) by the 1×1 convolution, from the joined means z ((N·G)×c×(H+W): over
+        W for each of the H rows, then over H for each of the W columns)."""
+        joined = self.conv1x1(z[..., None].to(self.conv1x1.weight.dtype))[..., 0]
+        a_h, a_w = torch.split(joined, [height, z.shape[2] - height], dim=2)
         return torch.sigmoid(a_h), torch.sigmoid(a_w)
 
-    def _row_column_gates_as_rows(self, z_h: Tensor, z_w: Tensor) -> tuple[Tensor, Tensor]:
+    def _row_column_gates_as_rows(self, z: Tensor, height: int) -> tuple[Tensor, Tensor]:
         """_row_column_gates with the 1×1 convolution as F.linear over the (N·G)·(H+W) rows of c channels."""
-        rows = torch.cat([z_h, z_w], dim=2).transpose(1, 2).to(self.conv1x1.weight.dtype)
-        gates = torch.sigmoid(pointwise(self.conv1x1, rows)).transpose(1, 2)
-        return tuple(torch.split(gates, [z_h.shape[2], z_w.shape[2]], dim=2))
+        gates = torch.sigmoid(pointwise(self.conv1x1, z.transpose(1, 2).to(self.conv1x1.weight.dtype))).transpose(1, 2)
+        return tuple(torch.split(gates, [height, z.shape[2] - height], dim=2))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)

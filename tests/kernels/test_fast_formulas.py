@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 import attnkit
 from attnkit import kernels
 from attnkit.kernels import cpu, dispatch
-from attnkit.modules.coord import ROWS_FROM_BATCH
+from attnkit.modules.coord import BATCHED_UP_TO_CHANNELS
 
 from .modules import create, errors, randomised, run_in_mode
 from .primitives import assert_close, feature_map
@@ -28,7 +29,6 @@ SPECS = [
     "cbam(reduction=4)", "cbam(reduction=4, spatial_pools=('max', 'mean'), pool_types=('max', 'avg'))", "coord",
     "coord(bias=False, act='silu')",
 ]
-# batch 16 and up: Coordinate Attention computes its gate network as rows from that batch (ROWS_FROM_BATCH)
 SHAPES = [(16, 24, 5, 4), (20, 17, 1, 9)]
 MODES = ["auto", "cpu"]  # the fast torch formulas (these inputs are below the fused path's threshold), the fused path
 
@@ -108,12 +108,21 @@ def test_fast_formulas_under_bfloat16_autocast(spec):
     assert max(errors(runs[1], runs[0])) <= 2e-5 and max(errors(runs[2], runs[0])) <= 2e-5
 
 
-def test_coordinate_attention_keeps_its_convolutions_below_the_rows_batch():
-    shape = (ROWS_FROM_BATCH - 1, 24, 5, 4)
-    module = create("coord", shape)
-    calls = _count_calls(module)
-    module(torch.randn(shape))
-    assert calls == ["Conv2d"] * 3
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_wide_coordinate_attention_computes_its_gate_network_as_rows(channels_last, mode):
+    """Above BATCHED_UP_TO_CHANNELS the fast gate network is F.linear over rows of channels, not batched products:
+    the same function as the reference."""
+    shape = (3, BATCHED_UP_TO_CHANNELS + 8, 4, 3)
+    module = randomised(create("coord", shape), seed=0)
+    x = feature_map(shape, torch.float32, channels_last, ties=False, seed=1)
+    dy = feature_map(shape, torch.float32, channels_last, ties=False, seed=2)
+    want = run_in_mode(copy.deepcopy(module), x, dy, "reference")
+    fast = copy.deepcopy(module)
+    calls = _count_calls(fast)
+    with mock.patch.object(torch, "baddbmm", side_effect=AssertionError("a batched product")):
+        got = run_in_mode(fast, x, dy, mode)
+    assert calls == [] and max(errors(got, want)) <= 2e-5
 
 
 @pytest.mark.parametrize("spec", ["se", "cbam(reduction=4)", "coord"])

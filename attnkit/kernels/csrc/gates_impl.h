@@ -9,6 +9,14 @@
 #define SPAN 64 /* channels summed in float before a double total, in such a reduction */
 #define SHORT_ROW 16 /* NCHW rows shorter than this are summed with the rows as a vector's lanes */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+/* PLANE(W), with W a constant for the short NCHW rows of common maps: the row loops of an inlined plane function then
+ * run as whole vectors, where with W a variable they run element by element */
+#define BY_WIDTH(W, PLANE) \
+    switch (W) { \
+    case 2: PLANE(2); break; case 3: PLANE(3); break; case 4: PLANE(4); break; case 5: PLANE(5); break; \
+    case 6: PLANE(6); break; case 7: PLANE(7); break; case 8: PLANE(8); break; case 10: PLANE(10); break; \
+    case 12: PLANE(12); break; case 14: PLANE(14); break; default: PLANE(W); \
+    }
 #endif
 
 /* ---------- one gate per channel ---------- */
@@ -249,30 +257,40 @@ void FN(grad_k)(const T *dy, const float *g, const float *a, const T *x, const f
 /* ---------- Coordinate Attention: a gate per row and per column of each channel ----------
  * NCHW: per-row factors [N, C, H], per-column [N, C, W]; NHWC: [N, H, C] and [N, W, C]. */
 
-/* zh = mean over W, zw = mean over H */
-void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+/* One NCHW plane of pool_h_w with rows of a few columns: each row summed in order, and the column sums in place, the
+ * rows taken in order. BY_WIDTH inlines it with W a constant. */
+static inline __attribute__((always_inline)) void FN(pool_h_w_plane)(const T *restrict plane, float *restrict rows,
+        float *restrict columns, i64 H, i64 W) {
+    for (i64 w = 0; w < W; w++) columns[w] = 0;
+    for (i64 h = 0; h < H; h++) {
+        float s = 0;
+        for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; columns[w] += v; }
+        rows[h] = s / W;
+    }
+    for (i64 w = 0; w < W; w++) columns[w] /= H;
+}
+
+/* The joined pools z: per plane, H means over W (zh), then W means over H (zw). NCHW: z [N, C, H+W]; NHWC:
+ * [N, H+W, C]. */
+void FN(pool_h_w)(const T *x, float *z, i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
+    const i64 L = H + W;
     if (!cl) {
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const T *plane = x + r * H * W;
-            float *accw = zw + r * W, *rows = zh + r * H; /* the column and row sums, in place */
+            float *rows = z + r * L, *accw = rows + H; /* the row and column sums, in place */
+            if (W < SHORT_ROW) {
+#define PLANE(width) FN(pool_h_w_plane)(plane, rows, accw, H, width)
+                BY_WIDTH(W, PLANE);
+#undef PLANE
+                continue;
+            }
             memset(accw, 0, W * sizeof(float));
-            if (W < SHORT_ROW) { /* the rows are the lanes, each summing its W values; then the columns */
-#pragma omp simd
-                for (i64 h = 0; h < H; h++) {
-                    float s = 0;
-                    for (i64 w = 0; w < W; w++) s += LD(plane, h * W + w);
-                    rows[h] = s / W;
-                }
-                for (i64 h = 0; h < H; h++)
-                    for (i64 w = 0; w < W; w++) accw[w] += LD(plane, h * W + w);
-            } else {
-                for (i64 h = 0; h < H; h++) {
-                    float s = 0;
+            for (i64 h = 0; h < H; h++) {
+                float s = 0;
 #pragma omp simd reduction(+ : s)
-                    for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
-                    rows[h] = s / W;
-                }
+                for (i64 w = 0; w < W; w++) { const float v = LD(plane, h * W + w); s += v; accw[w] += v; }
+                rows[h] = s / W;
             }
             for (i64 w = 0; w < W; w++) accw[w] /= H;
         }
@@ -289,12 +307,23 @@ void FN(pool_h_w)(const T *x, float *zh, float *zw, i64 N, i64 C, i64 H, i64 W, 
                 const T *row = x + ((n * H + h) * W + w) * C + c0;
                 for (i64 j = 0; j < cn; j++) { const float v = LD(row, j); acch[j] += v; accw[w * CB + j] += v; }
             }
-            for (i64 j = 0; j < cn; j++) zh[(n * H + h) * C + c0 + j] = (float)(acch[j] / W);
+            for (i64 j = 0; j < cn; j++) z[(n * L + h) * C + c0 + j] = (float)(acch[j] / W);
         }
         for (i64 w = 0; w < W; w++)
-            for (i64 j = 0; j < cn; j++) zw[(n * W + w) * C + c0 + j] = (float)(accw[w * CB + j] / H);
+            for (i64 j = 0; j < cn; j++) z[(n * L + H + w) * C + c0 + j] = (float)(accw[w * CB + j] / H);
         free(accw);
     }
+}
+
+/* One NCHW plane of scale_hw, (x · aw) · ah (ended) */
+static inline __attribute__((always_inline)) void FN(scale_hw_plane)(const T *restrict x, const float *restrict ah,
+        const float *restrict aw, const T *restrict res, int relu, T *restrict y, i64 H, i64 W) {
+    for (i64 h = 0; h < H; h++)
+        for (i64 w = 0; w < W; w++) ST(y, h * W + w, RND(LD(x, h * W + w) * aw[w]) * ah[h]);
+    if (!res) return;
+    /* the block's end over the plane just stored, from cache, as one loop: within the rows of a few columns it
+     * does not vectorize. Stored y is the product rounded to T, which is what ended() adds to res. */
+    for (i64 i = 0; i < H * W; i++) ST(y, i, FN(ended)(LD(y, i), res, i, relu));
 }
 
 /* y = (x · aw) · ah */
@@ -304,12 +333,9 @@ void FN(scale_hw)(const T *x, const float *ah, const float *aw, const T *res, in
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
-            for (i64 h = 0; h < H; h++) {
-                const float a = ah[r * H + h];
-                for (i64 w = 0; w < W; w++)
-                    ST(y + off, h * W + w,
-                       FN(ended)(RND(LD(x + off, h * W + w) * aw[r * W + w]) * a, res, off + h * W + w, relu));
-            }
+#define PLANE(width) FN(scale_hw_plane)(x + off, ah + r * H, aw + r * W, res ? res + off : NULL, relu, y + off, H, width)
+            BY_WIDTH(W, PLANE);
+#undef PLANE
         }
         return;
     }
@@ -325,6 +351,22 @@ void FN(scale_hw)(const T *x, const float *ah, const float *aw, const T *res, in
     }
 }
 
+/* One NCHW plane of dot_h_w with rows of a few columns, each sum taken in order: dah[h] = Σ_w (dy·x)·aw[w], and
+ * daw[w] = Σ_h (dy·x)·ah[h] in place. BY_WIDTH inlines it with W a constant. */
+static inline __attribute__((always_inline)) void FN(dot_h_w_plane)(const T *restrict dy, const T *restrict x,
+        const float *restrict a, const float *restrict b, float *restrict dah, float *restrict daw, i64 H, i64 W) {
+    for (i64 w = 0; w < W; w++) daw[w] = 0;
+    for (i64 h = 0; h < H; h++) {
+        float s = 0;
+        for (i64 w = 0; w < W; w++) {
+            const float p = LD(dy, h * W + w) * LD(x, h * W + w);
+            s += p * b[w];
+            daw[w] += p * a[h];
+        }
+        dah[h] = s;
+    }
+}
+
 /* dah = Σ_w dy·x·aw, daw = Σ_h dy·x·ah */
 void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, float *dah, float *daw,
                  i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
@@ -334,18 +376,13 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
             const i64 off = r * H * W;
             const float *a = ah + r * H, *b = aw + r * W;
             float *accw = daw + r * W; /* the column sums, in place */
-            memset(accw, 0, W * sizeof(float));
-            if (W < SHORT_ROW) { /* as pool_h_w */
-#pragma omp simd
-                for (i64 h = 0; h < H; h++) {
-                    float s = 0;
-                    for (i64 w = 0; w < W; w++) s += LD(dy + off, h * W + w) * LD(x + off, h * W + w) * b[w];
-                    dah[r * H + h] = s;
-                }
-                for (i64 h = 0; h < H; h++)
-                    for (i64 w = 0; w < W; w++) accw[w] += LD(dy + off, h * W + w) * LD(x + off, h * W + w) * a[h];
+            if (W < SHORT_ROW) {
+#define PLANE(width) FN(dot_h_w_plane)(dy + off, x + off, a, b, dah + r * H, accw, H, width)
+                BY_WIDTH(W, PLANE);
+#undef PLANE
                 continue;
             }
+            memset(accw, 0, W * sizeof(float));
             for (i64 h = 0; h < H; h++) {
                 float s = 0;
 #pragma omp simd reduction(+ : s)
@@ -384,6 +421,15 @@ void FN(dot_h_w)(const T *dy, const T *x, const float *ah, const float *aw, floa
     }
 }
 
+/* One NCHW plane of grad_hw; BY_WIDTH inlines it with W a constant */
+static inline __attribute__((always_inline)) void FN(grad_hw_plane)(const T *restrict dy, const float *restrict ah,
+        const float *restrict aw, const float *restrict bh, const float *restrict bw, T *restrict dx, i64 H, i64 W) {
+    for (i64 h = 0; h < H; h++) {
+        const float a = ah[h], c = bh[h];
+        for (i64 w = 0; w < W; w++) ST(dx, h * W + w, LD(dy, h * W + w) * a * aw[w] + c + bw[w]);
+    }
+}
+
 /* dx = dy·ah·aw + bh + bw */
 void FN(grad_hw)(const T *dy, const float *ah, const float *aw, const float *bh, const float *bw, T *dx,
                  i64 N, i64 C, i64 H, i64 W, int cl, int nt) {
@@ -391,11 +437,9 @@ void FN(grad_hw)(const T *dy, const float *ah, const float *aw, const float *bh,
 #pragma omp parallel for num_threads(nt) schedule(static)
         for (i64 r = 0; r < N * C; r++) {
             const i64 off = r * H * W;
-            for (i64 h = 0; h < H; h++) {
-                const float a = ah[r * H + h], c = bh[r * H + h];
-                for (i64 w = 0; w < W; w++)
-                    ST(dx + off, h * W + w, LD(dy + off, h * W + w) * a * aw[r * W + w] + c + bw[r * W + w]);
-            }
+#define PLANE(width) FN(grad_hw_plane)(dy + off, ah + r * H, aw + r * W, bh + r * H, bw + r * W, dx + off, H, width)
+            BY_WIDTH(W, PLANE);
+#undef PLANE
         }
         return;
     }
