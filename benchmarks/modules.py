@@ -54,6 +54,11 @@ SHAPES = {  # name: N×C×H×W
     "r50-s3-b64": (64, 512, 28, 28),
     "mbv2-b32": (32, 144, 56, 56),  # MobileNetV2 / EfficientNet-B0, the expanded 56×56 block, batch 32
     "r50-s3-b1": (1, 512, 28, 28),  # batch-1 inference
+    "r50-s5-b32": (32, 2048, 7, 7),  # the last stage (conv5_x) at 224×224: rows of 7
+    "r50-s5-b16-128": (16, 2048, 4, 4),  # the same at 128×128 (train_step.py's ResNet-50): rows of 4
+    "r56-s1": (64, 16, 32, 32),  # CIFAR ResNet-56, its three stages, batch 64 (train_step.py's resnet56)
+    "r56-s2": (64, 32, 16, 16),
+    "r56-s3": (64, 64, 8, 8),
 }
 INFERENCE = {"r50-s3-b1"}  # shapes whose modules run in eval mode (BatchNorm on its running statistics)
 TWO_POOLS = {"cbam", "coord", "triplet"}  # floor 4|x| forward, 8|x| forward+backward
