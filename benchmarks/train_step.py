@@ -7,7 +7,7 @@ function in the same places, where timm has one.
                                            torchvision-resnet50|timm-resnet50]
         [--attn se,eca,srm,ge,cbam,coord,triplet] [--batch 64] [--size 32] [--threads 2] [--clock wall|cpu]
         [--repeats 10] [--device cpu|cuda] [--bf16] [--channels-last] [--separate] [--no-timm] [--runs K]
-        [--quick] [--markdown BENCHMARKS.md]
+        [--against REV] [--quick] [--markdown BENCHMARKS.md]
 
 The networks (--net; --model, --size, --batch, --in-chans and --classes override): the CIFAR ResNet-56 (64×3×32×32,
 the CPU default), the default `attnkit compare`'s ResNet-20 (64×1×20×20, the cluttered digits), MobileNetV2
@@ -23,15 +23,24 @@ process move by up to ten points from run to run (where each variant's tensors l
 which the steps of one process do not average out. --separate adds attnkit 'auto' with the residual blocks of the
 ResNets (attnkit's, torchvision's, timm's) ending as separate operations (the gate, the addition, the ReLU), which by default SE, ECA, SRM and
 GE θ⁻ fuse into their own passes (attnkit.surgery.gating.residual_end): what that fusion saves, in one run.
+--against REV adds attnkit 'auto' as of git revision REV (its attnkit/ folder, imported beside the working tree's as a
+package of its own): a change's effect measured in one process, step by step against the same plain network, which
+runs of the two versions one after the other cannot resolve on a machine whose speed drifts.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import io
 import json
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+from pathlib import Path
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
@@ -125,15 +134,36 @@ def plain_network(net: Net) -> nn.Module:
     return attnkit.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
 
 
-def build(variant: Variant, net: Net) -> nn.Module | None:
+@functools.lru_cache(maxsize=None)
+def attnkit_at(revision: str) -> ModuleType:
+    """attnkit as of git `revision`: its attnkit/ folder from `git archive`, imported as the package
+    attnkit_at_<commit> beside the working tree's attnkit (kept until the process ends)."""
+    root = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", revision], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    folder = Path(_AGAINST_FOLDER.name)
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "attnkit"], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(folder / commit, filter="data")
+    name = f"attnkit_at_{commit}"
+    (folder / commit / "attnkit").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+_AGAINST_FOLDER = tempfile.TemporaryDirectory(prefix="attnkit-against-")  # removed when the process ends
+
+
+def build(variant: Variant, net: Net, against: str | None = None) -> nn.Module | None:
     """The variant's network: plain, or with attnkit's module (as create_model places it: attach(), paper
-    initialisation), or with timm's module of the same function in the same places."""
+    initialisation), or with timm's module of the same function in the same places, or with the module as attnkit at
+    git revision `against` places it."""
     model = plain_network(net)
     attn = timm_spec(variant.attn) if variant.impl == "timm" else variant.attn
     if variant.attn is not None and attn is None:
         return None
     if attn is not None:
-        attnkit.attach(model, attn)
+        (attnkit_at(against) if variant.impl == "against" else attnkit).attach(model, attn)
     return with_blocks_ending_apart(model) if variant.impl == "separate" else model
 
 
@@ -145,7 +175,7 @@ def overhead_over_runs(runs: list[dict[str, float]], label: str) -> str:
 
 
 IMPLS = {"auto": "attnkit auto", "separate": "auto, blocks ending apart", "reference": "attnkit reference",
-         "timm": "timm"}
+         "timm": "timm", "against": "auto at --against"}
 
 
 def add_table(report: Report, names: list[str], impls: tuple[str, ...], runs: list[dict[str, float]]) -> None:
@@ -207,6 +237,8 @@ def main() -> None:
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS), help="wall clock or process CPU time")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--against", metavar="REV", help="also attnkit 'auto' as of this git revision, in the same "
+                        "process")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 4, 2 repeats after 1")
     parser.add_argument("--runs", type=int, default=1, help="repeat the measurement in this many fresh processes and "
@@ -228,12 +260,15 @@ def main() -> None:
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
     names = args.attn.split(",")
-    impls = ("auto", *(("separate",) if args.separate else ()), "reference", *(("timm",) if args.timm else ()))
+    impls = ("auto", *(("against",) if args.against else ()), *(("separate",) if args.separate else ()), "reference",
+             *(("timm",) if args.timm else ()))
     numbers = f"{'bf16 autocast' if args.bf16 else 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}"
     shape = f"{net.batch}×{net.in_chans}×{net.size}×{net.size}"
     timing = f"{args.clock} clock, median of {repeats} steps after {warmup}, the variants taking turns"
     if args.runs > 1:
         timing += f"; median over {args.runs} fresh processes (and their range)"
+    if args.against:
+        timing += f"; --against {attnkit_at(args.against).__name__.removeprefix('attnkit_at_')}"
     title = f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)"
     if args.runs > 1:
         runs = runs_in_fresh_processes(args.runs)
@@ -257,10 +292,10 @@ def measure(args: argparse.Namespace, net: Net, names: list[str], impls: tuple[s
     y = torch.randint(net.classes, (net.batch,), device=args.device)
     steps: dict[Variant, Callable[[], None]] = {}
     for variant in [Variant(BASELINE, None, "auto"), *[Variant(f"{n} {i}", n, i) for n in names for i in impls]]:
-        model = build(variant, net)
+        model = build(variant, net, args.against)
         if model is not None:
             step = sgd_step(model.to(args.device, memory_format=layout).train(), x, y, args.bf16)
-            mode = {"timm": "reference", "separate": "auto"}.get(variant.impl, variant.impl)
+            mode = {"timm": "reference", "separate": "auto", "against": "auto"}.get(variant.impl, variant.impl)
             steps[variant] = synced(in_mode(mode, step), args.device)
     return dict(zip((v.label for v in steps), median_ms(list(steps.values()), warmup, repeats, CLOCKS[args.clock])))
 

@@ -3,6 +3,7 @@ timm and attnkit's in the others, in torchvision's, timm's and attnkit's ResNets
 the gate's pass except in the column of blocks ending apart."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,22 @@ def test_each_training_step_column_runs_the_module_it_names(train_step, model, a
             assert len(ended) == ends, impl
             counted = modules_run(built, x)
         assert counted == {"attnkit": 0, "timm": 0, runs: blocks}, impl
+
+
+def test_the_against_column_runs_attnkit_as_of_the_revision(train_step):
+    """--against REV: the module attach() placed is the class of the package extracted from git at REV, a package of
+    its own beside the working tree's attnkit, and the network computes what the working tree's does (HEAD's modules
+    compute the same functions)."""
+    if subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("needs the project's git repository")  # --against reads the revision from git
+    net = train_step.Net("resnet20", 16, 2, 3, 10)
+    torch.manual_seed(0)
+    theirs = train_step.build(train_step.Variant("se against", "se", "against"), net, "HEAD").eval()
+    torch.manual_seed(0)
+    ours = train_step.build(train_step.Variant("se auto", "se", "auto"), net).eval()
+    placed = [type(m) for m in theirs.modules() if type(m).__name__ == "SqueezeExcite"]
+    assert len(placed) == 9 and all(cls.__module__.startswith("attnkit_at_") for cls in placed)
+    assert not any(is_attention_module(m) for m in theirs.modules())  # not the working tree's registry's classes
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x))
