@@ -49,6 +49,7 @@ from torch import nn
 
 import attnkit
 from attnkit.registry import BASELINE
+from attnkit.surgery.endings import ending_of
 from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
 from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
@@ -112,11 +113,12 @@ class SeparateReLU(nn.ReLU):
 
 def with_blocks_ending_apart(model: nn.Module) -> nn.Module:
     """`model` with its residual blocks ending as the separate operations (gate, addition, ReLU), in place: the ReLU
-    that ends each block (attnkit's and torchvision's `relu`, timm's `act3` or `act2`) becomes a SeparateReLU."""
+    that ends each block of the classes attnkit ends in the gate's pass (attnkit.surgery.endings.ENDINGS) becomes a
+    SeparateReLU."""
     for block in model.modules():
-        name = next((n for n in ("relu", "act3", "act2") if hasattr(block, n)), None)
-        if name is not None and isinstance(getattr(block, name), nn.ReLU) and hasattr(block, "downsample"):
-            setattr(block, name, SeparateReLU(inplace=getattr(block, name).inplace))
+        ending = ending_of(block)
+        if ending is not None and isinstance(getattr(block, ending.activation), nn.ReLU):
+            setattr(block, ending.activation, SeparateReLU(inplace=getattr(block, ending.activation).inplace))
     return model
 
 

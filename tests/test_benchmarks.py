@@ -1,6 +1,6 @@
 """The benchmarks time what their columns name: in benchmarks/train_step.py, timm's module where the column says
-timm and attnkit's in the others, in torchvision's, timm's and attnkit's ResNets, and the residual blocks ending in
-the gate's pass except in the column of blocks ending apart."""
+timm and attnkit's in the others, in torchvision's, timm's and attnkit's ResNets and torchvision's RegNet, and the
+residual blocks ending in the gate's pass except in the column of blocks ending apart."""
 from __future__ import annotations
 
 import subprocess
@@ -47,7 +47,7 @@ def modules_run(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("model", ["resnet20", "torchvision:resnet18", "timm:resnet18"])
+@pytest.mark.parametrize("model", ["resnet20", "torchvision:resnet18", "timm:resnet18", "torchvision:regnet_x_400mf"])
 @pytest.mark.parametrize("attn", ["se", "cbam"])
 def test_each_training_step_column_runs_the_module_it_names(train_step, model, attn, monkeypatch):
     monkeypatch.setattr(registry.MODULES, "entries", dict(registry.MODULES.entries))  # timm's, registered for a test
@@ -57,7 +57,7 @@ def test_each_training_step_column_runs_the_module_it_names(train_step, model, a
     for name in ("scale_c_add", "scale_cs_add"):
         kernel = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, kernel=kernel: ended.append(1) or kernel(*a))
-    blocks = {"resnet20": 9, "torchvision:resnet18": 8, "timm:resnet18": 8}[model]
+    blocks = {"resnet20": 9, "torchvision:resnet18": 8, "timm:resnet18": 8, "torchvision:regnet_x_400mf": 22}[model]
     for impl, runs, ends in [("auto", "attnkit", blocks), ("separate", "attnkit", 0), ("reference", "attnkit", 0),
                              ("timm", "timm", 0)]:
         built = train_step.build(train_step.Variant(f"{attn} {impl}", attn, impl), net).eval()

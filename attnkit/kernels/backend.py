@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 Pools = tuple[tuple[Tensor, Tensor, Tensor], ...]
@@ -81,3 +82,9 @@ class Backend(Protocol):
 
 
 PRIMITIVES = tuple(name for name in vars(Backend) if not name.startswith("_"))
+
+
+def in_layout_of(t: Tensor, x: Tensor) -> Tensor:
+    """t in the memory layout of x (contiguous NCHW or channels_last, as the backends serve), for the kernels that
+    read both with x's strides: a residual, an incoming gradient."""
+    return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)

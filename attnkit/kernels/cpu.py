@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._paths import cache_dir
+from .backend import in_layout_of
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
 # -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC keeps the comparisons
@@ -151,11 +152,6 @@ def _factor(t: Tensor, x: Tensor, channels_last: bool = False) -> Tensor:
     return _stat(t.to(x.dtype), channels_last)
 
 
-def _like(r: Tensor, x: Tensor) -> Tensor:
-    """A residual in x's layout, which the kernels read with x's strides."""
-    return r.contiguous(memory_format=torch.channels_last if _cl(x) else torch.contiguous_format)
-
-
 def _back(t: Tensor, channels_last: bool) -> Tensor:
     """An [N, L, C] result as [N, C, L]."""
     return t.transpose(1, 2) if channels_last else t
@@ -175,7 +171,7 @@ def scale_c(x: Tensor, g: Tensor) -> Tensor:
 
 
 def scale_c_add(x: Tensor, g: Tensor, r: Tensor, relu: bool) -> Tensor:
-    return _scale_c(x, g, _like(r, x), relu)
+    return _scale_c(x, g, in_layout_of(r, x), relu)
 
 
 def _scale_c(x: Tensor, g: Tensor, r: Tensor | None, relu: bool) -> Tensor:
@@ -262,7 +258,7 @@ def scale_hw(x: Tensor, ah: Tensor, aw: Tensor) -> Tensor:
 
 
 def scale_hw_add(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor, relu: bool) -> Tensor:
-    return _scale_hw(x, ah, aw, _like(r, x), relu)
+    return _scale_hw(x, ah, aw, in_layout_of(r, x), relu)
 
 
 def _scale_hw(x: Tensor, ah: Tensor, aw: Tensor, r: Tensor | None, relu: bool) -> Tensor:
@@ -310,7 +306,7 @@ def scale_cs(x: Tensor, mc: Tensor, ms: Tensor) -> Tensor:
 
 
 def scale_cs_add(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor, relu: bool) -> Tensor:
-    return _scale_cs(x, mc, ms, _like(r, x), relu)
+    return _scale_cs(x, mc, ms, in_layout_of(r, x), relu)
 
 
 def _scale_cs(x: Tensor, mc: Tensor, ms: Tensor, r: Tensor | None, relu: bool) -> Tensor:

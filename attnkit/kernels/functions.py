@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import cpu
-from .backend import Backend
+from .backend import Backend, in_layout_of
 
 
 class _Handoff:
@@ -38,10 +38,6 @@ class _Handoff:
         self.x: Tensor | None = None
         self.gates: tuple[Tensor, ...] = ()
         self.channel_pool: tuple[Tensor, Tensor, Tensor] | None = None  # CBAM: u, v and the argmax of its pool over C
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 def _check_gates(x: Tensor, gates: Sequence[Tensor]) -> None:
@@ -69,7 +65,7 @@ def _hand_over(ctx, dy: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
     if getattr(ctx, "relu", False):
         *gates, y = gates
         dy = torch.ops.aten.threshold_backward(dy, y, 0)
-    dy = dy.contiguous(memory_format=_layout(x))
+    dy = in_layout_of(dy, x)
     _record(ctx, dy, x, gates)
     return dy, x, gates
 
@@ -106,7 +102,7 @@ class _ScaleC(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         if ctx.relu:  # the ReLU's mask in the pass that reduces dy against x, rather than _hand_over's own pass
             x, g, y = ctx.saved_tensors
-            dg, dy = ctx.backend.dot_hw_relu(dy.contiguous(memory_format=_layout(x)), y, x)
+            dg, dy = ctx.backend.dot_hw_relu(in_layout_of(dy, x), y, x)
             _record(ctx, dy, x, (g,))
         else:
             dy, x, (g,) = _hand_over(ctx, dy)
@@ -389,7 +385,7 @@ class _EnergyGate(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, mean, q = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=_layout(x))
+        dy = in_layout_of(dy, x)
         td, td2 = ctx.backend.dot_energy(dy, x, mean, q)
         dmean = -2 * td / q
         dm2 = -4 * td2 / (q * q * ctx.bessel)
@@ -564,7 +560,7 @@ class _ScaleGroupsAlone(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, a = ctx.saved_tensors
-        dy = dy.contiguous(memory_format=_layout(x))
+        dy = in_layout_of(dy, x)
         dx = ctx.backend.scale_groups(dy, a) if ctx.needs_input_grad[1] else None
         da = ctx.backend.dot_groups(dy, x, a.shape[1]).to(a.dtype) if ctx.needs_input_grad[2] else None
         return None, dx, da

@@ -34,6 +34,8 @@ import os
 import torch
 from torch import Tensor
 
+from .backend import in_layout_of
+
 try:
     import triton
     import triton.language as tl
@@ -948,7 +950,7 @@ def _scaled(kernel: Callable, x: Tensor, r: Tensor | None, relu: bool, *factors:
     _require()
     x, s = _full(x)
     y = torch.empty_like(x)  # x is dense, so y gets its strides and the kernels address both alike
-    residual = x if r is None else _like_layout(r, x)  # x: an unread stand-in
+    residual = x if r is None else in_layout_of(r, x)  # x: an unread stand-in
     _elementwise(kernel, x, s, x, *factors, residual, y, RESIDUAL=r is not None, RELU=relu)
     return y
 
@@ -971,7 +973,7 @@ def _dot_hw(dy: Tensor, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor | N
         dy, ds = _full(dy)
         y = dr = x  # unread stand-ins
     else:
-        dy, y, ds = _like_layout(dy, x), _like_layout(y, x), s
+        dy, y, ds = in_layout_of(dy, x), in_layout_of(y, x), s
         dr = torch.empty_like(x, dtype=dy.dtype)
     n, c, h, w = x.shape
     out = _stats(n, c, like=x)
@@ -979,11 +981,6 @@ def _dot_hw(dy: Tensor, y: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor | N
     _launch(_dot_hw_kernel, (triton.cdiv(c, bc), n), dy, y, x, dr, out, c, h * w, *ds, *s, MASKED=dr is not x,
             BLOCK_C=bc, BLOCK_P=bp)
     return out, None if dr is x else dr
-
-
-def _like_layout(t: Tensor, x: Tensor) -> Tensor:
-    """t in x's memory layout (x full-size, as _full returns it), for kernels that address both with x's strides."""
-    return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else torch.channels_last)
 
 
 def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor | None = None,

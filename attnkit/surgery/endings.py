@@ -14,7 +14,7 @@ Only these exact classes are rewritten: a subclass may have a forward of its own
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from torch import Tensor, nn
 
@@ -22,7 +22,7 @@ from .. import kernels
 from ..modules._common import hooked
 from .gating import end_with, gates_of, own_class, own_forward, residual_end
 
-__all__ = ["end_in_gates"]
+__all__ = ["ENDINGS", "Ending", "end_in_gates", "ending_of"]
 
 
 def _as_written(block: nn.Module, x: Tensor) -> bool:
@@ -93,14 +93,33 @@ def _timm_bottleneck(block: nn.Module, x: Tensor) -> Tensor:
     return residual_end(block.bn3, out, shortcut, block.act3)
 
 
-#: the block classes rewritten, by qualified name: the layer whose gate ends the block, and the rewrite
-ENDINGS: dict[str, tuple[str, Callable[[nn.Module, Tensor], Tensor]]] = {
-    "torchvision.models.resnet.BasicBlock": ("bn2", _torchvision_basic_block),
-    "torchvision.models.resnet.Bottleneck": ("bn3", _torchvision_bottleneck),
-    "torchvision.models.regnet.ResBottleneckBlock": ("f.c", _torchvision_regnet_block),
-    "timm.models.resnet.BasicBlock": ("bn2", _timm_basic_block),
-    "timm.models.resnet.Bottleneck": ("bn3", _timm_bottleneck),
+class Ending(NamedTuple):
+    """How a block class ends in residual_end(): the layer whose gate ends it, the activation it ends with (the
+    attribute's name) and the rewrite of its forward (None where its own forward ends so)."""
+
+    gated: str
+    activation: str
+    forward: Callable[[nn.Module, Tensor], Tensor] | None
+
+
+#: the block classes that end in residual_end(), by qualified name: attnkit's own, as written, and those rewritten
+ENDINGS: dict[str, Ending] = {
+    "attnkit.models.cifar_resnet.CifarBasicBlock": Ending("bn2", "relu", None),
+    "attnkit.models.resnet.BasicBlock": Ending("bn2", "relu", None),
+    "attnkit.models.resnet.Bottleneck": Ending("bn3", "relu", None),
+    "torchvision.models.resnet.BasicBlock": Ending("bn2", "relu", _torchvision_basic_block),
+    "torchvision.models.resnet.Bottleneck": Ending("bn3", "relu", _torchvision_bottleneck),
+    "torchvision.models.regnet.ResBottleneckBlock": Ending("f.c", "activation", _torchvision_regnet_block),
+    "timm.models.resnet.BasicBlock": Ending("bn2", "act2", _timm_basic_block),
+    "timm.models.resnet.Bottleneck": Ending("bn3", "act3", _timm_bottleneck),
 }
+
+
+def ending_of(block: nn.Module) -> Ending | None:
+    """How `block` ends in residual_end() (ENDINGS), by its own class (attach()'s gated subclass counts as the
+    class it subclasses); None for any other module."""
+    cls = own_class(block)
+    return ENDINGS.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _submodule(module: nn.Module, path: str) -> nn.Module:
@@ -115,7 +134,6 @@ def end_in_gates(model: nn.Module) -> None:
     """Give each block of `model` of the classes in ENDINGS whose last layer attach() gated the rewrite that ends in
     its gate."""
     for module in model.modules():
-        cls = own_class(module)
-        layer, forward = ENDINGS.get(f"{cls.__module__}.{cls.__qualname__}", ("", None))
-        if forward is not None and gates_of(_submodule(module, layer)):
-            end_with(module, forward)
+        ending = ending_of(module)
+        if ending is not None and ending.forward is not None and gates_of(_submodule(module, ending.gated)):
+            end_with(module, ending.forward)

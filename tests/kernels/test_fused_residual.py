@@ -18,6 +18,7 @@ import attnkit
 from attnkit import kernels
 from attnkit.kernels import cpu
 from attnkit.models.resnet import Bottleneck, ResNet
+from attnkit.surgery.endings import ending_of
 
 from .modules import create, randomised
 from .primitives import feature_map
@@ -128,15 +129,13 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int =
 
 
 def ending_relu(block: torch.nn.Module) -> torch.nn.Module:
-    """The ReLU module that ends a residual block: attnkit's and torchvision's ResNets' `relu`, timm's `act3` or
-    `act2`, torchvision's RegNets' `activation`."""
-    return next(getattr(block, name) for name in ("relu", "act3", "act2", "activation") if hasattr(block, name))
+    """The ReLU module that ends a residual block (attnkit.surgery.endings.ENDINGS names it for each class)."""
+    return getattr(block, ending_of(block).activation)
 
 
 def block_relus(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The ReLUs that end the residual blocks of a ResNet (attnkit's, torchvision's or timm's) or a RegNet."""
-    return [ending_relu(block) for block in model.modules()
-            if (hasattr(block, "downsample") and hasattr(block, "conv2")) or (hasattr(block, "f") and hasattr(block, "proj"))]
+    return [ending_relu(block) for block in model.modules() if ending_of(block) is not None]
 
 
 def attached(model: torch.nn.Module, attn: str) -> torch.nn.Module:

@@ -320,7 +320,7 @@ def test_imports_without_triton(monkeypatch):
     for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    spec = importlib.util.spec_from_file_location("_attnkit_triton_without_triton", backend.__file__)
+    spec = importlib.util.spec_from_file_location("attnkit.kernels._triton_without_triton", backend.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.unavailable() == "needs the triton package: pip install triton"
