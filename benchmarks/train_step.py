@@ -30,10 +30,12 @@ runs of the two versions one after the other cannot resolve on a machine whose s
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import importlib
 import io
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -143,17 +145,15 @@ def attnkit_at(revision: str) -> ModuleType:
     root = Path(__file__).resolve().parent.parent
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", revision], capture_output=True, text=True,
                             check=True).stdout.strip()
-    folder = Path(_AGAINST_FOLDER.name)
+    folder = Path(tempfile.mkdtemp(prefix="attnkit-against-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     archive = subprocess.run(["git", "-C", str(root), "archive", commit, "attnkit"], capture_output=True, check=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(folder / commit, filter="data")
+        tar.extractall(folder, filter="data")
     name = f"attnkit_at_{commit}"
-    (folder / commit / "attnkit").rename(folder / name)
+    (folder / "attnkit").rename(folder / name)
     sys.path.insert(0, str(folder))
     return importlib.import_module(name)
-
-
-_AGAINST_FOLDER = tempfile.TemporaryDirectory(prefix="attnkit-against-")  # removed when the process ends
 
 
 def build(variant: Variant, net: Net, against: str | None = None) -> nn.Module | None:
