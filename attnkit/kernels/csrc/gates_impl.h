@@ -7,7 +7,7 @@
 #define CB 64 /* channels per NHWC work item */
 #define PB 512 /* positions per NCHW work item of a reduction over channels */
 #define SPAN 64 /* channels summed in float before a double total, in such a reduction */
-#define SHORT_ROW 16 /* NCHW rows shorter than this are summed with the rows as a vector's lanes */
+#define SHORT_ROW 16 /* NCHW rows shorter than this: Coordinate Attention's reductions run plane by plane (BY_WIDTH) */
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 /* PLANE(W), with W a constant for the short NCHW rows of common maps: the row loops of an inlined plane function then
  * run as whole vectors, where with W a variable they run element by element */
