@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from attnkit import kernels, registry
-from attnkit.kernels import cpu
+from attnkit.kernels import cpu, reference
+from attnkit.kernels.backend import PRIMITIVES
 from attnkit.modules.base import is_attention_module
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -86,3 +87,26 @@ def test_the_against_column_runs_attnkit_as_of_the_revision(train_step):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x))
+
+
+@pytest.fixture(scope="module")
+def primitives(train_step):  # train_step's fixture puts benchmarks/ on the path
+    import primitives
+
+    return primitives
+
+
+@pytest.mark.parametrize("family", ["se", "coord", "cbam"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_primitives_benchmark_times_each_primitive_of_its_family(primitives, family, channels_last):
+    """benchmarks/primitives.py calls backend primitives by name with inputs it builds: each is a primitive of the
+    Backend protocol, and the CPU backend computes on those inputs what the reference backend does."""
+    x = torch.randn(2, 5, 4, 3)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    for name, call in primitives.calls(family, x).items():
+        assert name.split()[0] in PRIMITIVES
+        got, want = call(cpu), call(reference)
+        for g, w in zip(*(out if isinstance(out, tuple) else (out,) for out in (got, want)), strict=True):
+            assert (g is None) == (w is None), name
+            if g is not None:
+                torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-5)
