@@ -20,14 +20,13 @@ from torch import Tensor
 from attnkit.kernels import cpu
 from modules import DTYPES, SHAPES, Report, header
 from timing import median_ms  # benchmarks/timing.py, beside this script
-from train_step import attnkit_at
+from train_step import attnkit_at, short_commit
 
 
 def calls(family: str, x: Tensor) -> dict[str, Callable[..., object]]:
     """name -> function(backend) calling that primitive on inputs shaped for x (NCHW or channels_last as x is)."""
     n, c, h, w = x.shape
-    like = {"memory_format": torch.channels_last if not x.is_contiguous() else torch.contiguous_format}
-    r, dy = torch.randn_like(x).contiguous(**like), torch.randn_like(x).contiguous(**like)
+    r, dy = torch.randn_like(x), torch.randn_like(x)  # in x's memory format (randn_like preserves a dense one)
 
     def f(*shape: int) -> Tensor:
         return torch.rand(shape) + 0.5
@@ -72,8 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     backends = {"now": cpu}
     if args.against:
-        old = attnkit_at(args.against)
-        backends[f"at {old.__name__.removeprefix('attnkit_at_')}"] = old.kernels.cpu
+        backends[f"at {short_commit(args.against)}"] = attnkit_at(args.against).kernels.cpu
     layout = "channels_last" if args.channels_last else "NCHW"
     report = Report(f"CPU primitives of {args.family} against a copy (benchmarks/primitives.py)",
                     header("cpu", f"{args.dtype}, {layout}", f"median of {args.repeats} calls after {args.warmup}, "

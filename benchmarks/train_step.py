@@ -52,7 +52,7 @@ from torch import nn
 import attnkit
 from attnkit.registry import BASELINE
 from attnkit.surgery.endings import ending_of
-from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
+from modules import REPO, Report, add_common_options, check_device, header, in_mode, synced, timm_module
 from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
 
 
@@ -138,16 +138,20 @@ def plain_network(net: Net) -> nn.Module:
     return attnkit.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
 
 
+def short_commit(revision: str) -> str:
+    """git's short name of the commit `revision` names in this repository."""
+    return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", revision], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @functools.lru_cache(maxsize=None)
 def attnkit_at(revision: str) -> ModuleType:
     """attnkit as of git `revision`: its attnkit/ folder from `git archive`, imported as the package
     attnkit_at_<commit> beside the working tree's attnkit (kept until the process ends)."""
-    root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", revision], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = short_commit(revision)
     folder = Path(tempfile.mkdtemp(prefix="attnkit-against-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "attnkit"], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", REPO, "archive", commit, "attnkit"], capture_output=True, check=True)
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(folder, filter="data")
     name = f"attnkit_at_{commit}"
@@ -270,7 +274,7 @@ def main() -> None:
     if args.runs > 1:
         timing += f"; median over {args.runs} fresh processes (and their range)"
     if args.against:
-        timing += f"; --against {attnkit_at(args.against).__name__.removeprefix('attnkit_at_')}"
+        timing += f"; --against {short_commit(args.against)}"
     title = f"Training step: {net.model} {shape}, attention overhead over plain (benchmarks/train_step.py)"
     if args.runs > 1:
         runs = runs_in_fresh_processes(args.runs)
