@@ -8,9 +8,10 @@ from torch import Tensor
 
 COMBINES = ("max", "add", "mul")  # scSE's
 GROUP_MAPS = ("pool_groups", "dot_groups")  # [N, G, H, W] statistics, x's shape where each group has one channel
-# rows shorter and longer than the C kernels' SHORT_ROW, of widths they specialise (BY_WIDTH: 7, 5, 2, 16, 28) and not
+# rows shorter and longer than the C kernels' SHORT_ROW, of widths they specialise (BY_WIDTH: 7, 5, 2, 16, 28, 32) and
+# not
 SHAPES = [(2, 5, 3, 7), (1, 3, 1, 1), (3, 17, 6, 5), (2, 70, 4, 9), (1, 1, 5, 2), (2, 3, 5, 19), (1, 2, 3, 16),
-          (1, 2, 2, 28)]
+          (1, 2, 2, 28), (1, 2, 2, 32)]
 
 
 def feature_map(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, ties: bool, seed: int) -> Tensor:
