@@ -133,15 +133,66 @@ class _PoolHW(torch.autograd.Function):
         return None, None, None, dx
 
 
-def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor], with_m2: bool = False,
+class GateNetwork:
+    """A gate network from the means [N, C] to the gate [N, C] with its backward written out, for channel_gate to
+    run with the pooling and the scaling as a single autograd node: one node instead of a graph of a dozen small
+    operations, whose per-operation cost dominates in small networks. `params` are the tensors it computes with (None
+    for an absent bias), in the order `backward` returns their gradients."""
+
+    params: tuple[Tensor | None, ...] = ()
+
+    def __call__(self, mean: Tensor) -> Tensor:
+        return self.forward(mean)[0]
+
+    def forward(self, mean: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The gate, and the tensors its backward needs."""
+        raise NotImplementedError
+
+    def backward(self, dgate: Tensor, saved: Sequence[Tensor],
+                 needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """The gradients of the means and of `params` (None where `needs` says not needed) from the gate's."""
+        raise NotImplementedError
+
+
+class _ChannelGateNode(torch.autograd.Function):
+    """channel_gate with a GateNetwork, as one node: its backward reduces dy against x (masked by the block's ReLU
+    where it ends one), runs the network's backward and writes dx, with the same primitives and operations as the
+    pooling node, the gate network's graph and the scaling node make, so with the same results bit for bit."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, net: GateNetwork, x: Tensor, r: Tensor | None, relu: bool,
+                *params: Tensor | None) -> Tensor:
+        mean, _ = backend.pool_hw(x, False)
+        g, saved = net.forward(mean)
+        ctx.backend, ctx.net, ctx.hw, ctx.stat_dtype = backend, net, x.shape[2] * x.shape[3], mean.dtype
+        ctx.relu = r is not None and relu
+        y = backend.scale_c(x, g) if r is None else backend.scale_c_add(x, g, r, relu)
+        ctx.save_for_backward(x, g, y if ctx.relu else None, *saved)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, g, y, *saved = ctx.saved_tensors
+        dy = in_layout_of(dy, x)
+        dg, dy = ctx.backend.dot_hw_relu(dy, y, x) if ctx.relu else (ctx.backend.dot_hw(dy, x), dy)
+        dmean, dparams = ctx.net.backward(dg.to(g.dtype), saved, ctx.needs_input_grad[5:])
+        dx = ctx.backend.grad_c(dy, g, dmean.to(ctx.stat_dtype) / ctx.hw) if ctx.needs_input_grad[2] else None
+        return None, None, dx, dy if ctx.needs_input_grad[3] else None, None, *dparams
+
+
+def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor] | GateNetwork, with_m2: bool = False,
                  residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
     the sum of squared deviations from the mean. With a `residual` (x's shape, dtype and layout), y + residual, and
-    max(y + residual, 0) with `relu`: the end of a residual block, in the same passes."""
+    max(y + residual, 0) with `relu`: the end of a residual block, in the same passes. A GateNetwork (means only)
+    makes the whole of it one autograd node."""
     if not torch.is_grad_enabled():
         mean, m2 = backend.pool_hw(x, with_m2)
         g = gate(mean) if m2 is None else gate(mean, m2)
         return backend.scale_c(x, g) if residual is None else backend.scale_c_add(x, g, residual, relu)
+    if isinstance(gate, GateNetwork) and not with_m2:
+        return _ChannelGateNode.apply(backend, gate, x, residual, relu, *gate.params)
     handoff = _Handoff()
     pooled = _PoolHW.apply(backend, handoff, with_m2, x)
     g = gate(pooled) if not with_m2 else gate(*pooled)

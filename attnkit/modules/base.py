@@ -205,7 +205,8 @@ class ChannelGateAttention(AttentionModule):
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[..., Tensor], bool] | None:
         """(the gate from the pooled statistics, whether it takes their M2 too) for channel_gate, or None where this
-        configuration of the module has no such path."""
+        configuration of the module has no such path. A kernels.functions.GateNetwork, whose backward is written out,
+        makes channel_gate one autograd node (SE, ECA)."""
         raise NotImplementedError
 
     def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.functions import channel_gate
+from ..kernels.functions import GateNetwork, channel_gate
 from ..registry import register
-from ._common import autocast_off, gate_math, gate_path, make_gate, odd_kernel, stat_dtype
+from ._common import (DERIVATIVES, autocast_off, derivatives_known, gate_math, gate_path, make_gate, odd_kernel,
+                      stat_dtype)
 from .base import ChannelGateAttention, Probe
 
 
@@ -89,6 +91,8 @@ class ECA(ChannelGateAttention):
             return self.gate(z if bias is None else z + bias)
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+        if fast and self.conv.bias is None and derivatives_known(self.gate):
+            return ChannelWindows(self.conv, self.gate), False
         return (self._excite_rows if fast else self.excite), False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,3 +106,29 @@ class ECA(ChannelGateAttention):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
+
+
+class ChannelWindows(GateNetwork):
+    """ECA's gate network on the means, N×C: gate(conv1d_k) across the channels as the product of each zero-padded
+    window of k channels with the kernel (ECA._excite_rows), with its backward written out, for the channel_gate node.
+    The same operations as autograd's through _excite_rows, so the same results bit for bit."""
+
+    def __init__(self, conv: nn.Conv1d, gate: nn.Module) -> None:
+        self.gate, self.pad, self.k = DERIVATIVES[type(gate)], conv.padding[0], conv.kernel_size[0]
+        self.params = (conv.weight,)
+
+    def forward(self, mean: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        (weight,) = self.params
+        with autocast_off(mean):
+            windows = F.pad(mean.to(weight.dtype), (self.pad, self.pad)).unfold(1, self.k, 1).reshape(-1, self.k)
+            z = windows.mv(weight.view(-1)).view(mean.shape)
+            g = self.gate[0](z)
+        return g, (windows, z, g, weight)
+
+    def backward(self, dg: Tensor, saved: Sequence[Tensor],
+                 needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        windows, z, g, weight = saved
+        (n, c), dz = g.shape, self.gate[1](dg, z, g).reshape(-1)
+        dwindows = dz.outer(weight.view(-1)).view(n, c, self.k)
+        dpadded = torch.ops.aten.unfold_backward(dwindows, [n, c + 2 * self.pad], 1, self.k, 1)
+        return dpadded[:, self.pad:self.pad + c], (windows.t().mv(dz).view_as(weight) if needs[0] else None,)

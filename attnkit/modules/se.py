@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from ..kernels.functions import channel_gate
 from ..registry import register
-from ._common import autocast_off, gate_math, gate_path, make_activation, make_gate, pointwise, reduced_width, stat_dtype
+from ._common import (PointwiseMLP, autocast_off, derivatives_known, gate_math, gate_path, make_activation, make_gate,
+                      pointwise, reduced_width, stat_dtype)
 from .base import ChannelGateAttention
 
 
@@ -70,6 +71,8 @@ class SqueezeExcite(ChannelGateAttention):
         return self.excite(mean[:, :, None, None]).flatten(1)
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+        if fast and derivatives_known(self.act, self.gate):
+            return PointwiseMLP(self.fc1, self.act, self.fc2, self.gate), False
         return (self._excite_rows if fast else self._excite_submodules), False
 
     def forward(self, x: Tensor) -> Tensor:

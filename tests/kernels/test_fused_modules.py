@@ -153,7 +153,7 @@ def test_parameters_that_do_not_train_get_no_gradient_and_frozen_input_gets_none
     assert module.fc1.weight.grad is None and module.fc2.weight.grad is not None
 
 
-@pytest.mark.parametrize("spec", ["cbam", "ge(variant='theta', spatial_size={hw})"])
+@pytest.mark.parametrize("spec", ["se", "cbam", "ge(variant='theta', spatial_size={hw})"])
 def test_saved_for_backward_is_x_and_small_tensors(spec):
     """The fused Function keeps x and the parameters, nothing else full-size (the reference keeps several maps)."""
     x = torch.randn(4, 64, 16, 16, requires_grad=True)
