@@ -4,12 +4,13 @@ formulas, at network-sized shapes, in one run.
 
     python benchmarks/modules.py [--shapes r50-s3-b32,r50-s3-b64,mbv2-b32,r50-s3-b1] [--modules se,eca,cbam]
         [--repeats 15] [--device cpu|cuda] [--dtype float32|bfloat16] [--channels-last] [--no-compile]
-        [--markdown BENCHMARKS.md]
+        [--against REV] [--markdown BENCHMARKS.md]
 
 The implementations, each timed in its own attnkit.kernels mode: "attnkit fused (B)" in mode 'auto', B being the
 backend `attnkit.kernels.backend_for(x)` picks for the input ('reference' where none serves it: the row then
 repeats the reference); "attnkit reference" in mode 'reference'; "timm"; "attnkit compiled", torch.compile of
-the module, compiled and run in mode 'reference'. The closing table gives the fused path's forward+backward speed-up
+the module, compiled and run in mode 'reference'; with --against REV, "attnkit fused at REV", the module of attnkit as of
+git revision REV (timing.attnkit_at) in its mode 'auto', taking turns with the others. The closing table gives the fused path's forward+backward speed-up
 over the others. Modules train (BatchNorm on batch statistics), but for the batch-1 shape r50-s3-b1, the inference
 case, which runs them in eval mode.
 
@@ -40,6 +41,7 @@ import os
 import platform
 import shlex
 import sys
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
@@ -47,7 +49,7 @@ from torch import nn
 
 import attnkit
 import attnkit.kernels
-from timing import cpu_name, load, median_ms  # benchmarks/timing.py, beside this script
+from timing import REPO, attnkit_at, cpu_name, load, median_ms, short_commit  # benchmarks/timing.py, beside this script
 
 SHAPES = {  # name: N×C×H×W
     "r50-s3-b32": (32, 512, 28, 28),  # SE-ResNet-50, stage 3 (conv3_x), batch 32
@@ -68,7 +70,6 @@ NO_FLOOR = {"ema"}  # its gate network has full-size layers (a 3×3 convolution,
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the environment a figure depends on, written before the command line in the markdown file
 ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- shared with train_step.py: devices, the fused backend, the header, the markdown file ---
@@ -183,16 +184,17 @@ def timm_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module | No
     return None
 
 
-def attnkit_module(name: str, channels: int, hw: tuple[int, int]) -> nn.Module:
+def attnkit_module(name: str, channels: int, hw: tuple[int, int], package: ModuleType = attnkit) -> nn.Module:
+    """Module `name` as `package` (attnkit, or attnkit as of a revision) builds it."""
     if name == "ge-theta":
-        return attnkit.create("ge", channels, variant="theta", spatial_size=hw)
+        return package.create("ge", channels, variant="theta", spatial_size=hw)
     if name == "gct-l1":
-        return attnkit.create("gct", channels, mode="l1")
+        return package.create("gct", channels, mode="l1")
     if name in ("sge", "shuffle"):  # the papers' 64 groups, or as many as divide the channels (e.g. 144: 16 and 8)
-        return attnkit.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
+        return package.create(name, channels, groups=math.gcd(channels // (2 if name == "shuffle" else 1), 64))
     if name == "ema":  # the official 32 groups, or as many as divide the channels (144: 16)
-        return attnkit.create(name, channels, groups=math.gcd(channels, 32))
-    return attnkit.create(name, channels)
+        return package.create(name, channels, groups=math.gcd(channels, 32))
+    return package.create(name, channels)
 
 
 def prepared(module: nn.Module, x: torch.Tensor, training: bool) -> nn.Module:
@@ -200,13 +202,17 @@ def prepared(module: nn.Module, x: torch.Tensor, training: bool) -> nn.Module:
     return module.to(x.device, x.dtype).train(training)
 
 
-def impls(name: str, x: torch.Tensor, backend: str, with_compile: bool, training: bool) -> list[Impl]:
+def impls(name: str, x: torch.Tensor, backend: str, with_compile: bool, training: bool,
+          against: str | None = None) -> list[Impl]:
     """The implementations of module `name` for input x; `backend` names the fused one. The fused and reference
-    rows time the same module, in modes 'auto' and 'reference'."""
+    rows time the same module, in modes 'auto' and 'reference'; `against`, a git revision, adds that attnkit's."""
     _, c, h, w = x.shape
     ours = prepared(attnkit_module(name, c, (h, w)), x, training)
     found = [Impl("fused", f"attnkit fused ({backend})", ours, "auto"),
              Impl("reference", "attnkit reference", ours, "reference")]
+    if against is not None:  # its own package, in its own default mode 'auto'
+        theirs = prepared(attnkit_module(name, c, (h, w), attnkit_at(against)), x, training)
+        found.append(Impl("against", f"attnkit fused at {short_commit(against)}", theirs, "auto"))
     theirs = timm_module(name, c, (h, w))
     if theirs is not None:
         found.append(Impl("timm", "timm", prepared(theirs, x, training), "reference"))
@@ -260,7 +266,7 @@ def bench_shape(report: Report, shape_name: str, args: argparse.Namespace) -> di
     backend = fused_backend(x)
     results: dict[str, dict[str, float]] = {}
     for name in args.modules.split(","):
-        found = impls(name, x, backend, args.compile, training=shape_name not in INFERENCE)
+        found = impls(name, x, backend, args.compile, shape_name not in INFERENCE, args.against)
         passes = FLOORS.get(name) or ((4, 8) if name in TWO_POOLS else (3, 8) if name in X_IN_BACKWARD else (3, 7))
         floors = [p * x.nbytes / bandwidth * 1e3 for p in passes]
         try:
@@ -295,6 +301,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile")
+    parser.add_argument("--against", metavar="REV", help="also attnkit's module as of this git revision")
     add_common_options(parser)
     args = parser.parse_args()
     check_device(parser, args.device)
@@ -310,10 +317,12 @@ def main() -> None:
     report.add("|---|---|---|---:|---:|---:|---:|")
     results = {shape: bench_shape(report, shape, args) for shape in shapes}
     report.add()
-    report.add("| module | fused fwd+bwd speed-up over reference | over timm | over compiled |")
-    report.add("|---|---|---|---|")
+    keys = ("reference", "timm", "compiled", *(("against",) if args.against else ()))
+    report.add("| module | fused fwd+bwd speed-up over reference | over timm | over compiled |"
+               + (f" over {short_commit(args.against)} |" if args.against else ""))
+    report.add("|---|---|---|---|" + ("---|" if args.against else ""))
     for name in names:
-        cells = [speedups(results, name, key) for key in ("reference", "timm", "compiled")]
+        cells = [speedups(results, name, key) for key in keys]
         report.add(f"| {name} | {' | '.join(cells)} |")
     if args.markdown:
         report.append_to(args.markdown)

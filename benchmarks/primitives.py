@@ -7,7 +7,7 @@ goes below the module, at the shapes of benchmarks/modules.py.
 Each primitive of the family (the functions of attnkit/kernels/backend.py: the pools, the scaling with and without a
 block's end, the backward reductions and dx) runs on random inputs of the shape; the table gives its median time and
 that time over the copy's (a pass that reads and writes the map once). --against REV times attnkit's CPU backend as of
-git revision REV too (train_step.py's attnkit_at), the two versions' calls taking turns in the same process.
+git revision REV too (timing.py's attnkit_at), the two versions' calls taking turns in the same process.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from torch import Tensor
 from attnkit.kernels import cpu
 from modules import DTYPES, SHAPES, Report, header
 from timing import median_ms  # benchmarks/timing.py, beside this script
-from train_step import attnkit_at, short_commit
 
 
 def calls(family: str, x: Tensor) -> dict[str, Callable[..., object]]:

@@ -30,19 +30,12 @@ runs of the two versions one after the other cannot resolve on a machine whose s
 from __future__ import annotations
 
 import argparse
-import atexit
-import functools
-import importlib
-import io
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
@@ -52,9 +45,8 @@ from torch import nn
 import attnkit
 from attnkit.registry import BASELINE
 from attnkit.surgery.endings import ending_of
-from modules import REPO, Report, add_common_options, check_device, header, in_mode, synced, timm_module
-from timing import CLOCKS, median_ms  # benchmarks/timing.py, beside this script
-
+from modules import Report, add_common_options, check_device, header, in_mode, synced, timm_module
+from timing import CLOCKS, attnkit_at, median_ms, short_commit  # benchmarks/timing.py, beside this script
 
 
 class Net(NamedTuple):
@@ -136,28 +128,6 @@ def plain_network(net: Net) -> nn.Module:
 
         return timm.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
     return attnkit.create_model(name, num_classes=net.classes, in_chans=net.in_chans)
-
-
-def short_commit(revision: str) -> str:
-    """git's short name of the commit `revision` names in this repository."""
-    return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", revision], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@functools.lru_cache(maxsize=None)
-def attnkit_at(revision: str) -> ModuleType:
-    """attnkit as of git `revision`: its attnkit/ folder from `git archive`, imported as the package
-    attnkit_at_<commit> beside the working tree's attnkit (kept until the process ends)."""
-    commit = short_commit(revision)
-    folder = Path(tempfile.mkdtemp(prefix="attnkit-against-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    archive = subprocess.run(["git", "-C", REPO, "archive", commit, "attnkit"], capture_output=True, check=True)
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(folder, filter="data")
-    name = f"attnkit_at_{commit}"
-    (folder / "attnkit").rename(folder / name)
-    sys.path.insert(0, str(folder))
-    return importlib.import_module(name)
 
 
 def build(variant: Variant, net: Net, against: str | None = None) -> nn.Module | None:

@@ -110,3 +110,19 @@ def test_the_primitives_benchmark_times_each_primitive_of_its_family(primitives,
             assert (g is None) == (w is None), name
             if g is not None:
                 torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_modules_benchmark_against_a_revision_times_that_revisions_module(train_step):
+    """benchmarks/modules.py --against REV: one more implementation per module, the module of attnkit as of REV (a
+    package of its own), which computes what the working tree's module does (HEAD's modules compute the same)."""
+    if subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("needs the project's git repository")  # --against reads the revision from git
+    import modules
+
+    x = torch.randn(2, 16, 6, 6)
+    found = {impl.key: impl for impl in modules.impls("se", x, "cpu", False, True, "HEAD")}
+    assert set(found) == {"fused", "reference", "timm", "against"}
+    theirs = found["against"].module
+    assert type(theirs).__module__.startswith("attnkit_at_") and found["against"].mode == "auto"
+    theirs.load_state_dict(found["fused"].module.state_dict())
+    torch.testing.assert_close(theirs(x), found["fused"].module(x))
