@@ -12,6 +12,9 @@ backward: x, once, and the small tensors.
 A scaling node may also end a residual block: y + r, then the block's ReLU, in the pass that writes y (`_ended`;
 SE's family also masks dy by the ReLU in the pass that reduces it, `_ScaleC`); r's gradient is the masked dy.
 
+Where G's backward is written out (GateNetwork: SE's and ECA's), channel_gate records all of it as one node instead,
+whose backward runs the same three steps with the same operations: a graph of one node where G's would have a dozen.
+
 The hand-over relies on the order autograd guarantees: a pooling node's gradients come through G from the gates, so it
 runs after the scaling node that consumed them. Every gate must therefore depend on the pooled statistics when x
 requires grad (each module's gate network does; `_check_gates` says so otherwise).
