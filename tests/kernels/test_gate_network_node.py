@@ -75,6 +75,20 @@ def test_the_node_is_all_the_graph_there_is(name, leaves):
     assert following == ["AccumulateGrad"] * leaves
 
 
+@pytest.mark.parametrize("name", ["se", "eca"])
+@pytest.mark.parametrize("ending", [None, "relu"])
+def test_one_node_equals_the_graph_under_bfloat16_autocast(name, ending, monkeypatch):
+    """Autocast is on in the node's forward too: its gate network runs with it off, in the parameters' float32."""
+    module = randomised(attnkit.create(name, 32), seed=5)
+    x, dy, r = (torch.randn(4, 32, 6, 6).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, node, grads = _run(module, x, dy, None if ending is None else r)
+        _as_graph(monkeypatch)
+        y_graph, node_graph, grads_graph = _run(module, x, dy, None if ending is None else r)
+    assert node == NODE and node_graph != NODE and torch.equal(y, y_graph)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads, grads_graph))
+
+
 def test_frozen_parameters_and_a_frozen_input(monkeypatch):
     module = randomised(attnkit.create("se", 32, reduction=4), seed=3)
     x, dy = torch.randn(4, 32, 5, 5), torch.randn(4, 32, 5, 5)
