@@ -9,10 +9,10 @@ formulas, at network-sized shapes, in one run.
 The implementations, each timed in its own attnkit.kernels mode: "attnkit fused (B)" in mode 'auto', B being the
 backend `attnkit.kernels.backend_for(x)` picks for the input ('reference' where none serves it: the row then
 repeats the reference); "attnkit reference" in mode 'reference'; "timm"; "attnkit compiled", torch.compile of
-the module, compiled and run in mode 'reference'; with --against REV, "attnkit fused at REV", the module of attnkit as of
-git revision REV (timing.attnkit_at) in its mode 'auto', taking turns with the others. The closing table gives the fused path's forward+backward speed-up
-over the others. Modules train (BatchNorm on batch statistics), but for the batch-1 shape r50-s3-b1, the inference
-case, which runs them in eval mode.
+the module, compiled and run in mode 'reference'; with --against REV, "attnkit fused at REV", the module of attnkit
+as of git revision REV (timing.attnkit_at) in its mode 'auto', taking turns with the others. The closing table
+gives the fused path's forward+backward speed-up over the others. Modules train (BatchNorm on batch statistics),
+but for the batch-1 shape r50-s3-b1, the inference case, which runs them in eval mode.
 
 The floor: a gate module reads x to pool it, then reads x and writes y: 3|x| bytes forward; backward reads dy
 and x to reduce and reads dy again to write dx: 4|x| more (7|x| in all). CBAM, Coordinate Attention and

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from attnkit.kernels import cpu
 from modules import DTYPES, SHAPES, Report, header
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import attnkit_at, median_ms, short_commit  # benchmarks/timing.py, beside this script
 
 
 def calls(family: str, x: Tensor) -> dict[str, Callable[..., object]]:

@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch

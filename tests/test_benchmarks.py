@@ -126,3 +126,16 @@ def test_the_modules_benchmark_against_a_revision_times_that_revisions_module(tr
     assert type(theirs).__module__.startswith("attnkit_at_") and found["against"].mode == "auto"
     theirs.load_state_dict(found["fused"].module.state_dict())
     torch.testing.assert_close(theirs(x), found["fused"].module(x))
+
+
+def test_the_primitives_benchmark_runs_against_a_revision(primitives, monkeypatch, capsys):
+    """benchmarks/primitives.py --against REV, end to end on one shape: a column of the revision's timings."""
+    if subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("needs the project's git repository")  # --against reads the revision from git
+    monkeypatch.setattr(sys, "argv", ["primitives.py", "--family", "se", "--shapes", "r56-s3", "--warmup", "0",
+                                      "--repeats", "1", "--against", "HEAD"])
+    primitives.main()
+    table = capsys.readouterr().out
+    commit = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    assert f"| at {commit} ms | now / at {commit} |" in table and "| | grad_c |" in table

@@ -177,11 +177,14 @@ class _ChannelGateNode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy: Tensor):
         x, g, y, *saved = ctx.saved_tensors
-        dy = in_layout_of(dy, x)
+        dy, needs = in_layout_of(dy, x), ctx.needs_input_grad
+        if not (needs[2] or any(needs[5:])):  # the residual's gradient alone: dy, masked where the block's ReLU was
+            dr = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy
+            return None, None, None, dr, None, *[None] * len(needs[5:])
         dg, dy = ctx.backend.dot_hw_relu(dy, y, x) if ctx.relu else (ctx.backend.dot_hw(dy, x), dy)
-        dmean, dparams = ctx.net.backward(dg.to(g.dtype), saved, ctx.needs_input_grad[5:])
-        dx = ctx.backend.grad_c(dy, g, dmean.to(ctx.stat_dtype) / ctx.hw) if ctx.needs_input_grad[2] else None
-        return None, None, dx, dy if ctx.needs_input_grad[3] else None, None, *dparams
+        dmean, dparams = ctx.net.backward(dg.to(g.dtype), saved, needs[5:])
+        dx = ctx.backend.grad_c(dy, g, dmean.to(ctx.stat_dtype) / ctx.hw) if needs[2] else None
+        return None, None, dx, dy if needs[3] else None, None, *dparams
 
 
 def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor] | GateNetwork, with_m2: bool = False,
@@ -194,7 +197,7 @@ def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor] | Gate
         mean, m2 = backend.pool_hw(x, with_m2)
         g = gate(mean) if m2 is None else gate(mean, m2)
         return backend.scale_c(x, g) if residual is None else backend.scale_c_add(x, g, residual, relu)
-    if isinstance(gate, GateNetwork) and not with_m2:
+    if isinstance(gate, GateNetwork) and not with_m2:  # (with M2: the call below, which it does not take, says so)
         return _ChannelGateNode.apply(backend, gate, x, residual, relu, *gate.params)
     handoff = _Handoff()
     pooled = _PoolHW.apply(backend, handoff, with_m2, x)

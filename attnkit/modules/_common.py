@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch.nn.modules import module as _module_hooks
 from .. import kernels
 from ..kernels import cpu
 from ..kernels.backend import Backend
-from ..kernels.functions import GateNetwork, conv_planes
+from ..kernels.functions import conv_planes
 from ..registry import did_you_mean
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
     "check_groups",
     "gate_path",
     "pointwise",
-    "PointwiseMLP",
+    "Derivative",
     "DERIVATIVES",
     "derivatives_known",
     "autocast_off",
@@ -299,16 +299,21 @@ def pointwise(conv: nn.Conv2d, rows: Tensor) -> Tensor:
     return F.linear(rows, conv.weight.flatten(1), conv.bias)
 
 
-Derivative = Callable[[Tensor, Tensor, Tensor], Tensor]
+class Derivative(NamedTuple):
+    """An activation or gate as a gate network (kernels.functions.GateNetwork) writes it out: its forward, and its
+    backward from the output's gradient, the input and the output, as the operation's own autograd node computes it."""
 
-#: the activations and gates whose derivatives the gate networks (GateNetwork) write out: the forward, and the
-#: backward from the output's gradient, the input and the output, as the operation's own autograd node computes it
-DERIVATIVES: dict[type[nn.Module], tuple[Callable[[Tensor], Tensor], Derivative]] = {
-    nn.ReLU: (torch.relu, lambda grad, z, out: torch.ops.aten.threshold_backward(grad, out, 0)),
-    nn.SiLU: (F.silu, lambda grad, z, out: torch.ops.aten.silu_backward(grad, z)),
-    nn.Hardswish: (F.hardswish, lambda grad, z, out: torch.ops.aten.hardswish_backward(grad, z)),
-    nn.Sigmoid: (torch.sigmoid, lambda grad, z, out: torch.ops.aten.sigmoid_backward(grad, out)),
-    nn.Hardsigmoid: (F.hardsigmoid, lambda grad, z, out: torch.ops.aten.hardsigmoid_backward(grad, z)),
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+#: the activations and gates whose derivatives the gate networks write out
+DERIVATIVES: dict[type[nn.Module], Derivative] = {
+    nn.ReLU: Derivative(torch.relu, lambda grad, z, out: torch.ops.aten.threshold_backward(grad, out, 0)),
+    nn.SiLU: Derivative(F.silu, lambda grad, z, out: torch.ops.aten.silu_backward(grad, z)),
+    nn.Hardswish: Derivative(F.hardswish, lambda grad, z, out: torch.ops.aten.hardswish_backward(grad, z)),
+    nn.Sigmoid: Derivative(torch.sigmoid, lambda grad, z, out: torch.ops.aten.sigmoid_backward(grad, out)),
+    nn.Hardsigmoid: Derivative(F.hardsigmoid, lambda grad, z, out: torch.ops.aten.hardsigmoid_backward(grad, z)),
 }
 
 
@@ -316,44 +321,6 @@ def derivatives_known(*layers: nn.Module) -> bool:
     """Whether DERIVATIVES has each of these activations and gates: a GateNetwork built from them can write out its
     backward."""
     return all(type(layer) in DERIVATIVES for layer in layers)
-
-
-class PointwiseMLP(GateNetwork):
-    """gate(fc2(act(fc1(s)))) on rows of statistics, N×C, the 1×1 convolutions `fc1`, `fc2` as products (`pointwise`),
-    with its backward written out (SE's excitation): the channel_gate node's gate network, for an `act` and a `gate`
-    whose derivatives_known."""
-
-    def __init__(self, fc1: nn.Conv2d, act: nn.Module, fc2: nn.Conv2d, gate: nn.Module) -> None:
-        self.act, self.gate = DERIVATIVES[type(act)], DERIVATIVES[type(gate)]
-        self.params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-
-    def forward(self, s: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        w1, b1, w2, b2 = self.params
-        with autocast_off(s):
-            s = s.to(w1.dtype)
-            z1 = F.linear(s, w1.flatten(1), b1)
-            h = self.act[0](z1)
-            z2 = F.linear(h, w2.flatten(1), b2)
-            g = self.gate[0](z2)
-        return g, (s, z1, h, z2, g, w1, w2)
-
-    def backward(self, dg: Tensor, saved: Sequence[Tensor],
-                 needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        s, z1, h, z2, g, w1, w2 = saved
-        dz2 = self.gate[1](dg, z2, g)
-        dz1 = self.act[1](_linear_input_grad(dz2, h, w2.flatten(1)), z1, h)
-        return _linear_input_grad(dz1, s, w1.flatten(1)), (dz1.t().mm(s).view_as(w1) if needs[0] else None,
-                                                           dz1.sum(0) if needs[1] else None,
-                                                           dz2.t().mm(h).view_as(w2) if needs[2] else None,
-                                                           dz2.sum(0) if needs[3] else None)
-
-
-def _linear_input_grad(grad: Tensor, rows: Tensor, weight: Tensor) -> Tensor:
-    """The gradient of F.linear's input `rows` (N×C_in) from its output's, as autograd's addmm backward computes it:
-    grad·W, but (Wᵀ·gradᵀ)ᵀ where `rows` has the strides of a column-major matrix (one row of one value)."""
-    if rows.stride(0) == 1 and rows.stride(1) == rows.shape[0]:
-        return weight.t().mm(grad.t()).t()
-    return grad.mm(weight)
 
 
 def batched_pointwise(conv: nn.Conv2d, maps: Tensor) -> Tensor:

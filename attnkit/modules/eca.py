@@ -91,7 +91,9 @@ class ECA(ChannelGateAttention):
             return self.gate(z if bias is None else z + bias)
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
-        if fast and self.conv.bias is None and derivatives_known(self.gate):
+        # with a frozen kernel, matmul runs _excite_rows's product batched, not as one matrix-vector product (ATen's
+        # should_fold): other sums, so the graph, whose numbers ChannelWindows matches only for a kernel that trains
+        if fast and self.conv.weight.requires_grad and self.conv.bias is None and derivatives_known(self.gate):
             return ChannelWindows(self.conv, self.gate), False
         return (self._excite_rows if fast else self.excite), False
 
@@ -122,13 +124,13 @@ class ChannelWindows(GateNetwork):
         with autocast_off(mean):
             windows = F.pad(mean.to(weight.dtype), (self.pad, self.pad)).unfold(1, self.k, 1).reshape(-1, self.k)
             z = windows.mv(weight.view(-1)).view(mean.shape)
-            g = self.gate[0](z)
+            g = self.gate.forward(z)
         return g, (windows, z, g, weight)
 
     def backward(self, dg: Tensor, saved: Sequence[Tensor],
                  needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
         windows, z, g, weight = saved
-        (n, c), dz = g.shape, self.gate[1](dg, z, g).reshape(-1)
+        (n, c), dz = g.shape, self.gate.backward(dg, z, g).reshape(-1)
         dwindows = dz.outer(weight.view(-1)).view(n, c, self.k)
         dpadded = torch.ops.aten.unfold_backward(dwindows, [n, c + 2 * self.pad], 1, self.k, 1)
         return dpadded[:, self.pad:self.pad + c], (windows.t().mv(dz).view_as(weight) if needs[0] else None,)

@@ -1,13 +1,14 @@
 """Squeeze-and-Excitation."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.functions import channel_gate
+from ..kernels.functions import GateNetwork, channel_gate
 from ..registry import register
-from ._common import (PointwiseMLP, autocast_off, derivatives_known, gate_math, gate_path, make_activation, make_gate,
+from ._common import (DERIVATIVES, autocast_off, derivatives_known, gate_math, gate_path, make_activation, make_gate,
                       pointwise, reduced_width, stat_dtype)
 from .base import ChannelGateAttention
 
@@ -83,3 +84,41 @@ class SqueezeExcite(ChannelGateAttention):
         if fast:
             return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)
+
+
+class PointwiseMLP(GateNetwork):
+    """SE's excitation gate(fc2(act(fc1(s)))) on the means, N×C, the 1×1 convolutions as products (`pointwise`), with
+    its backward written out, for the channel_gate node; for an `act` and a `gate` whose derivatives_known. The same
+    operations as autograd's through SqueezeExcite._excite_rows, so the same results bit for bit."""
+
+    def __init__(self, fc1: nn.Conv2d, act: nn.Module, fc2: nn.Conv2d, gate: nn.Module) -> None:
+        self.act, self.gate = DERIVATIVES[type(act)], DERIVATIVES[type(gate)]
+        self.params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+
+    def forward(self, s: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        w1, b1, w2, b2 = self.params
+        with autocast_off(s):
+            s = s.to(w1.dtype)
+            z1 = F.linear(s, w1.flatten(1), b1)
+            h = self.act.forward(z1)
+            z2 = F.linear(h, w2.flatten(1), b2)
+            g = self.gate.forward(z2)
+        return g, (s, z1, h, z2, g, w1, w2)
+
+    def backward(self, dg: Tensor, saved: Sequence[Tensor],
+                 needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        s, z1, h, z2, g, w1, w2 = saved
+        dz2 = self.gate.backward(dg, z2, g)
+        dz1 = self.act.backward(_linear_input_grad(dz2, h, w2.flatten(1)), z1, h)
+        return _linear_input_grad(dz1, s, w1.flatten(1)), (dz1.t().mm(s).view_as(w1) if needs[0] else None,
+                                                           dz1.sum(0) if needs[1] else None,
+                                                           dz2.t().mm(h).view_as(w2) if needs[2] else None,
+                                                           dz2.sum(0) if needs[3] else None)
+
+
+def _linear_input_grad(grad: Tensor, rows: Tensor, weight: Tensor) -> Tensor:
+    """The gradient of F.linear's input `rows` (N×C_in) from its output's, as autograd's addmm backward computes it:
+    grad·W, but (Wᵀ·gradᵀ)ᵀ where `rows` has the strides of a column-major matrix (one row of one value)."""
+    if rows.stride(0) == 1 and rows.stride(1) == rows.shape[0]:
+        return weight.t().mm(grad.t()).t()
+    return grad.mm(weight)

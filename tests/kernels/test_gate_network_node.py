@@ -1,4 +1,4 @@
-"""SE's and ECA's fused paths as one autograd node (kernels.functions.GateNetwork; modules._common.PointwiseMLP,
+"""SE's and ECA's fused paths as one autograd node (kernels.functions.GateNetwork; modules.se.PointwiseMLP,
 modules.eca.ChannelWindows): the pooling, the gate network with its backward written out and the scaling make a single
 node, whose results equal those of the pooling node, the gate network's graph of small operations and the scaling node,
 bit for bit."""
@@ -25,10 +25,10 @@ MODULES = [("se", {}), ("se", {"bias": False}), ("se", {"act": "silu", "gate": "
 SHAPES = [(4, 32, 6, 5), (1, 16, 8, 8), (3, 64, 1, 7)]  # SE's hidden widths 2, 1 and 4; a batch of one
 
 
-def _run(module, x, dy, residual=None, relu=True):
+def _run(module, x, dy, residual=None, relu=True, x_trains=True):
     """y, its grad_fn's name, and x's, the residual's and each parameter's gradient."""
     module.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
+    x = x.detach().requires_grad_(x_trains)
     r = None if residual is None else residual.detach().requires_grad_()
     with kernels.use("cpu"):
         y = module(x) if r is None else module.forward_residual(x, r, relu)
@@ -63,9 +63,10 @@ def test_one_node_equals_the_graph_bit_for_bit(name, config, shape, dtype, chann
         assert got is None or (got.dtype == want.dtype and torch.equal(got, want))
 
 
-@pytest.mark.parametrize("name, leaves", [("se", 5), ("eca", 2)])  # x and fc1's, fc2's weight and bias; x and the kernel
+@pytest.mark.parametrize("name, leaves", [("se", 5), ("eca", 2)])
 def test_the_node_is_all_the_graph_there_is(name, leaves):
-    """The output's node leads straight to x's and the parameters' gradient accumulators: no small operations."""
+    """The output's node leads straight to x's and the parameters' gradient accumulators (SE: x and fc1's and fc2's
+    weights and biases; ECA: x and the kernel): no small operations."""
     module = attnkit.create(name, 32)
     x = torch.randn(4, 32, 8, 8, requires_grad=True)
     with kernels.use("cpu"):
@@ -89,21 +90,43 @@ def test_one_node_equals_the_graph_under_bfloat16_autocast(name, ending, monkeyp
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads, grads_graph))
 
 
-def test_frozen_parameters_and_a_frozen_input(monkeypatch):
-    module = randomised(attnkit.create("se", 32, reduction=4), seed=3)
-    x, dy = torch.randn(4, 32, 5, 5), torch.randn(4, 32, 5, 5)
-    module.fc1.requires_grad_(False)
-    _, node, grads = _run(module, x, dy)
-    assert node == NODE and grads[2] is None and grads[3] is None and grads[4] is not None
+FROZEN = [("se", "fc1", True, True), ("se", "", False, True), ("eca", "", False, True),
+          ("eca", "conv", True, False)]  # a frozen kernel: matmul rounds _excite_rows's product otherwise: the graph
 
-    with kernels.use("cpu"):  # x that needs no gradient: the parameters still get theirs
-        module.requires_grad_(True).zero_grad(set_to_none=True)
-        module(x).backward(dy)
-        got = [p.grad for p in module.parameters()]
-        _as_graph(monkeypatch)
-        module.zero_grad(set_to_none=True)
-        module(x).backward(dy)
-    assert all(torch.equal(a, b) for a, b in zip(got, (p.grad for p in module.parameters())))
+
+@pytest.mark.parametrize("name, frozen, x_trains, node, ending", [
+    *[(*case, ending) for case in FROZEN for ending in (None, "relu", "sum")],
+    ("se", "fc1,fc2", False, True, "relu"), ("se", "fc1,fc2", False, True, "sum"),  # the residual's gradient alone
+])
+def test_frozen_parameters_or_input_equal_the_graph(name, frozen, x_trains, node, ending, monkeypatch):
+    """What gets no gradient gets None; the rest, down to the residual's alone, equals the graph's bit for bit."""
+    module = randomised(attnkit.create(name, 32, **({"reduction": 4} if name == "se" else {})), seed=3)
+    for layer in filter(None, frozen.split(",")):
+        module.get_submodule(layer).requires_grad_(False)
+    x, dy, r = (torch.randn(4, 32, 5, 5) for _ in range(3))
+    residual = None if ending is None else r
+    y, got_node, grads = _run(module, x, dy, residual, ending == "relu", x_trains)
+    _as_graph(monkeypatch)
+    y_graph, _, grads_graph = _run(module, x, dy, residual, ending == "relu", x_trains)
+    assert (got_node == NODE) == node and torch.equal(y, y_graph)
+    assert (grads[0] is None) == (not x_trains)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads, grads_graph))
+
+
+@pytest.mark.parametrize("name, config", MODULES)
+@pytest.mark.parametrize("ending", [None, "relu"])
+def test_without_autograd_the_gate_network_is_the_graphs_function(name, config, ending, monkeypatch):
+    """Inference calls the gate network as a function: the same numbers as the graph path's operations."""
+    module = randomised(attnkit.create(name, 32, **config), seed=6).eval()
+    x, r = torch.randn(4, 32, 6, 6), torch.randn(4, 32, 6, 6)
+
+    def run():
+        with torch.no_grad(), kernels.use("cpu"):
+            return module(x) if ending is None else module.forward_residual(x, r, ending == "relu")
+
+    y = run()
+    _as_graph(monkeypatch)
+    assert torch.equal(y, run())
 
 
 @pytest.mark.parametrize("name, weight", [("se", "fc2.weight"), ("eca", "conv.weight")])
