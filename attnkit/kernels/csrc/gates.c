@@ -102,7 +102,8 @@ static inline float max_share(float a, float b) { return a > b ? 1.0f : (a == b 
  * out[n, h, w] = Σ_p Σ_ij wt[p, i, j]·x[n, p, h + i − r, w + j − r]: one k×k filter (r = (k − 1)/2, zero padding)
  * over P pooled maps [N, P, H, W], NCHW. Each map is copied into a zeroed grid r wider on every side, Wp = W + 2r
  * columns, so that every tap is one product over the flat H·Wp grid (the columns past W are discarded): loops that
- * vectorize whatever the map's width, where a loop per row would be a few elements long. Work items are samples;
+ * vectorize whatever the map's width, where a loop per row would be a few elements long. Each output's sum over the
+ * taps stays in a register (`tap_sums`), rather than making a pass over the output per tap. Work items are samples;
  * the weight gradient is summed per sample, then over the samples in order, so results do not depend on the thread
  * count. `scratch` holds each thread's grids: nt × (P·grid + H·Wp) floats forward, nt × ((P + 1)·grid + H·Wp)
  * backward (grid = (H + 2r + 1)·Wp). */
@@ -113,10 +114,41 @@ static void widen(const float *src, float *dst, i64 H, i64 W, i64 Wp, i64 pad) {
     for (i64 h = 0; h < H; h++) memcpy(dst + (h + pad) * Wp + pad, src + h * W, sizeof(float) * W);
 }
 
-/* acc[q] += c·src[q] for q < n */
-static inline void axpy(float *restrict acc, const float *restrict src, float c, i64 n) {
-#pragma omp simd
-    for (i64 q = 0; q < n; q++) acc[q] += c * src[q];
+/* 16 floats: the sums tap_sums holds in registers, TAP_VECTORS of them at a time (GCC's and Clang's vector types) */
+typedef float floats16 __attribute__((vector_size(64)));
+#define TAP_VECTORS 4
+
+static inline floats16 load16(const float *p) {
+    floats16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* acc[q] = Σ_t w[t]·src[at[t] + q] for q < n, the taps t summed in order from 0 (as passes acc[q] += w[t]·src[at[t] +
+ * q] over a zeroed acc would, so with the same roundings), 16·TAP_VECTORS sums at a time held in registers, then 16;
+ * the last 16 end at n, recomputing (to the same bits) sums already stored */
+static void tap_sums(float *restrict acc, const float *restrict src, const i64 *restrict at, const float *restrict w,
+                     i64 taps, i64 n) {
+    i64 q0 = 0;
+    for (; q0 + 16 * TAP_VECTORS <= n; q0 += 16 * TAP_VECTORS) {
+        floats16 s[TAP_VECTORS] = {0};
+        for (i64 t = 0; t < taps; t++) {
+            const float *x = src + at[t] + q0;
+            for (int v = 0; v < TAP_VECTORS; v++) s[v] += w[t] * load16(x + 16 * v);
+        }
+        memcpy(acc + q0, s, sizeof s);
+    }
+    for (; q0 < n && n >= 16; q0 += 16) {
+        const i64 q = q0 + 16 <= n ? q0 : n - 16;
+        floats16 s = {0};
+        for (i64 t = 0; t < taps; t++) s += w[t] * load16(src + at[t] + q);
+        memcpy(acc + q, &s, sizeof s);
+    }
+    for (; q0 < n; q0++) { /* fewer than 16 in all */
+        float s = 0;
+        for (i64 t = 0; t < taps; t++) s += w[t] * src[at[t] + q0];
+        acc[q0] = s;
+    }
 }
 
 /* the valid columns of the wide grid into a map [H, W] */
@@ -126,17 +158,18 @@ static void narrow(const float *wide, float *dst, i64 H, i64 W, i64 Wp) {
 
 void conv_planes_f32(const float *x, const float *wt, float *out, float *scratch, i64 N, i64 P, i64 H, i64 W, i64 k,
                      int nt) {
-    const i64 r = (k - 1) / 2, Wp = W + 2 * r, grid = (H + 2 * r + 1) * Wp, wide = H * Wp;
+    const i64 r = (k - 1) / 2, Wp = W + 2 * r, grid = (H + 2 * r + 1) * Wp, wide = H * Wp, taps = P * k * k;
+    i64 at[taps]; /* tap (p, i, j) reads the grids at p·grid + i·Wp + j */
+    for (i64 p = 0; p < P; p++)
+        for (i64 i = 0; i < k; i++)
+            for (i64 j = 0; j < k; j++) at[(p * k + i) * k + j] = p * grid + i * Wp + j;
 #pragma omp parallel num_threads(nt)
     {
         float *padded = scratch + omp_get_thread_num() * (P * grid + wide), *acc = padded + P * grid;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
             for (i64 p = 0; p < P; p++) widen(x + (n * P + p) * H * W, padded + p * grid, H, W, Wp, r);
-            memset(acc, 0, sizeof(float) * wide);
-            for (i64 p = 0; p < P; p++)
-                for (i64 i = 0; i < k; i++)
-                    for (i64 j = 0; j < k; j++) axpy(acc, padded + p * grid + i * Wp + j, wt[(p * k + i) * k + j], wide);
+            tap_sums(acc, padded, at, wt, taps, wide);
             narrow(acc, out + n * H * W, H, W, Wp);
         }
     }
@@ -148,19 +181,19 @@ void conv_planes_f32(const float *x, const float *wt, float *out, float *scratch
 void conv_planes_backward_f32(const float *dout, const float *x, const float *wt, float *dx, float *dwn, float *dwt,
                               float *scratch, i64 N, i64 P, i64 H, i64 W, i64 k, int nt) {
     const i64 r = (k - 1) / 2, Wp = W + 2 * r, grid = (H + 2 * r + 1) * Wp, wide = H * Wp, taps = P * k * k;
+    i64 at[k * k]; /* dout widened by r: dout[y − i + r, x − j + r] is the grid's [y + 2r − i, x + 2r − j] */
+    for (i64 i = 0; i < k; i++)
+        for (i64 j = 0; j < k; j++) at[i * k + j] = (2 * r - i) * Wp + 2 * r - j;
 #pragma omp parallel num_threads(nt)
     {
         float *padded = scratch + omp_get_thread_num() * ((P + 1) * grid + wide), *acc = padded + (P + 1) * grid;
 #pragma omp for schedule(static)
         for (i64 n = 0; n < N; n++) {
             const float *g = dout + n * H * W;
-            if (dx) { /* dout widened by r: dout[y − i + r, x − j + r] is the grid's [y + 2r − i, x + 2r − j] */
+            if (dx) {
                 widen(g, padded, H, W, Wp, r);
                 for (i64 p = 0; p < P; p++) {
-                    memset(acc, 0, sizeof(float) * wide);
-                    for (i64 i = 0; i < k; i++)
-                        for (i64 j = 0; j < k; j++)
-                            axpy(acc, padded + (2 * r - i) * Wp + 2 * r - j, wt[(p * k + i) * k + j], wide);
+                    tap_sums(acc, padded, at, wt + p * k * k, k * k, wide);
                     narrow(acc, dx + (n * P + p) * H * W, H, W, Wp);
                 }
             }
