@@ -50,7 +50,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     k = args.kernel_size
-    against = f"at {short_commit(args.against)}" if args.against else None
+    against = short_commit(args.against) if args.against else None
     convs = {"direct": conv_planes, "NCHW": torch_conv, "channels_last": torch_conv,
              **({against: attnkit_at(args.against).kernels.functions.conv_planes} if against else {})}
     report = Report(f"The gate convolution of CBAM and Triplet Attention, {k}×{k}, forward+backward "
@@ -58,15 +58,16 @@ def main() -> None:
                     header("cpu", f"float32, {k}×{k} filter over 2 maps into 1", f"median of {args.repeats} after "
                            f"{args.warmup}, the implementations taking turns"))
     report.add("| maps | attnkit direct ms | torch NCHW ms | torch channels_last ms | speed-up over NCHW | over "
-               "channels_last |" + (f" direct {against} ms | speed-up over {against} |" if against else ""))
+               "channels_last |" + (f" direct at {against} ms | speed-up over {against} |" if against else ""))
     report.add("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if against else ""))
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1, 2, k, k, generator=generator)
     for n, p, h, w in SHAPES:
         maps = torch.randn(n, p, h, w, generator=generator)
         dout = torch.randn(n, 1, h, w, generator=generator)
-        runs = [forward_backward(maps.contiguous(memory_format=torch.channels_last) if name == "channels_last" else maps,
-                                 weight, dout, conv) for name, conv in convs.items()]
+        last_maps = maps.contiguous(memory_format=torch.channels_last)
+        runs = [forward_backward(last_maps if name == "channels_last" else maps, weight, dout, conv)
+                for name, conv in convs.items()]
         direct, nchw, last, *before = median_ms(runs, args.warmup, args.repeats)
         report.add(f"| {n}×{p}×{h}×{w} | {direct:.3f} | {nchw:.3f} | {last:.3f} | {nchw / direct:.1f}× | "
                    f"{last / direct:.1f}× |" + "".join(f" {b:.3f} | {b / direct:.2f}× |" for b in before))

@@ -139,3 +139,19 @@ def test_the_primitives_benchmark_runs_against_a_revision(primitives, monkeypatc
     commit = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     assert f"| at {commit} ms | now / at {commit} |" in table and "| | grad_c |" in table
+
+
+def test_the_gate_convolution_benchmark_runs_against_a_revision(train_step, monkeypatch, capsys):
+    """benchmarks/gate_conv.py --against REV, end to end: a row per shape, with the revision's direct kernels."""
+    if subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("needs the project's git repository")  # --against reads the revision from git
+    import gate_conv
+
+    monkeypatch.setattr(sys, "argv", ["gate_conv.py", "--warmup", "0", "--repeats", "1", "--against", "HEAD"])
+    gate_conv.main()
+    table = capsys.readouterr().out
+    commit = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    assert f"| direct at {commit} ms | speed-up over {commit} |" in table
+    assert sum(line.startswith(f"| {n}×{p}×{h}×{w} |") for n, p, h, w in gate_conv.SHAPES for line in
+               table.splitlines()) == len(gate_conv.SHAPES)
