@@ -85,10 +85,8 @@ class ECA(ChannelGateAttention):
         """s, N×C, from the pooled means, N×C: excite() with the 1-D convolution as a product of each zero-padded
         window of k channels with the kernel."""
         with autocast_off(mean):
-            weight, bias, pad = self.conv.weight, self.conv.bias, self.conv.padding[0]
-            windows = F.pad(mean.to(weight.dtype), (pad, pad)).unfold(1, self.kernel_size, 1)  # N×C×k
-            z = windows @ weight.view(-1)
-            return self.gate(z if bias is None else z + bias)
+            z = channel_windows(mean, self.conv) @ self.conv.weight.view(-1)
+            return self.gate(z if self.conv.bias is None else z + self.conv.bias)
 
     def _fused_gate(self, x: Tensor, fast: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
         # with a frozen kernel, matmul runs _excite_rows's product batched, not as one matrix-vector product (ATen's
@@ -110,19 +108,26 @@ class ECA(ChannelGateAttention):
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
 
 
+def channel_windows(mean: Tensor, conv: nn.Conv1d) -> Tensor:
+    """The zero-padded window of k channels around each channel of the means, N×C×k, in the kernel's dtype: what ECA's
+    1-D convolution across the channels multiplies by its kernel."""
+    pad = conv.padding[0]
+    return F.pad(mean.to(conv.weight.dtype), (pad, pad)).unfold(1, conv.kernel_size[0], 1)
+
+
 class ChannelWindows(GateNetwork):
     """ECA's gate network on the means, N×C: gate(conv1d_k) across the channels as the product of each zero-padded
     window of k channels with the kernel (ECA._excite_rows), with its backward written out, for the channel_gate node.
     The same operations as autograd's through _excite_rows, so the same results bit for bit."""
 
     def __init__(self, conv: nn.Conv1d, gate: nn.Module) -> None:
-        self.gate, self.pad, self.k = DERIVATIVES[type(gate)], conv.padding[0], conv.kernel_size[0]
+        self.conv, self.gate = conv, DERIVATIVES[type(gate)]
         self.params = (conv.weight,)
 
     def forward(self, mean: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        (weight,) = self.params
+        weight = self.conv.weight
         with autocast_off(mean):
-            windows = F.pad(mean.to(weight.dtype), (self.pad, self.pad)).unfold(1, self.k, 1).reshape(-1, self.k)
+            windows = channel_windows(mean, self.conv).reshape(-1, weight.shape[-1])
             z = windows.mv(weight.view(-1)).view(mean.shape)
             g = self.gate.forward(z)
         return g, (windows, z, g, weight)
@@ -130,7 +135,8 @@ class ChannelWindows(GateNetwork):
     def backward(self, dg: Tensor, saved: Sequence[Tensor],
                  needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
         windows, z, g, weight = saved
-        (n, c), dz = g.shape, self.gate.backward(dg, z, g).reshape(-1)
-        dwindows = dz.outer(weight.view(-1)).view(n, c, self.k)
-        dpadded = torch.ops.aten.unfold_backward(dwindows, [n, c + 2 * self.pad], 1, self.k, 1)
-        return dpadded[:, self.pad:self.pad + c], (windows.t().mv(dz).view_as(weight) if needs[0] else None,)
+        (n, c), (k,), (pad,) = g.shape, self.conv.kernel_size, self.conv.padding
+        dz = self.gate.backward(dg, z, g).reshape(-1)
+        dwindows = dz.outer(weight.view(-1)).view(n, c, k)
+        dpadded = torch.ops.aten.unfold_backward(dwindows, [n, c + 2 * pad], 1, k, 1)
+        return dpadded[:, pad:pad + c], (windows.t().mv(dz).view_as(weight) if needs[0] else None,)

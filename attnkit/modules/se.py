@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.functions import GateNetwork, channel_gate
@@ -92,18 +91,17 @@ class PointwiseMLP(GateNetwork):
     operations as autograd's through SqueezeExcite._excite_rows, so the same results bit for bit."""
 
     def __init__(self, fc1: nn.Conv2d, act: nn.Module, fc2: nn.Conv2d, gate: nn.Module) -> None:
-        self.act, self.gate = DERIVATIVES[type(act)], DERIVATIVES[type(gate)]
+        self.fc1, self.fc2, self.act, self.gate = fc1, fc2, DERIVATIVES[type(act)], DERIVATIVES[type(gate)]
         self.params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
     def forward(self, s: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        w1, b1, w2, b2 = self.params
         with autocast_off(s):
-            s = s.to(w1.dtype)
-            z1 = F.linear(s, w1.flatten(1), b1)
+            s = s.to(self.fc1.weight.dtype)
+            z1 = pointwise(self.fc1, s)
             h = self.act.forward(z1)
-            z2 = F.linear(h, w2.flatten(1), b2)
+            z2 = pointwise(self.fc2, h)
             g = self.gate.forward(z2)
-        return g, (s, z1, h, z2, g, w1, w2)
+        return g, (s, z1, h, z2, g, self.fc1.weight, self.fc2.weight)
 
     def backward(self, dg: Tensor, saved: Sequence[Tensor],
                  needs: Sequence[bool]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
