@@ -6,12 +6,31 @@ backend is a module with these functions, plus `unavailable()` saying why it can
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 Pools = tuple[tuple[Tensor, Tensor, Tensor], ...]
+
+
+class GateWeights(NamedTuple):
+    """A gate network as a backend's whole-module kernel takes it (cpu.channel_gate_module): SE's, kind 'mlp',
+    gate(W₂ act(W₁ s + b₁) + b₂) with the 1×1 convolutions' weights ([Hd, C, 1, 1], [C, Hd, 1, 1]) and biases (or
+    None); or ECA's, kind 'windows', gate(conv1d_k(s)) across the channels, w1 the kernel [1, 1, k]. The activation and
+    the gate by name (cpu.ACTS, cpu.GATES)."""
+
+    kind: str
+    w1: Tensor
+    b1: Tensor | None = None
+    w2: Tensor | None = None
+    b2: Tensor | None = None
+    act: str = "relu"
+    gate: str = "sigmoid"
+
+    @property
+    def weights(self) -> tuple[Tensor | None, ...]:
+        return self.w1, self.b1, self.w2, self.b2
 
 
 class Backend(Protocol):

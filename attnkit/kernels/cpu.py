@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._paths import cache_dir
-from .backend import in_layout_of
+from .backend import GateWeights, in_layout_of
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gates.c", "gates_impl.h")]
 # -fno-trapping-math: no kernel reads the floating-point exception flags, and without it GCC keeps the comparisons
@@ -202,6 +202,62 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
     _call("grad_c", dy, dy, _factor(g, dy), _stat(a), x, None if b is None else _stat(b),
           None if m is None else _stat(m), dx, n, c, h * w)
     return dx
+
+
+# --- SE and ECA: the whole module, sample by sample ---
+
+#: the gate networks, activations and gates that channel_gate_module computes, by their codes in the kernel
+NETS = {"mlp": 0, "windows": 1}
+ACTS = {"relu": 0, "silu": 1, "hardswish": 2}
+GATES = {"sigmoid": 0, "hardsigmoid": 1}
+# SE's W₁ size C·Hd up to which a sample's gate network in the kernel's plain loops costs less than its share of
+# MKL's products over the batch; above it (ResNet-50's last stage: 2048·128) they cost more than the passes they save
+MODULE_MAX_WEIGHTS = 1 << 16
+
+
+def module_fits(x: Tensor, net: GateWeights) -> bool:
+    """Whether channel_gate_module runs this gate network for x: float32 weights, contiguous, SE's of a size its loops
+    run faster than the products they replace, and samples enough for its threads, each of which takes whole samples
+    (an equal share each, or 8 or more per thread)."""
+    threads, n = _threads(x), x.shape[0]
+    return (x.dtype in SUFFIX and net.w1.numel() <= MODULE_MAX_WEIGHTS and n >= threads
+            and (n % threads == 0 or n >= 8 * threads)
+            and all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in net.weights))
+
+
+def _width(net: GateWeights) -> int:
+    """SE's hidden width, or ECA's kernel size."""
+    return net.w1.shape[0] if net.kind == "mlp" else net.w1.numel()
+
+
+def channel_gate_module(x: Tensor, r: Tensor | None, relu: bool, net: GateWeights) -> tuple[Tensor, Tensor]:
+    """y = x·gate(net(mean_hw(x))), ended by r and the ReLU as scale_c_add, in one call; and what the backward needs
+    of the gate network (the kernel's `work`)."""
+    n, c, h, w = x.shape
+    width = _width(net)
+    y, work = _output_like(x), _f32((n, 4 * c + 2 * width))
+    _invoke(_kernel("channel_gate_module", x.dtype),
+            (x, None if r is None else in_layout_of(r, x), int(relu), y, work, NETS[net.kind], *net.weights,
+             ACTS[net.act], GATES[net.gate], n, c, width, h * w), _cl(x), _threads(x))
+    return y, work
+
+
+def channel_gate_module_backward(dy: Tensor, y: Tensor | None, x: Tensor, work: Tensor, net: GateWeights,
+                                 with_dx: bool, with_weights: bool) -> tuple[Tensor | None, Tensor | None, tuple]:
+    """channel_gate_module's backward: dx (if `with_dx`), the residual's gradient dy masked by y > 0 (where a ReLU
+    ended it, y its output; else None: dy is it), and the gradients of net.weights (with_weights; None for an absent
+    one)."""
+    n, c, h, w = x.shape
+    width = _width(net)
+    dy = in_layout_of(dy, x)
+    dr = _output_like(x) if y is not None else None
+    dx = _output_like(x) if with_dx else None
+    grads = tuple(None if t is None or not with_weights else torch.empty(t.shape) for t in net.weights)
+    w1, _, w2, _ = net.weights
+    _invoke(_kernel("channel_gate_module_backward", x.dtype),
+            (dy, y, x, dr, dx, work, _f32((n, 3 * c + width)), NETS[net.kind], w1, w2, *grads, ACTS[net.act],
+             GATES[net.gate], n, c, width, h * w), _cl(x), _threads(x))
+    return dx, dr, grads
 
 
 def pool_abs_hw(x: Tensor) -> Tensor:

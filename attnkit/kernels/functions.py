@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import cpu
-from .backend import Backend, in_layout_of
+from .backend import Backend, GateWeights, in_layout_of
 
 
 class _Handoff:
@@ -143,6 +143,9 @@ class GateNetwork:
     for an absent bias), in the order `backward` returns their gradients."""
 
     params: tuple[Tensor | None, ...] = ()
+    #: the network as a backend that runs the whole module in one call each way takes it (GateWeights: SE's and
+    #: ECA's, for the CPU's channel_gate_module), else None
+    weights: GateWeights | None = None
 
     def __call__(self, mean: Tensor) -> Tensor:
         return self.forward(mean)[0]
@@ -187,12 +190,45 @@ class _ChannelGateNode(torch.autograd.Function):
         return None, None, dx, dy if needs[3] else None, None, *dparams
 
 
+class _ModuleNode(torch.autograd.Function):
+    """channel_gate where the backend runs the whole module in one call each way (channel_gate_module: SE's and ECA's
+    on the CPU): the same passes sample by sample, each sample's map re-read from cache, and the gate network in the
+    kernel rather than a dozen small operations."""
+
+    @staticmethod
+    def forward(ctx, backend: Backend, net: GateWeights, x: Tensor, r: Tensor | None, relu: bool,
+                *weights: Tensor | None) -> Tensor:
+        y, work = backend.channel_gate_module(x, r, relu, net)
+        ctx.backend, ctx.net, ctx.relu = backend, net, r is not None and relu
+        ctx.save_for_backward(x, y if ctx.relu else None, work, *weights)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, y, work, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with_weights = any(needs[5:])
+        if not (needs[2] or with_weights):  # the residual's gradient alone: dy, masked where the block's ReLU was
+            dr = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy
+            return None, None, None, dr, None, *[None] * len(weights)
+        net = ctx.net._replace(w1=weights[0], b1=weights[1], w2=weights[2], b2=weights[3])
+        dx, dr, grads = ctx.backend.channel_gate_module_backward(dy, y, x, work, net, needs[2], with_weights)
+        return (None, None, dx, (dy if dr is None else dr) if needs[3] else None, None,
+                *(grad if need else None for grad, need in zip(grads, needs[5:])))
+
+
 def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor] | GateNetwork, with_m2: bool = False,
                  residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
     the sum of squared deviations from the mean. With a `residual` (x's shape, dtype and layout), y + residual, and
     max(y + residual, 0) with `relu`: the end of a residual block, in the same passes. A GateNetwork (means only)
     makes the whole of it one autograd node."""
+    net = gate.weights if isinstance(gate, GateNetwork) and not with_m2 else None
+    if net is not None and hasattr(backend, "channel_gate_module") and backend.module_fits(x, net):
+        if not torch.is_grad_enabled():
+            return backend.channel_gate_module(x, residual, relu, net)[0]
+        return _ModuleNode.apply(backend, net, x, residual, relu, *net.weights)
     if not torch.is_grad_enabled():
         mean, m2 = backend.pool_hw(x, with_m2)
         g = gate(mean) if m2 is None else gate(mean, m2)

@@ -112,10 +112,11 @@ def test_auto_leaves_small_inputs_to_the_reference_formulas():
     assert kernels.backend_for(small) is None
     with kernels.use("cpu"):
         assert kernels.backend_for(small) is cpu
-    calls, pool_hw = [], cpu.pool_hw
+    calls, pool_hw, whole = [], cpu.pool_hw, cpu.channel_gate_module
     module = attnkit.create("se", 24)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu, "pool_hw", lambda *args: calls.append(args) or pool_hw(*args))
+        patch.setattr(cpu, "channel_gate_module", lambda *args: calls.append(args) or whole(*args))
         module(small)
         assert not calls
         module(torch.randn(2, 24, 80, 80))

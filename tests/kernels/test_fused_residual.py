@@ -32,11 +32,19 @@ SHAPE = (3, 24, 7, 5)
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The calls of the CPU kernels that end a block (scale_c_add, scale_cs_add, scale_hw_add), by name."""
+    """The calls of the CPU kernels that end a block (scale_c_add, scale_cs_add, scale_hw_add; SE's and ECA's
+    whole-module channel_gate_module given a residual), by name."""
     calls = []
-    for name in ("scale_c_add", "scale_cs_add", "scale_hw_add"):
-        kernel = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+
+    def recorded(kernel, name):
+        def call(*args):
+            if name != "channel_gate_module" or args[1] is not None:
+                calls.append(name)
+            return kernel(*args)
+        return call
+
+    for name in ("scale_c_add", "scale_cs_add", "scale_hw_add", "channel_gate_module"):
+        monkeypatch.setattr(cpu, name, recorded(getattr(cpu, name), name))
     return calls
 
 

@@ -19,6 +19,13 @@ from .modules import randomised
 pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=f"CPU kernels: {cpu.unavailable()}")
 
 NODE = "_ChannelGateNodeBackward"
+
+
+@pytest.fixture(autouse=True)
+def without_the_whole_module_kernel(monkeypatch):
+    """SE and ECA as the node, which they are where the CPU's whole-module kernel does not run them
+    (test_channel_gate_module.py)."""
+    monkeypatch.setattr(cpu, "MODULE_MAX_WEIGHTS", 0)
 MODULES = [("se", {}), ("se", {"bias": False}), ("se", {"act": "silu", "gate": "hard_sigmoid"}),
            ("se", {"act": "hard_swish", "reduction": 4}), ("eca", {}), ("eca", {"kernel_size": 5}),
            ("eca", {"kernel_size": 1, "gate": "hard_sigmoid"})]

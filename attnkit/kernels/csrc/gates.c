@@ -67,6 +67,147 @@ static inline float sign_of(float v) { return (float)(v > 0) - (float)(v < 0); }
 
 static inline float sigmoid(float e) { return 1.0f / (1.0f + exp_approx(-e)); }
 
+/* SE's gate network (mlp_gate): its activations (0 ReLU, 1 SiLU, 2 hard swish) and gates (0 sigmoid, 1 hard sigmoid),
+ * forward and backward as torch writes them (a NaN passes the ReLU; the backward from the gradient, the input z and
+ * the output) */
+static inline float act_forward(int act, float z) {
+    if (act == 0) return z < 0.0f ? 0.0f : z;
+    if (act == 1) return z / (1.0f + exp_approx(-z));
+    return z * fminf(fmaxf(z + 3.0f, 0.0f), 6.0f) / 6.0f;
+}
+
+static inline float act_backward(int act, float grad, float z, float out) {
+    if (act == 0) return out > 0.0f ? grad : 0.0f;
+    if (act == 1) { const float s = sigmoid(z); return grad * s * (1.0f + z * (1.0f - s)); }
+    return z < -3.0f ? 0.0f : (z <= 3.0f ? grad * (z / 3.0f + 0.5f) : grad);
+}
+
+static inline float gate_forward(int gate, float z) {
+    return gate == 0 ? sigmoid(z) : fminf(fmaxf(z + 3.0f, 0.0f), 6.0f) / 6.0f;
+}
+
+static inline float gate_backward(int gate, float grad, float z, float out) {
+    return gate == 0 ? grad * (1.0f - out) * out : (z > -3.0f && z < 3.0f ? grad / 6.0f : 0.0f);
+}
+
+/* The gate networks of the whole-module kernels (channel_gate_module), on one sample's means s [C]:
+ * NET_MLP, SE's: z = W₂ act(W₁ s + b₁) + b₂ (w1 [Hd, C], w2 [C, Hd]; b1, b2 may be NULL; z1 and h the hidden units)
+ * NET_WINDOWS, ECA's: z[c] = Σ_i w1[i]·s[c + i − (Hd − 1)/2], a 1-D convolution of Hd taps across the channels,
+ * zero beyond them (z1, h unused)
+ * then g = gate(z). */
+enum { NET_MLP = 0, NET_WINDOWS = 1 };
+
+static void net_forward(int net, const float *s, float *z1, float *h, float *z, float *g, const float *w1,
+                        const float *b1, const float *w2, const float *b2, int act, int gate, i64 C, i64 Hd) {
+    if (net == NET_WINDOWS) {
+        const i64 pad = (Hd - 1) / 2;
+        for (i64 c = 0; c < C; c++) {
+            float t = 0;
+            for (i64 i = 0; i < Hd; i++) {
+                const i64 at = c + i - pad;
+                if (at >= 0 && at < C) t += w1[i] * s[at];
+            }
+            z[c] = t;
+        }
+    } else {
+        for (i64 j = 0; j < Hd; j++) {
+            const float *wj = w1 + j * C;
+            float t = 0;
+#pragma omp simd reduction(+ : t)
+            for (i64 c = 0; c < C; c++) t += wj[c] * s[c];
+            z1[j] = (b1 ? b1[j] : 0.0f) + t;
+            h[j] = act_forward(act, z1[j]);
+        }
+        for (i64 c = 0; c < C; c++) {
+            const float *wc = w2 + c * Hd;
+            float t = 0;
+            for (i64 j = 0; j < Hd; j++) t += wc[j] * h[j];
+            z[c] = (b2 ? b2[c] : 0.0f) + t;
+        }
+    }
+    for (i64 c = 0; c < C; c++) g[c] = gate_forward(gate, z[c]);
+}
+
+/* net_forward's backward from dg = ∂L/∂g: dz, dz1 (NET_MLP: the hidden units' ∂L/∂z1) and, where ds is not NULL,
+ * the means' gradient ∂L/∂s */
+static void net_backward(int net, const float *dg, const float *z1, const float *h, const float *z, const float *g,
+                         float *dz, float *dz1, float *ds, const float *w1, const float *w2, int act, int gate, i64 C,
+                         i64 Hd) {
+    for (i64 c = 0; c < C; c++) dz[c] = gate_backward(gate, dg[c], z[c], g[c]);
+    if (net == NET_WINDOWS) {
+        if (!ds) return;
+        const i64 pad = (Hd - 1) / 2;
+        for (i64 c = 0; c < C; c++) {
+            float t = 0;
+            for (i64 i = 0; i < Hd; i++) {
+                const i64 at = c - i + pad;
+                if (at >= 0 && at < C) t += w1[i] * dz[at];
+            }
+            ds[c] = t;
+        }
+        return;
+    }
+    for (i64 j = 0; j < Hd; j++) dz1[j] = 0;
+    for (i64 c = 0; c < C; c++) {
+        const float *wc = w2 + c * Hd;
+        for (i64 j = 0; j < Hd; j++) dz1[j] += dz[c] * wc[j];
+    }
+    for (i64 j = 0; j < Hd; j++) dz1[j] = act_backward(act, dz1[j], z1[j], h[j]);
+    if (!ds) return;
+    for (i64 c = 0; c < C; c++) ds[c] = 0;
+    for (i64 j = 0; j < Hd; j++) {
+        const float *wj = w1 + j * C;
+        const float d = dz1[j];
+#pragma omp simd
+        for (i64 c = 0; c < C; c++) ds[c] += d * wj[c];
+    }
+}
+
+/* The weights' gradients over N samples, each summed over the samples in order: s, z1, h of sample n at
+ * work + n·fwd (+ C, + C + Hd), dz, dz1 at scratch + n·bwd + C (+ 2C) (the layouts of channel_gate_module) */
+static void net_weight_grads(int net, const float *work, const float *scratch, i64 fwd, i64 bwd, float *dw1, float *db1,
+                             float *dw2, float *db2, i64 N, i64 C, i64 Hd, int nt) {
+    if (net == NET_WINDOWS) {
+        const i64 pad = (Hd - 1) / 2;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (i64 i = 0; i < Hd; i++) {
+            float t = 0;
+            for (i64 n = 0; n < N; n++) {
+                const float *s = work + n * fwd, *dz = scratch + n * bwd + C;
+                for (i64 c = 0; c < C; c++) {
+                    const i64 at = c + i - pad;
+                    if (at >= 0 && at < C) t += dz[c] * s[at];
+                }
+            }
+            dw1[i] = t;
+        }
+        return;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 j = 0; j < Hd; j++) { /* dW₁ = Σ_n dz1ᵀ s, db₁ = Σ_n dz1 */
+        float *row = dw1 + j * C, bias = 0;
+        for (i64 c = 0; c < C; c++) row[c] = 0;
+        for (i64 n = 0; n < N; n++) {
+            const float d = scratch[n * bwd + 3 * C + j], *s = work + n * fwd;
+            bias += d;
+#pragma omp simd
+            for (i64 c = 0; c < C; c++) row[c] += d * s[c];
+        }
+        if (db1) db1[j] = bias;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 c = 0; c < C; c++) { /* dW₂ = Σ_n dzᵀ h, db₂ = Σ_n dz */
+        float *row = dw2 + c * Hd, bias = 0;
+        for (i64 j = 0; j < Hd; j++) row[j] = 0;
+        for (i64 n = 0; n < N; n++) {
+            const float d = scratch[n * bwd + C + c], *h = work + n * fwd + C + Hd;
+            bias += d;
+            for (i64 j = 0; j < Hd; j++) row[j] += d * h[j];
+        }
+        if (db2) db2[c] = bias;
+    }
+}
+
 /* SimAM's gate σ(d²/q + ½) of a deviation d from the channel's mean */
 static inline float energy_gate(float d, float q) { return sigmoid(d * d / q + 0.5f); }
 

@@ -23,49 +23,53 @@
 
 /* ---------- one gate per channel ---------- */
 
+/* The kernels of one gate per channel work item by item: an NCHW row (n, c), or in NHWC a sample's block of CB
+ * channels (the reductions) or a position (the passes that write x's shape); mlp_gate runs a sample's items in turn */
+
 /* mean[n, c] over H×W of x (of |x| when `absolute`), and m2[n, c] = Σ(x − mean)² when m2 is not NULL */
-void FN(pool_hw)(const T *x, float *mean, float *m2, int absolute, i64 N, i64 C, i64 HW, int cl, int nt) {
+static inline void FN(pool_hw_item)(const T *x, float *mean, float *m2, int absolute, i64 C, i64 HW, int cl, i64 item) {
     if (!cl) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (i64 r = 0; r < N * C; r++) {
-            const T *row = x + r * HW;
-            float s = 0; /* a vector of partial sums: float keeps the pass at memory speed */
-            if (absolute) {
+        const i64 r = item;
+        const T *row = x + r * HW;
+        float s = 0; /* a vector of partial sums: float keeps the pass at memory speed */
+        if (absolute) {
 #pragma omp simd reduction(+ : s)
-                for (i64 p = 0; p < HW; p++) s += fabsf(LD(row, p));
-            } else {
+            for (i64 p = 0; p < HW; p++) s += fabsf(LD(row, p));
+        } else {
 #pragma omp simd reduction(+ : s)
-                for (i64 p = 0; p < HW; p++) s += LD(row, p);
-            }
-            const float mu = s / HW;
-            mean[r] = mu;
-            if (m2) {
-                float q = 0;
+            for (i64 p = 0; p < HW; p++) s += LD(row, p);
+        }
+        const float mu = s / HW;
+        mean[r] = mu;
+        if (m2) {
+            float q = 0;
 #pragma omp simd reduction(+ : q)
-                for (i64 p = 0; p < HW; p++) { const float d = LD(row, p) - mu; q += d * d; }
-                m2[r] = q;
-            }
+            for (i64 p = 0; p < HW; p++) { const float d = LD(row, p) - mu; q += d * d; }
+            m2[r] = q;
         }
         return;
     }
     const i64 nb = (C + CB - 1) / CB;
+    const i64 n = item / nb, c0 = (item % nb) * CB, cn = MIN(CB, C - c0);
+    const T *base = x + n * HW * C + c0;
+    double acc[CB] = {0};
+    float mu[CB];
+    for (i64 p = 0; p < HW; p++)
+        for (i64 j = 0; j < cn; j++) {
+            const float v = LD(base + p * C, j);
+            acc[j] += absolute ? fabsf(v) : v;
+        }
+    for (i64 j = 0; j < cn; j++) { mu[j] = (float)(acc[j] / HW); mean[n * C + c0 + j] = mu[j]; acc[j] = 0; }
+    if (!m2) return;
+    for (i64 p = 0; p < HW; p++)
+        for (i64 j = 0; j < cn; j++) { const float d = LD(base + p * C, j) - mu[j]; acc[j] += (double)d * d; }
+    for (i64 j = 0; j < cn; j++) m2[n * C + c0 + j] = (float)acc[j];
+}
+
+void FN(pool_hw)(const T *x, float *mean, float *m2, int absolute, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 items = cl ? N * ((C + CB - 1) / CB) : N * C;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 t = 0; t < N * nb; t++) {
-        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
-        const T *base = x + n * HW * C + c0;
-        double acc[CB] = {0};
-        float mu[CB];
-        for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) {
-                const float v = LD(base + p * C, j);
-                acc[j] += absolute ? fabsf(v) : v;
-            }
-        for (i64 j = 0; j < cn; j++) { mu[j] = (float)(acc[j] / HW); mean[n * C + c0 + j] = mu[j]; acc[j] = 0; }
-        if (!m2) continue;
-        for (i64 p = 0; p < HW; p++)
-            for (i64 j = 0; j < cn; j++) { const float d = LD(base + p * C, j) - mu[j]; acc[j] += (double)d * d; }
-        for (i64 j = 0; j < cn; j++) m2[n * C + c0 + j] = (float)acc[j];
-    }
+    for (i64 i = 0; i < items; i++) FN(pool_hw_item)(x, mean, m2, absolute, C, HW, cl, i);
 }
 
 /* The value a scaling kernel stores for v at element i: v, or with a residual `res` (not NULL) v rounded to T plus
@@ -85,18 +89,21 @@ static inline float FN(ended)(float v, const T *res, i64 i, int relu) {
 }
 
 /* y = x · g[n, c] (ended) */
+static inline void FN(scale_c_item)(const T *x, const float *g, const T *res, int relu, T *y, i64 C, i64 HW, int cl,
+                                    i64 k) {
+    const i64 off = k * (cl ? C : HW);
+    if (!cl) {
+        const float gk = g[k];
+        for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(ended)(LD(x + off, p) * gk, res, off + p, relu));
+    } else {
+        const float *gk = g + (k / HW) * C;
+        for (i64 c = 0; c < C; c++) ST(y + off, c, FN(ended)(LD(x + off, c) * gk[c], res, off + c, relu));
+    }
+}
+
 void FN(scale_c)(const T *x, const float *g, const T *res, int relu, T *y, i64 N, i64 C, i64 HW, int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 k = 0; k < (cl ? N * HW : N * C); k++) {
-        const i64 off = k * (cl ? C : HW);
-        if (!cl) {
-            const float gk = g[k];
-            for (i64 p = 0; p < HW; p++) ST(y + off, p, FN(ended)(LD(x + off, p) * gk, res, off + p, relu));
-        } else {
-            const float *gk = g + (k / HW) * C;
-            for (i64 c = 0; c < C; c++) ST(y + off, c, FN(ended)(LD(x + off, c) * gk[c], res, off + c, relu));
-        }
-    }
+    for (i64 k = 0; k < (cl ? N * HW : N * C); k++) FN(scale_c_item)(x, g, res, relu, y, C, HW, cl, k);
 }
 
 static inline float FN(row_dot)(const T *a, const T *b, i64 n) {
@@ -109,61 +116,65 @@ static inline float FN(row_dot)(const T *a, const T *b, i64 n) {
 /* out[n, c] = Σ_hw dy·x. With `y` (not NULL), the backward of scale_c ended by a ReLU, y its output: dy masked first,
  * dr = dy where y > 0, else 0 (written: the gradient of the residual and of the product), and out = Σ_hw dr·x, summed
  * in the same order */
-void FN(dot_hw)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+static inline void FN(dot_hw_item)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 C, i64 HW, int cl,
+                                   i64 item) {
     if (!cl) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (i64 r = 0; r < N * C; r++) {
-            const i64 off = r * HW;
-            if (!y) {
-                out[r] = FN(row_dot)(dy + off, x + off, HW);
-                continue;
-            }
-            for (i64 p = 0; p < HW; p++) dr[off + p] = LD(y + off, p) > 0 ? dy[off + p] : (T)0;
-            out[r] = FN(row_dot)(dr + off, x + off, HW); /* the row just written, from cache */
+        const i64 r = item, off = r * HW;
+        if (!y) {
+            out[r] = FN(row_dot)(dy + off, x + off, HW);
+            return;
         }
+        for (i64 p = 0; p < HW; p++) dr[off + p] = LD(y + off, p) > 0 ? dy[off + p] : (T)0;
+        out[r] = FN(row_dot)(dr + off, x + off, HW); /* the row just written, from cache */
         return;
     }
     const i64 nb = (C + CB - 1) / CB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 t = 0; t < N * nb; t++) {
-        const i64 n = t / nb, c0 = (t % nb) * CB, cn = MIN(CB, C - c0);
-        const i64 off = n * HW * C + c0;
-        double acc[CB] = {0};
-        for (i64 p = 0; p < HW; p++) {
-            const i64 row = off + p * C;
-            if (y) /* the mask first, as a loop of selects of its own, which vectorizes */
-                for (i64 j = 0; j < cn; j++) dr[row + j] = LD(y, row + j) > 0 ? dy[row + j] : (T)0;
-            const T *d = y ? dr : dy;
-            for (i64 j = 0; j < cn; j++) acc[j] += LD(d, row + j) * LD(x, row + j);
-        }
-        for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+    const i64 n = item / nb, c0 = (item % nb) * CB, cn = MIN(CB, C - c0);
+    const i64 off = n * HW * C + c0;
+    double acc[CB] = {0};
+    for (i64 p = 0; p < HW; p++) {
+        const i64 row = off + p * C;
+        if (y) /* the mask first, as a loop of selects of its own, which vectorizes */
+            for (i64 j = 0; j < cn; j++) dr[row + j] = LD(y, row + j) > 0 ? dy[row + j] : (T)0;
+        const T *d = y ? dr : dy;
+        for (i64 j = 0; j < cn; j++) acc[j] += LD(d, row + j) * LD(x, row + j);
     }
+    for (i64 j = 0; j < cn; j++) out[n * C + c0 + j] = (float)acc[j];
+}
+
+void FN(dot_hw)(const T *dy, const T *y, const T *x, T *dr, float *out, i64 N, i64 C, i64 HW, int cl, int nt) {
+    const i64 items = cl ? N * ((C + CB - 1) / CB) : N * C;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 i = 0; i < items; i++) FN(dot_hw_item)(dy, y, x, dr, out, C, HW, cl, i);
 }
 
 /* dx = dy·g[n, c] + a[n, c] (+ b[n, c]·(x − m[n, c]) when b is not NULL) */
+static inline void FN(grad_c_item)(const T *dy, const float *g, const float *a, const T *x, const float *b,
+                                   const float *m, T *dx, i64 C, i64 HW, int cl, i64 r) {
+    const i64 off = r * (cl ? C : HW);
+    if (!cl) {
+        const float gr = g[r], ar = a[r];
+        if (b) {
+            const float br = b[r], mr = m[r];
+            for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar + br * (LD(x + off, p) - mr));
+        } else {
+            for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar);
+        }
+    } else {
+        const i64 k = (r / HW) * C;
+        if (b) {
+            for (i64 c = 0; c < C; c++)
+                ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c] + b[k + c] * (LD(x + off, c) - m[k + c]));
+        } else {
+            for (i64 c = 0; c < C; c++) ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c]);
+        }
+    }
+}
+
 void FN(grad_c)(const T *dy, const float *g, const float *a, const T *x, const float *b, const float *m, T *dx,
                 i64 N, i64 C, i64 HW, int cl, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) {
-        const i64 off = r * (cl ? C : HW);
-        if (!cl) {
-            const float gr = g[r], ar = a[r];
-            if (b) {
-                const float br = b[r], mr = m[r];
-                for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar + br * (LD(x + off, p) - mr));
-            } else {
-                for (i64 p = 0; p < HW; p++) ST(dx + off, p, LD(dy + off, p) * gr + ar);
-            }
-        } else {
-            const i64 k = (r / HW) * C;
-            if (b) {
-                for (i64 c = 0; c < C; c++)
-                    ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c] + b[k + c] * (LD(x + off, c) - m[k + c]));
-            } else {
-                for (i64 c = 0; c < C; c++) ST(dx + off, c, LD(dy + off, c) * g[k + c] + a[k + c]);
-            }
-        }
-    }
+    for (i64 r = 0; r < (cl ? N * HW : N * C); r++) FN(grad_c_item)(dy, g, a, x, b, m, dx, C, HW, cl, r);
 }
 
 /* dx = dy·g[n, c] + a[n, c]·sign(x) */
@@ -1367,4 +1378,60 @@ void FN(grad_affine)(const T *dy, const T *x, const float *alpha, const float *b
             }
         }
     }
+}
+
+/* ---------- SE's and ECA's whole module, sample by sample (channel_gate_module) ----------
+ * The pooling, the gate network (net_forward: SE's or ECA's) and the scaling (ended), one sample after the other, each
+ * thread taking whole samples: the sample's map, read by the pooling, is still in cache when the scaling reads it,
+ * and the gate network, a few thousand multiply-adds per sample, runs in the same call. A sample's work items of
+ * pool_hw, scale_c, dot_hw and grad_c, so the same results as those kernels for the same gates.
+ * forward: per sample MODULE_FWD floats of `work`: s, z1, h, z, g and g rounded to T (the scaling's factor)
+ * backward: per sample MODULE_BWD floats of `scratch`: Σ_hw dy·x, dz, the pooling's gradient, dz1; with a ReLU ending
+ * (y not NULL) dr = dy masked by y > 0 is written (the residual's gradient); dx where it is not NULL; the weights'
+ * gradients (where dw1 is not NULL) after the samples (net_weight_grads) */
+#define MODULE_FWD(C, Hd) (4 * (C) + 2 * (Hd))
+#define MODULE_BWD(C, Hd) (3 * (C) + (Hd))
+
+static void FN(module_sample)(const T *x, const T *res, int relu, T *y, float *work, int net, const float *w1,
+                              const float *b1, const float *w2, const float *b2, int act, int gate, i64 n, i64 C,
+                              i64 Hd, i64 HW, int cl) {
+    float *s = work + n * MODULE_FWD(C, Hd), *z1 = s + C, *h = z1 + Hd, *z = h + Hd, *g = z + C, *factor = g + C;
+    const i64 blocks = cl ? (C + CB - 1) / CB : C, rows = cl ? HW : C;
+    for (i64 i = n * blocks; i < (n + 1) * blocks; i++) FN(pool_hw_item)(x, s - n * C, NULL, 0, C, HW, cl, i);
+    net_forward(net, s, z1, h, z, g, w1, b1, w2, b2, act, gate, C, Hd);
+    for (i64 c = 0; c < C; c++) factor[c] = RND(g[c]);
+    for (i64 i = n * rows; i < (n + 1) * rows; i++) FN(scale_c_item)(x, factor - n * C, res, relu, y, C, HW, cl, i);
+}
+
+void FN(channel_gate_module)(const T *x, const T *res, int relu, T *y, float *work, int net, const float *w1,
+                             const float *b1, const float *w2, const float *b2, int act, int gate, i64 N, i64 C,
+                             i64 Hd, i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++)
+        FN(module_sample)(x, res, relu, y, work, net, w1, b1, w2, b2, act, gate, n, C, Hd, HW, cl);
+}
+
+static void FN(module_sample_backward)(const T *dy, const T *y, const T *x, T *dr, T *dx, const float *work,
+                                       float *scratch, int net, const float *w1, const float *w2, int act, int gate,
+                                       i64 n, i64 C, i64 Hd, i64 HW, int cl) {
+    const float *z1 = work + n * MODULE_FWD(C, Hd) + C, *h = z1 + Hd, *z = h + Hd, *g = z + C, *factor = g + C;
+    float *dg = scratch + n * MODULE_BWD(C, Hd), *dz = dg + C, *a = dz + C, *dz1 = a + C;
+    const i64 blocks = cl ? (C + CB - 1) / CB : C, rows = cl ? HW : C;
+    for (i64 i = n * blocks; i < (n + 1) * blocks; i++) FN(dot_hw_item)(dy, y, x, dr, dg - n * C, C, HW, cl, i);
+    net_backward(net, dg, z1, h, z, g, dz, dz1, dx ? a : NULL, w1, w2, act, gate, C, Hd);
+    if (!dx) return;
+    for (i64 c = 0; c < C; c++) a[c] /= (float)HW;
+    for (i64 i = n * rows; i < (n + 1) * rows; i++)
+        FN(grad_c_item)(y ? dr : dy, factor - n * C, a - n * C, NULL, NULL, NULL, dx, C, HW, cl, i);
+}
+
+void FN(channel_gate_module_backward)(const T *dy, const T *y, const T *x, T *dr, T *dx, const float *work,
+                                      float *scratch, int net, const float *w1, const float *w2, float *dw1,
+                                      float *db1, float *dw2, float *db2, int act, int gate, i64 N, i64 C, i64 Hd,
+                                      i64 HW, int cl, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (i64 n = 0; n < N; n++)
+        FN(module_sample_backward)(dy, y, x, dr, dx, work, scratch, net, w1, w2, act, gate, n, C, Hd, HW, cl);
+    if (dw1)
+        net_weight_grads(net, work, scratch, MODULE_FWD(C, Hd), MODULE_BWD(C, Hd), dw1, db1, dw2, db2, N, C, Hd, nt);
 }
