@@ -153,7 +153,8 @@ def test_gates_on_inputs_trace_pickle_copy_and_fold():
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
         assert [type(g) for g in gates_before(fused.layer1[0].conv2)] == [GatedChannelTransformation]
         assert gates_before(fused.layer1[0].conv2)[0] is fused.layer1[0].get_submodule("attn1")
-        torch.testing.assert_close(fused(x), y, rtol=1e-5, atol=1e-5)
+        # folding rounds every convolution differently: 20 layers of it, 1e-4 (AVX2 kernels reach 3e-5)
+        torch.testing.assert_close(fused(x), y, rtol=1e-4, atol=1e-4)
     assert "input through GatedChannelTransformation" in repr(net.layer1[0].conv1)
 
 

@@ -105,7 +105,9 @@ def check_parity(
     (yb * w).sum().backward()
 
     torch.testing.assert_close(ya, yb, rtol=RTOL, atol=ATOL, msg=lambda m: f"output: {m}")
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"input gradient: {m}")
+    # relative to the gradient's largest value, as the parameters' below: CBAM's spatial gate convolution sums its 98
+    # taps in another order than PyTorch's (its AVX2 and AVX512 kernels differ from each other too)
+    assert_close(xa.grad, xb.grad, "input gradient", tol=RTOL)
     largest = max(float(t.grad.abs().max()) for t in ours_t.values() if isinstance(t, nn.Parameter))
     for a, b in name_map.items():
         ta, tb = ours_t[a], theirs_t[b]
