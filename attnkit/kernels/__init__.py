@@ -20,6 +20,6 @@ default), 'reference', 'cpu' or 'triton' (that backend or an error). Tracing, sc
 always see the reference formulas. The fused path's backward cannot be differentiated again: for double backward
 (gradient penalties), use 'reference'.
 """
-from .dispatch import MODES, backend_for, get_mode, reference_only, route, set_mode, use
+from .dispatch import MODES, backend_for, get_mode, reference_only, route, set_mode, use, whole_module
 
-__all__ = ["MODES", "backend_for", "get_mode", "reference_only", "route", "set_mode", "use"]
+__all__ = ["MODES", "backend_for", "get_mode", "reference_only", "route", "set_mode", "use", "whole_module"]

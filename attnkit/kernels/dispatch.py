@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .backend import Backend
+from .backend import Backend, GateWeights
 
 MODES = ("auto", "reference", "cpu", "triton")
 CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,7 +33,8 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_MIN_BYTES = 256 << 10
 # The same for a module whose reference forward already makes the fused forward's two passes (a mean, then a
 # product: SE, ECA, GE θ⁻): only its backward gains, and GE θ⁻, which has no gate network to amortise the fixed
-# costs over, breaks even at 400 KiB (1.1× the formulas' time at 256 KiB).
+# costs over, breaks even at 400 KiB (1.1× the formulas' time at 256 KiB). SE and ECA run their whole-module kernel
+# below these sizes too, where it serves the input (whole_module).
 CPU_MIN_BYTES_BACKWARD = 512 << 10
 # Those modules' forward without autograd: the fused path gains only from 32 MiB, where glibc
 # maps every allocation afresh (its dynamic mmap threshold stops there) and the CPU backend's huge-page hint halves
@@ -149,6 +150,16 @@ def _backend(mode: str, x: Tensor, forward_pays: bool) -> Backend | None:
         raise RuntimeError(f"attnkit.kernels mode {mode!r}: the {mode} backend {reason}. Use mode 'auto' to fall "
                            f"back to the reference formulas.")
     return _load(mode)
+
+
+def whole_module(x: Tensor, net: GateWeights | None) -> Backend | None:
+    """In mode 'auto', where `route` left x to the formulas for its size: the CPU backend if it runs the whole module
+    of gate network `net` in one call each way for x (cpu.channel_gate_module: SE's, ECA's), which costs less than
+    the formulas' operations from the smallest maps on (benchmarks/threshold.py); else None."""
+    if net is None or get_mode() != "auto" or x.device.type != "cpu" or _why_not("cpu", x):
+        return None
+    cpu = _load("cpu")
+    return cpu if cpu.module_fits(x, net) else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,8 @@ SE's family also masks dy by the ReLU in the pass that reduces it, `_ScaleC`); r
 
 Where G's backward is written out (GateNetwork: SE's and ECA's), channel_gate records all of it as one node instead,
 whose backward runs the same three steps with the same operations: a graph of one node where G's would have a dozen.
+Where a backend also runs G itself (GateWeights: SE's and ECA's, the CPU's channel_gate_module), that node's forward
+and backward are one kernel call each, sample by sample (_ModuleNode).
 
 The hand-over relies on the order autograd guarantees: a pooling node's gradients come through G from the gates, so it
 runs after the scaling node that consumed them. Every gate must therefore depend on the pooled statistics when x
@@ -223,7 +225,8 @@ def channel_gate(backend: Backend, x: Tensor, gate: Callable[..., Tensor] | Gate
     """y = x · gate(mean_hw(x)[, M2_hw(x)]), where gate maps float [N, C] statistics to the [N, C] gate and M2 is
     the sum of squared deviations from the mean. With a `residual` (x's shape, dtype and layout), y + residual, and
     max(y + residual, 0) with `relu`: the end of a residual block, in the same passes. A GateNetwork (means only)
-    makes the whole of it one autograd node."""
+    makes the whole of it one autograd node; one whose `weights` the backend's channel_gate_module takes, one kernel
+    call each way."""
     net = gate.weights if isinstance(gate, GateNetwork) and not with_m2 else None
     if net is not None and hasattr(backend, "channel_gate_module") and backend.module_fits(x, net):
         if not torch.is_grad_enabled():

@@ -21,6 +21,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+from ..kernels.backend import Backend
 from ..kernels.functions import channel_gate
 from ..registry import registered_classes
 from . import _common
@@ -209,14 +211,25 @@ class ChannelGateAttention(AttentionModule):
         makes channel_gate one autograd node (SE, ECA)."""
         raise NotImplementedError
 
+    def _fused_path(self, x: Tensor, backend: Backend | None,
+                    fast: bool) -> tuple[Backend, Callable[..., Tensor], bool] | None:
+        """(backend, gate, with_m2) for channel_gate, or None for the formulas: the routed backend, or where 'auto'
+        routed x to the formulas for its size, the CPU's whole-module kernel if it runs this gate network
+        (kernels.whole_module)."""
+        if backend is None and not fast:
+            return None
+        fused = self._fused_gate(x, fast)
+        if fused is not None and backend is None:
+            backend = kernels.whole_module(x, getattr(fused[0], "weights", None))
+        return None if fused is None or backend is None else (backend, *fused)
+
     def forward_residual(self, x: Tensor, residual: Tensor, relu: bool = True) -> Tensor:
         x = self.check_input(x)
         forward_pays = self.fused_forward_pays or not torch.is_grad_enabled()
-        backend, fast = _common.residual_path(self, x, residual, forward_pays)
-        fused = self._fused_gate(x, fast) if backend is not None else None
+        fused = self._fused_path(x, *_common.residual_path(self, x, residual, forward_pays))
         if fused is None:
             return super().forward_residual(x, residual, relu)
-        gate, with_m2 = fused
+        backend, gate, with_m2 = fused
         return channel_gate(backend, x, gate, with_m2, residual, relu)
 
 

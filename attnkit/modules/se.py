@@ -80,8 +80,9 @@ class SqueezeExcite(ChannelGateAttention):
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_input(x)
         backend, fast = gate_path(self, x, forward_pays=False)
-        if backend is not None:
-            return channel_gate(backend, x, *self._fused_gate(x, fast))
+        fused = self._fused_path(x, backend, fast)
+        if fused is not None:
+            return channel_gate(fused[0], x, *fused[1:])
         if fast:
             return x * self._excite_rows(x.mean((2, 3), dtype=stat_dtype(x))).to(x.dtype).view(*x.shape[:2], 1, 1)
         return x * self.excitation(x).to(x.dtype)

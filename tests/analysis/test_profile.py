@@ -14,6 +14,7 @@ from torch import nn
 
 import attnkit
 from attnkit import cli, kernels
+from attnkit.kernels import cpu
 from attnkit.analysis.profile import ProfileRow, activation_bytes, format_profile
 
 
@@ -48,9 +49,14 @@ def tiny_activation_bytes(batch: int) -> int:
 
 
 def se_activation_bytes(batch: int) -> int:
-    """What SE (r = 4) after the BN adds: fc1's input (the pooled 16 values), ReLU's output (4, also fc2's input),
-    the sigmoid's output (16, also the product's), and the gated map (16×8×8, the product's other factor)."""
-    return 4 * batch * (16 + 4 + 16 + 16 * SIDE * SIDE)
+    """What SE (r = 4) after the BN adds, on the CPU's whole-module kernel: the gated map (16×8×8) and the kernel's
+    record of the gate network per image: the pooled means (16), the hidden units before and after the ReLU (4 + 4),
+    the gate before and after the sigmoid and rounded to the map's dtype (3 × 16). Without the kernels (no C
+    compiler), the formulas': fc1's input (16), ReLU's output (4, also fc2's input), the sigmoid's output (16, also
+    the product's) and the gated map."""
+    if cpu.unavailable() is not None:
+        return 4 * batch * (16 + 4 + 16 + 16 * SIDE * SIDE)
+    return 4 * batch * (16 * SIDE * SIDE + 16 + 4 + 4 + 3 * 16)
 
 
 def profile_tiny(batch: int = 4) -> list[ProfileRow]:

@@ -112,14 +112,33 @@ def test_auto_leaves_small_inputs_to_the_reference_formulas():
     assert kernels.backend_for(small) is None
     with kernels.use("cpu"):
         assert kernels.backend_for(small) is cpu
-    calls, pool_hw, whole = [], cpu.pool_hw, cpu.channel_gate_module
-    module = attnkit.create("se", 24)
+    calls, pool_hw = [], cpu.pool_hw
+    module = attnkit.create("srm", 24)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu, "pool_hw", lambda *args: calls.append(args) or pool_hw(*args))
-        patch.setattr(cpu, "channel_gate_module", lambda *args: calls.append(args) or whole(*args))
         module(small)
         assert not calls
         module(torch.randn(2, 24, 80, 80))
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["se", "eca"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_auto_runs_the_whole_module_kernel_at_any_size(name, grad):
+    """SE's and ECA's whole-module kernel costs less than the formulas from the smallest maps on (threshold.py), with
+    autograd and without; where it does not serve the input (fewer samples than threads), the other paths run."""
+    calls, whole = [], cpu.channel_gate_module
+    module = attnkit.create(name, 24)
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch, torch.set_grad_enabled(grad):
+        patch.setattr(cpu, "channel_gate_module", lambda *args: calls.append(args) or whole(*args))
+        module(torch.randn(2, 24, 5, 6))
+        assert len(calls) == 1
+        try:
+            torch.set_num_threads(2)
+            module(torch.randn(1, 24, 96, 96))  # 864 KiB: 2 threads, 1 sample
+        finally:
+            torch.set_num_threads(before)
         assert len(calls) == 1
 
 
