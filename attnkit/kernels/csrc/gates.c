@@ -67,9 +67,9 @@ static inline float sign_of(float v) { return (float)(v > 0) - (float)(v < 0); }
 
 static inline float sigmoid(float e) { return 1.0f / (1.0f + exp_approx(-e)); }
 
-/* SE's gate network (mlp_gate): its activations (0 ReLU, 1 SiLU, 2 hard swish) and gates (0 sigmoid, 1 hard sigmoid),
- * forward and backward as torch writes them (a NaN passes the ReLU; the backward from the gradient, the input z and
- * the output) */
+/* SE's gate network in channel_gate_module: its activations (0 ReLU, 1 SiLU, 2 hard swish) and gates (0 sigmoid,
+ * 1 hard sigmoid), forward and backward as torch writes them (a NaN passes the ReLU; the backward from the gradient,
+ * the input z and the output) */
 static inline float act_forward(int act, float z) {
     if (act == 0) return z < 0.0f ? 0.0f : z;
     if (act == 1) return z / (1.0f + exp_approx(-z));

@@ -24,7 +24,8 @@
 /* ---------- one gate per channel ---------- */
 
 /* The kernels of one gate per channel work item by item: an NCHW row (n, c), or in NHWC a sample's block of CB
- * channels (the reductions) or a position (the passes that write x's shape); mlp_gate runs a sample's items in turn */
+ * channels (the reductions) or a position (the passes that write x's shape); channel_gate_module runs a sample's
+ * items in turn */
 
 /* mean[n, c] over H×W of x (of |x| when `absolute`), and m2[n, c] = Σ(x − mean)² when m2 is not NULL */
 static inline void FN(pool_hw_item)(const T *x, float *mean, float *m2, int absolute, i64 C, i64 HW, int cl, i64 item) {
