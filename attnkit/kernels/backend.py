@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Pools = tuple[tuple[Tensor, Tensor, Tensor], ...]
 
@@ -18,15 +18,15 @@ class GateWeights(NamedTuple):
     """A gate network as a backend's whole-module kernel takes it (cpu.channel_gate_module): SE's, kind 'mlp',
     gate(W₂ act(W₁ s + b₁) + b₂) with the 1×1 convolutions' weights ([Hd, C, 1, 1], [C, Hd, 1, 1]) and biases (or
     None); or ECA's, kind 'windows', gate(conv1d_k(s)) across the channels, w1 the kernel [1, 1, k]. The activation and
-    the gate by name (cpu.ACTS, cpu.GATES)."""
+    the gate by their module classes (those of cpu.ACTS, cpu.GATES)."""
 
     kind: str
     w1: Tensor
     b1: Tensor | None = None
     w2: Tensor | None = None
     b2: Tensor | None = None
-    act: str = "relu"
-    gate: str = "sigmoid"
+    act: type[nn.Module] = nn.ReLU
+    gate: type[nn.Module] = nn.Sigmoid
 
     @property
     def weights(self) -> tuple[Tensor | None, ...]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._paths import cache_dir
 from .backend import GateWeights, in_layout_of
@@ -208,8 +208,8 @@ def grad_c(dy: Tensor, g: Tensor, a: Tensor, x: Tensor | None = None, b: Tensor 
 
 #: the gate networks, activations and gates that channel_gate_module computes, by their codes in the kernel
 NETS = {"mlp": 0, "windows": 1}
-ACTS = {"relu": 0, "silu": 1, "hardswish": 2}
-GATES = {"sigmoid": 0, "hardsigmoid": 1}
+ACTS: dict[type[nn.Module], int] = {nn.ReLU: 0, nn.SiLU: 1, nn.Hardswish: 2}
+GATES: dict[type[nn.Module], int] = {nn.Sigmoid: 0, nn.Hardsigmoid: 1}
 # SE's W₁ size C·Hd up to which a sample's gate network in the kernel's plain loops costs less than its share of
 # MKL's products over the batch; above it (ResNet-50's last stage: 2048·128) they cost more than the passes they save
 MODULE_MAX_WEIGHTS = 1 << 16

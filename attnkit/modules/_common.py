@@ -317,11 +317,6 @@ DERIVATIVES: dict[type[nn.Module], Derivative] = {
 }
 
 
-#: the names the CPU's whole-module kernel knows the activations and gates of DERIVATIVES by (kernels.cpu.ACTS, GATES)
-KERNEL_NAMES: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-                                            nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
-
-
 def derivatives_known(*layers: nn.Module) -> bool:
     """Whether DERIVATIVES has each of these activations and gates: a GateNetwork built from them can write out its
     backward."""

@@ -12,8 +12,8 @@ from ..kernels.backend import GateWeights
 from ..kernels.cpu import GATES
 from ..kernels.functions import GateNetwork, channel_gate
 from ..registry import register
-from ._common import (DERIVATIVES, KERNEL_NAMES, autocast_off, derivatives_known, gate_math, gate_path, make_gate,
-                      odd_kernel, stat_dtype)
+from ._common import (DERIVATIVES, autocast_off, derivatives_known, gate_math, gate_path, make_gate, odd_kernel,
+                      stat_dtype)
 from .base import ChannelGateAttention, Probe
 
 
@@ -126,8 +126,8 @@ class ChannelWindows(GateNetwork):
     def __init__(self, conv: nn.Conv1d, gate: nn.Module) -> None:
         self.conv, self.gate = conv, DERIVATIVES[type(gate)]
         self.params = (conv.weight,)
-        if KERNEL_NAMES.get(type(gate)) in GATES:
-            self.weights = GateWeights("windows", conv.weight, gate=KERNEL_NAMES[type(gate)])
+        if type(gate) in GATES:
+            self.weights = GateWeights("windows", conv.weight, gate=type(gate))
 
     def forward(self, mean: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         weight = self.conv.weight

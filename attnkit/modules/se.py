@@ -9,8 +9,8 @@ from ..kernels.backend import GateWeights
 from ..kernels.cpu import ACTS, GATES
 from ..kernels.functions import GateNetwork, channel_gate
 from ..registry import register
-from ._common import (DERIVATIVES, KERNEL_NAMES, autocast_off, derivatives_known, gate_math, gate_path,
-                      make_activation, make_gate, pointwise, reduced_width, stat_dtype)
+from ._common import (DERIVATIVES, autocast_off, derivatives_known, gate_math, gate_path, make_activation, make_gate,
+                      pointwise, reduced_width, stat_dtype)
 from .base import ChannelGateAttention
 
 
@@ -96,9 +96,8 @@ class PointwiseMLP(GateNetwork):
     def __init__(self, fc1: nn.Conv2d, act: nn.Module, fc2: nn.Conv2d, gate: nn.Module) -> None:
         self.fc1, self.fc2, self.act, self.gate = fc1, fc2, DERIVATIVES[type(act)], DERIVATIVES[type(gate)]
         self.params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        act_name, gate_name = KERNEL_NAMES.get(type(act)), KERNEL_NAMES.get(type(gate))
-        if act_name in ACTS and gate_name in GATES:
-            self.weights = GateWeights("mlp", *self.params, act_name, gate_name)
+        if type(act) in ACTS and type(gate) in GATES:
+            self.weights = GateWeights("mlp", *self.params, type(act), type(gate))
 
     def forward(self, s: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         with autocast_off(s):
